@@ -1,0 +1,38 @@
+import type { ModelFolder } from '../model/folder.ts';
+import { type LlamaConfig, headDim } from '../model/types.ts';
+import type { DeviceSpec } from './session.ts';
+import type { SchedulerLimits } from './scheduler.ts';
+
+export interface EngineOptions {
+  modelDir: string;
+  device: DeviceSpec;
+  threads?: number;
+  maxNumSeqs: number;
+  maxNumBatchedTokens: number;
+  maxModelLen?: number;
+  /** KV capacity in tokens; default: what fits in kvCacheBytes. */
+  kvCacheTokens?: number;
+  kvCacheBytes: number;
+}
+
+export const DEFAULT_ENGINE_OPTIONS = {
+  maxNumSeqs: 64,
+  maxNumBatchedTokens: 2048,
+  kvCacheBytes: 4 * 2 ** 30,
+};
+
+export function kvBytesPerToken(config: LlamaConfig): number {
+  return config.num_hidden_layers * 2 * config.num_key_value_heads * headDim(config) * 4;
+}
+
+export function resolveLimits(folder: ModelFolder, options: EngineOptions): SchedulerLimits {
+  const modelMax = folder.config.max_position_embeddings;
+  const maxModelLen = options.maxModelLen ?? modelMax;
+  if (maxModelLen > modelMax) throw new Error(`--max-model-len ${maxModelLen} exceeds the model's max_position_embeddings (${modelMax})`);
+  if (options.maxNumBatchedTokens < options.maxNumSeqs) {
+    throw new Error(`--max-num-batched-tokens (${options.maxNumBatchedTokens}) must be at least --max-num-seqs (${options.maxNumSeqs})`);
+  }
+  const kvCapacityTokens = options.kvCacheTokens ?? Math.floor(options.kvCacheBytes / kvBytesPerToken(folder.config));
+  if (kvCapacityTokens < 2) throw new Error('the KV cache holds fewer than 2 tokens: raise --kv-cache-tokens or --kv-cache-gb');
+  return { maxNumSeqs: options.maxNumSeqs, maxNumBatchedTokens: options.maxNumBatchedTokens, maxModelLen, kvCapacityTokens };
+}

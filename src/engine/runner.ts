@@ -1,0 +1,415 @@
+import ort from 'onnxruntime-node';
+import type { LlamaConfig } from '../model/types.ts';
+import { headDim } from '../model/types.ts';
+
+/** One row of a forward pass: a sequence and the new tokens appended at its cached length. */
+export interface ForwardRow {
+  seq: number;
+  tokens: number[];
+}
+
+export interface ForwardResult {
+  /** Last-token logits of each row, in the order given. */
+  logits: Float32Array[];
+  /** Wall time of session.run, seconds (on CUDA the binding returns after the device has finished). */
+  runSeconds: number;
+}
+
+export interface ModelRunner {
+  readonly kind: 'tally' | 'plain';
+  readonly vocabSize: number;
+  open(seq: number): void;
+  close(seq: number): void;
+  cachedLength(seq: number): number;
+  forward(rows: ForwardRow[]): Promise<ForwardResult>;
+  /** Bytes of KV-cache memory held now. */
+  kvBytes(): number;
+  release(): Promise<void>;
+}
+
+const MASKED = -1e9;
+
+function float16ToFloat32(bits: Uint16Array): Float32Array {
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) {
+    const h = bits[i];
+    const sign = h & 0x8000 ? -1 : 1;
+    const exp = (h >> 10) & 0x1f;
+    const frac = h & 0x3ff;
+    out[i] = exp === 0 ? sign * 2 ** -14 * (frac / 1024) : exp === 31 ? (frac ? NaN : sign * Infinity) : sign * 2 ** (exp - 15) * (1 + frac / 1024);
+  }
+  return out;
+}
+
+function logitsAsFloat32(t: ort.Tensor): Float32Array {
+  if (t.type === 'float32') return t.data as Float32Array;
+  if (t.type === 'float16') return float16ToFloat32(t.data as Uint16Array);
+  throw new Error(`unsupported logits type ${t.type}`);
+}
+
+/**
+ * Runner for graphs that `tally convert` writes: the KV cache lives in per-layer slot buffers owned
+ * here and goes into the graph as zero-copy input views; only new positions come back.
+ * Layout per layer: K [slot, kvHeads, headDim, cap] (transposed), V [slot, kvHeads, cap, headDim].
+ * Rows of one forward must sit in contiguous slots, so the runner moves sequences between slots when
+ * the batch changes (copying only their cached positions).
+ */
+export class TallyRunner implements ModelRunner {
+  readonly kind = 'tally' as const;
+  readonly vocabSize: number;
+  private readonly layers: number;
+  private readonly kvh: number;
+  private readonly hd: number;
+  private readonly maxLen: number;
+  private readonly maxSlots: number;
+  private slotCap = 0;
+  private cap = 0;
+  private keys: Float32Array[] = [];
+  private values: Float32Array[] = [];
+  private slotSeq: (number | undefined)[] = [];
+  private seqSlot = new Map<number, number>();
+  private lengths = new Map<number, number>();
+  private readonly capStep = 64;
+
+  constructor(
+    private readonly session: ort.InferenceSession,
+    config: LlamaConfig,
+    options: { maxSlots: number; maxModelLen: number },
+  ) {
+    this.vocabSize = config.vocab_size;
+    this.layers = config.num_hidden_layers;
+    this.kvh = config.num_key_value_heads;
+    this.hd = headDim(config);
+    this.maxLen = options.maxModelLen;
+    this.maxSlots = options.maxSlots;
+  }
+
+  private slotStride(cap = this.cap): number {
+    return this.kvh * this.hd * cap;
+  }
+
+  kvBytes(): number {
+    return this.layers * 2 * this.slotCap * this.slotStride() * 4;
+  }
+
+  cachedLength(seq: number): number {
+    const len = this.lengths.get(seq);
+    if (len === undefined) throw new Error(`sequence ${seq} is not open`);
+    return len;
+  }
+
+  open(seq: number): void {
+    if (this.seqSlot.has(seq)) throw new Error(`sequence ${seq} is already open`);
+    let slot = this.slotSeq.findIndex((s) => s === undefined);
+    if (slot < 0) {
+      if (this.slotSeq.length >= this.maxSlots) throw new Error(`no free KV slot (max ${this.maxSlots})`);
+      slot = this.slotSeq.length;
+      this.slotSeq.push(undefined);
+    }
+    this.slotSeq[slot] = seq;
+    this.seqSlot.set(seq, slot);
+    this.lengths.set(seq, 0);
+  }
+
+  close(seq: number): void {
+    const slot = this.seqSlot.get(seq);
+    if (slot === undefined) return;
+    this.slotSeq[slot] = undefined;
+    this.seqSlot.delete(seq);
+    this.lengths.delete(seq);
+    while (this.slotSeq.length > 0 && this.slotSeq[this.slotSeq.length - 1] === undefined) this.slotSeq.pop();
+  }
+
+  /** Grows the buffers to hold `slots` slots of `cap` positions, re-laying out what is cached. */
+  private ensureCapacity(slots: number, positions: number): void {
+    const newCap = Math.max(this.cap, Math.min(this.maxLen, Math.ceil(positions / this.capStep) * this.capStep));
+    let newSlots = this.slotCap;
+    while (newSlots < slots) newSlots = Math.min(this.maxSlots, Math.max(4, newSlots * 2));
+    if (newCap === this.cap && newSlots === this.slotCap) return;
+    const oldCap = this.cap;
+    const oldStride = this.slotStride(oldCap);
+    const newStride = this.slotStride(newCap);
+    for (let l = 0; l < this.layers; l++) {
+      const k = new Float32Array(newSlots * newStride);
+      const v = new Float32Array(newSlots * newStride);
+      if (oldCap === newCap) {
+        k.set(this.keys[l]);
+        v.set(this.values[l]);
+      } else if (oldCap > 0) {
+        for (const [seq, slot] of this.seqSlot) {
+          const len = this.lengths.get(seq)!;
+          if (len === 0) continue;
+          for (let h = 0; h < this.kvh; h++) {
+            for (let d = 0; d < this.hd; d++) {
+              const src = slot * oldStride + (h * this.hd + d) * oldCap;
+              k.set(this.keys[l].subarray(src, src + len), slot * newStride + (h * this.hd + d) * newCap);
+            }
+            const src = slot * oldStride + h * oldCap * this.hd;
+            v.set(this.values[l].subarray(src, src + len * this.hd), slot * newStride + h * newCap * this.hd);
+          }
+        }
+      }
+      this.keys[l] = k;
+      this.values[l] = v;
+    }
+    this.cap = newCap;
+    this.slotCap = newSlots;
+  }
+
+  private moveSlot(from: number, to: number): void {
+    const stride = this.slotStride();
+    const seq = this.slotSeq[from]!;
+    const len = this.lengths.get(seq)!;
+    for (let l = 0; l < this.layers; l++) {
+      const k = this.keys[l];
+      const v = this.values[l];
+      for (let h = 0; h < this.kvh; h++) {
+        for (let d = 0; d < this.hd; d++) {
+          const off = (h * this.hd + d) * this.cap;
+          k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len);
+        }
+        const off = h * this.cap * this.hd;
+        v.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
+      }
+    }
+    this.slotSeq[to] = seq;
+    this.slotSeq[from] = undefined;
+    this.seqSlot.set(seq, to);
+  }
+
+  private swapSlots(a: number, b: number): void {
+    if (this.slotSeq[a] === undefined) return this.moveSlot(b, a);
+    if (this.slotSeq[b] === undefined) return this.moveSlot(a, b);
+    const spare = this.slotSeq.length;
+    this.slotSeq.push(undefined);
+    this.ensureCapacity(this.slotSeq.length, this.cap);
+    this.moveSlot(a, spare);
+    this.moveSlot(b, a);
+    this.moveSlot(spare, b);
+    this.slotSeq.pop();
+  }
+
+  /** Places the rows' sequences in contiguous slots [base, base + n), moving as few as it can. */
+  private arrange(seqs: number[]): number {
+    const n = seqs.length;
+    const wanted = new Set(seqs);
+    const slots = seqs.map((s) => this.seqSlot.get(s)!);
+    let base = Math.min(...slots);
+    let best = -1;
+    for (const s of slots) {
+      for (const b of [s, s - n + 1]) {
+        if (b < 0 || b + n > this.maxSlots) continue;
+        const inside = slots.filter((x) => x >= b && x < b + n).length;
+        if (inside > best) {
+          best = inside;
+          base = b;
+        }
+      }
+    }
+    while (this.slotSeq.length < base + n) this.slotSeq.push(undefined);
+    this.ensureCapacity(this.slotSeq.length, this.cap);
+    const outside = seqs.filter((s) => {
+      const slot = this.seqSlot.get(s)!;
+      return slot < base || slot >= base + n;
+    });
+    for (let t = base; t < base + n && outside.length > 0; t++) {
+      const occupant = this.slotSeq[t];
+      if (occupant !== undefined && wanted.has(occupant)) continue;
+      this.swapSlots(this.seqSlot.get(outside.pop()!)!, t);
+    }
+    while (this.slotSeq.length > 0 && this.slotSeq[this.slotSeq.length - 1] === undefined) this.slotSeq.pop();
+    return base;
+  }
+
+  async forward(rows: ForwardRow[]): Promise<ForwardResult> {
+    if (rows.length === 0) return { logits: [], runSeconds: 0 };
+    let maxEnd = 0;
+    for (const r of rows) {
+      const end = this.cachedLength(r.seq) + r.tokens.length;
+      if (end > this.maxLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.maxLen}`);
+      maxEnd = Math.max(maxEnd, end);
+    }
+    this.ensureCapacity(Math.max(this.slotSeq.length, 1), maxEnd);
+    const base = this.arrange(rows.map((r) => r.seq));
+    const ordered = [...rows].sort((a, b) => this.seqSlot.get(a.seq)! - this.seqSlot.get(b.seq)!);
+    const B = ordered.length;
+    const T = Math.max(...ordered.map((r) => r.tokens.length));
+    const fresh = ordered.every((r) => this.lengths.get(r.seq) === 0);
+    const P = fresh ? 1 : this.cap;
+
+    const ids = new BigInt64Array(B * T);
+    const pos = new BigInt64Array(B * T);
+    const logitsIndex = new BigInt64Array(B);
+    const pastMask = new Float32Array(B * P).fill(MASKED);
+    const newMask = new Float32Array(B * T * T).fill(MASKED);
+    ordered.forEach((r, b) => {
+      const len = this.lengths.get(r.seq)!;
+      const n = r.tokens.length;
+      for (let t = 0; t < T; t++) {
+        ids[b * T + t] = BigInt(t < n ? r.tokens[t] : 0);
+        pos[b * T + t] = BigInt(t < n ? len + t : len);
+        for (let j = 0; j < T; j++) {
+          if ((j <= t && j < n) || j === t) newMask[(b * T + t) * T + j] = 0;
+        }
+      }
+      if (!fresh) pastMask.fill(0, b * P, b * P + len);
+      logitsIndex[b] = BigInt(b * T + n - 1);
+    });
+
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', ids, [B, T]),
+      position_ids: new ort.Tensor('int64', pos, [B, T]),
+      past_mask: new ort.Tensor('float32', pastMask, [B, 1, 1, P]),
+      new_mask: new ort.Tensor('float32', newMask, [B, 1, 1, T, T]),
+      logits_index: new ort.Tensor('int64', logitsIndex, [B]),
+    };
+    const stride = this.slotStride();
+    const dummy = fresh ? new Float32Array(B * this.kvh * this.hd) : undefined;
+    for (let l = 0; l < this.layers; l++) {
+      if (dummy) {
+        feeds[`past_key.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, this.hd, 1]);
+        feeds[`past_value.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, 1, this.hd]);
+      } else {
+        feeds[`past_key.${l}`] = new ort.Tensor('float32', this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
+        feeds[`past_value.${l}`] = new ort.Tensor('float32', this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
+      }
+    }
+    const started = performance.now();
+    const out = await this.session.run(feeds);
+    const runSeconds = (performance.now() - started) / 1000;
+
+    const newKv = out.new_kv.data as Float32Array; // [2L, B, kvh, T, hd]
+    const hd = this.hd;
+    ordered.forEach((r, b) => {
+      const slot = this.seqSlot.get(r.seq)!;
+      const len = this.lengths.get(r.seq)!;
+      const n = r.tokens.length;
+      for (let l = 0; l < this.layers; l++) {
+        const k = this.keys[l];
+        const v = this.values[l];
+        for (let h = 0; h < this.kvh; h++) {
+          const kSrc = (((2 * l) * B + b) * this.kvh + h) * T * hd;
+          const vSrc = (((2 * l + 1) * B + b) * this.kvh + h) * T * hd;
+          const kDst = slot * stride + h * hd * this.cap + len;
+          for (let t = 0; t < n; t++) {
+            for (let d = 0; d < hd; d++) k[kDst + d * this.cap + t] = newKv[kSrc + t * hd + d];
+          }
+          v.set(newKv.subarray(vSrc, vSrc + n * hd), slot * stride + h * this.cap * hd + len * hd);
+        }
+      }
+      this.lengths.set(r.seq, len + n);
+    });
+
+    const logits = out.logits.data as Float32Array;
+    const V = this.vocabSize;
+    const rowOf = new Map(ordered.map((r, b) => [r.seq, b]));
+    return {
+      logits: rows.map((r) => logits.subarray(rowOf.get(r.seq)! * V, (rowOf.get(r.seq)! + 1) * V)),
+      runSeconds,
+    };
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+interface PlainState {
+  length: number;
+  past: ort.Tensor[];
+}
+
+/**
+ * Runner for onnx-community / Optimum exports: past_key_values.N.key/value in, present.N.* out.
+ * The cache makes the round trip through JavaScript every step, so rows run one at a time.
+ */
+export class PlainRunner implements ModelRunner {
+  readonly kind = 'plain' as const;
+  readonly vocabSize: number;
+  private readonly states = new Map<number, PlainState>();
+  private readonly pastNames: string[];
+  private readonly presentNames: string[];
+  private readonly kvType: 'float32' | 'float16';
+  private readonly hasPositionIds: boolean;
+  private readonly kvh: number;
+  private readonly hd: number;
+
+  constructor(private readonly session: ort.InferenceSession, config: LlamaConfig) {
+    this.vocabSize = config.vocab_size;
+    const layers = session.inputNames.filter((n) => /^past_key_values\.\d+\.key$/.test(n)).length;
+    this.pastNames = [];
+    this.presentNames = [];
+    for (let l = 0; l < layers; l++) {
+      this.pastNames.push(`past_key_values.${l}.key`, `past_key_values.${l}.value`);
+      this.presentNames.push(`present.${l}.key`, `present.${l}.value`);
+    }
+    const meta = session.inputMetadata.find((m) => m.name === 'past_key_values.0.key');
+    this.kvType = meta && meta.isTensor && meta.type === 'float16' ? 'float16' : 'float32';
+    const dims = meta && meta.isTensor ? meta.shape : [];
+    this.kvh = typeof dims[1] === 'number' ? dims[1] : config.num_key_value_heads;
+    this.hd = typeof dims[3] === 'number' ? dims[3] : headDim(config);
+    this.hasPositionIds = session.inputNames.includes('position_ids');
+  }
+
+  open(seq: number): void {
+    const empty = () => new ort.Tensor(this.kvType, this.kvType === 'float16' ? new Uint16Array(0) : new Float32Array(0), [1, this.kvh, 0, this.hd]);
+    this.states.set(seq, { length: 0, past: this.pastNames.map(empty) });
+  }
+
+  close(seq: number): void {
+    this.states.delete(seq);
+  }
+
+  cachedLength(seq: number): number {
+    const s = this.states.get(seq);
+    if (!s) throw new Error(`sequence ${seq} is not open`);
+    return s.length;
+  }
+
+  kvBytes(): number {
+    let total = 0;
+    for (const s of this.states.values()) for (const t of s.past) total += (t.data as Float32Array | Uint16Array).byteLength;
+    return total;
+  }
+
+  async forward(rows: ForwardRow[]): Promise<ForwardResult> {
+    const logits: Float32Array[] = [];
+    let runSeconds = 0;
+    for (const r of rows) {
+      const state = this.states.get(r.seq);
+      if (!state) throw new Error(`sequence ${r.seq} is not open`);
+      const n = r.tokens.length;
+      const feeds: Record<string, ort.Tensor> = {
+        input_ids: new ort.Tensor('int64', BigInt64Array.from(r.tokens.map(BigInt)), [1, n]),
+        attention_mask: new ort.Tensor('int64', new BigInt64Array(state.length + n).fill(1n), [1, state.length + n]),
+      };
+      if (this.hasPositionIds) {
+        feeds.position_ids = new ort.Tensor('int64', BigInt64Array.from({ length: n }, (_, i) => BigInt(state.length + i)), [1, n]);
+      }
+      this.pastNames.forEach((name, i) => (feeds[name] = state.past[i]));
+      const started = performance.now();
+      const out = await this.session.run(feeds);
+      runSeconds += (performance.now() - started) / 1000;
+      state.past = this.presentNames.map((name) => out[name]);
+      state.length += n;
+      const all = logitsAsFloat32(out.logits);
+      const V = all.length / n;
+      logits.push(all.subarray((n - 1) * V, n * V));
+    }
+    return { logits, runSeconds };
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+export type Device = { kind: 'cpu' } | { kind: 'cuda'; index: number };
+
+export function isTallyGraph(session: ort.InferenceSession): boolean {
+  return session.inputNames.includes('past_key.0') && session.outputNames.includes('new_kv');
+}
+
+export function isPlainGraph(session: ort.InferenceSession): boolean {
+  return session.inputNames.includes('input_ids') && session.outputNames.includes('logits') && session.inputNames.some((n) => n.startsWith('past_key_values.'));
+}

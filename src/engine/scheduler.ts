@@ -1,0 +1,374 @@
+import type { TextTokenizer, IncrementalDecoder } from '../model/tokenizer.ts';
+import { type ModelShape, chunkFlops, splitSeconds } from '../meter/attribution.ts';
+import { SequenceSampler, type SamplingParams } from './sampler.ts';
+import type { ForwardRow, ModelRunner } from './runner.ts';
+
+export interface GenerationRequest {
+  id: string;
+  promptIds: number[];
+  maxTokens: number;
+  minTokens: number;
+  ignoreEos: boolean;
+  stop: string[];
+  stopTokenIds: number[];
+  sampling: SamplingParams;
+}
+
+export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error';
+
+export interface GeneratedToken {
+  id: number;
+  logprob?: number;
+  topLogprobs?: { token: number; logprob: number }[];
+}
+
+export interface RequestCost {
+  prefillSeconds: number;
+  decodeSeconds: number;
+}
+
+export interface RequestEvent {
+  id: string;
+  tokens: GeneratedToken[];
+  text: string;
+  finish?: FinishReason;
+  /** The stop string or token id that ended it. */
+  stoppedBy?: string | number;
+  error?: string;
+  promptTokens?: number;
+  completionTokens?: number;
+  cost?: RequestCost;
+  /** Seconds from admission to the first token, set on the event that carries it. */
+  queueSeconds?: number;
+}
+
+export interface StepRecord {
+  /** performance.timeOrigin-based start and end of the step, ms. */
+  startMs: number;
+  endMs: number;
+  /** Summed session.run wall time of the step's forward passes, seconds. */
+  busySeconds: number;
+  prefillSeconds: number;
+  decodeSeconds: number;
+  prefillTokens: number;
+  decodeTokens: number;
+  running: number;
+  waiting: number;
+  kvUsedTokens: number;
+  kvCapacityTokens: number;
+  kvBytes: number;
+}
+
+export interface SchedulerLimits {
+  maxNumSeqs: number;
+  maxNumBatchedTokens: number;
+  maxModelLen: number;
+  /** Total tokens (prompt + max new tokens) that admitted requests may reserve in the KV cache. */
+  kvCapacityTokens: number;
+}
+
+interface Sequence {
+  req: GenerationRequest;
+  seq: number;
+  sampler: SequenceSampler;
+  decoder: IncrementalDecoder;
+  prefilled: number;
+  output: number[];
+  pending: string;
+  reserved: number;
+  cost: RequestCost;
+  admittedMs: number;
+  firstTokenSent: boolean;
+  cancelled: boolean;
+}
+
+/**
+ * Iteration-level scheduling: each step runs one forward pass over every decoding sequence and one
+ * over a budget of prompt chunks (chunked prefill), admits waiting requests FCFS at step
+ * boundaries, and finishes sequences as they stop. KV policy: a request is admitted only when its
+ * worst case (prompt + max_tokens) fits in the KV capacity left, so an admitted request never has
+ * to be preempted; otherwise it waits.
+ */
+export class Scheduler {
+  private waiting: GenerationRequest[] = [];
+  private running: Sequence[] = [];
+  private byId = new Map<string, Sequence>();
+  private cancelledWaiting = new Set<string>();
+  private nextSeq = 1;
+  private reservedTokens = 0;
+  private wake?: () => void;
+  private stopped = false;
+
+  constructor(
+    private readonly runner: ModelRunner,
+    private readonly tokenizer: TextTokenizer,
+    private readonly shape: ModelShape,
+    private readonly eosIds: number[],
+    readonly limits: SchedulerLimits,
+    private readonly emit: (events: RequestEvent[]) => void,
+    private readonly onStep: (record: StepRecord) => void,
+  ) {}
+
+  submit(req: GenerationRequest): void {
+    const need = Math.min(req.promptIds.length + req.maxTokens, this.limits.maxModelLen);
+    if (req.promptIds.length === 0) return this.fail(req, 'the prompt is empty');
+    if (req.promptIds.length >= this.limits.maxModelLen) return this.fail(req, `the prompt has ${req.promptIds.length} tokens; the model's limit is ${this.limits.maxModelLen}`);
+    if (need > this.limits.kvCapacityTokens) return this.fail(req, `the request needs ${need} KV tokens; the cache holds ${this.limits.kvCapacityTokens}`);
+    this.waiting.push(req);
+    this.wake?.();
+  }
+
+  cancel(id: string): void {
+    const s = this.byId.get(id);
+    if (s) s.cancelled = true;
+    else if (this.waiting.some((r) => r.id === id)) this.cancelledWaiting.add(id);
+    this.wake?.();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.wake?.();
+  }
+
+  counts(): { running: number; waiting: number } {
+    return { running: this.running.length, waiting: this.waiting.length };
+  }
+
+  private fail(req: GenerationRequest, message: string): void {
+    this.emit([{ id: req.id, tokens: [], text: '', finish: 'error', error: message, promptTokens: req.promptIds.length, completionTokens: 0, cost: { prefillSeconds: 0, decodeSeconds: 0 } }]);
+  }
+
+  async run(): Promise<void> {
+    while (!this.stopped) {
+      if (this.running.length === 0 && this.waiting.length === 0) {
+        await new Promise<void>((resolve) => (this.wake = resolve));
+        this.wake = undefined;
+        continue;
+      }
+      await this.step();
+      // Let the worker's message port deliver new requests and cancellations between steps.
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+
+  private admit(): void {
+    if (this.cancelledWaiting.size > 0) {
+      const dropped = this.waiting.filter((r) => this.cancelledWaiting.has(r.id));
+      this.waiting = this.waiting.filter((r) => !this.cancelledWaiting.has(r.id));
+      this.cancelledWaiting.clear();
+      this.emit(dropped.map((r) => ({ id: r.id, tokens: [], text: '', finish: 'cancelled' as const, promptTokens: r.promptIds.length, completionTokens: 0, cost: { prefillSeconds: 0, decodeSeconds: 0 } })));
+    }
+    while (this.waiting.length > 0 && this.running.length < this.limits.maxNumSeqs) {
+      const req = this.waiting[0];
+      const need = Math.min(req.promptIds.length + req.maxTokens, this.limits.maxModelLen);
+      if (this.reservedTokens + need > this.limits.kvCapacityTokens) break;
+      this.waiting.shift();
+      const seq = this.nextSeq++;
+      this.runner.open(seq);
+      const s: Sequence = {
+        req,
+        seq,
+        sampler: new SequenceSampler(req.sampling, req.promptIds, this.runner.vocabSize),
+        decoder: this.tokenizer.decodeStream(),
+        prefilled: 0,
+        output: [],
+        pending: '',
+        reserved: need,
+        cost: { prefillSeconds: 0, decodeSeconds: 0 },
+        admittedMs: performance.now(),
+        firstTokenSent: false,
+        cancelled: false,
+      };
+      this.reservedTokens += need;
+      this.running.push(s);
+      this.byId.set(req.id, s);
+    }
+  }
+
+  private release(s: Sequence): void {
+    this.runner.close(s.seq);
+    this.reservedTokens -= s.reserved;
+    this.byId.delete(s.req.id);
+    this.running = this.running.filter((x) => x !== s);
+  }
+
+  private finishEvent(s: Sequence, finish: FinishReason, text = '', extra: Partial<RequestEvent> = {}): RequestEvent {
+    return {
+      id: s.req.id,
+      tokens: [],
+      text,
+      finish,
+      promptTokens: s.req.promptIds.length,
+      completionTokens: s.output.length,
+      cost: { ...s.cost },
+      ...extra,
+    };
+  }
+
+  private async step(): Promise<void> {
+    const startMs = performance.now();
+    const events: RequestEvent[] = [];
+    for (const s of [...this.running]) {
+      if (s.cancelled) {
+        events.push(this.finishEvent(s, 'cancelled'));
+        this.release(s);
+      }
+    }
+    this.admit();
+
+    const decoding = this.running.filter((s) => s.prefilled === s.req.promptIds.length);
+    const budget = Math.max(0, this.limits.maxNumBatchedTokens - decoding.length);
+    const prefillRows: { s: Sequence; n: number }[] = [];
+    let widest = 0;
+    for (const s of this.running) {
+      if (s.prefilled === s.req.promptIds.length) continue;
+      const n = Math.min(s.req.promptIds.length - s.prefilled, budget);
+      if (n <= 0) break;
+      const width = Math.max(widest, n);
+      if (prefillRows.length > 0 && width * (prefillRows.length + 1) > budget) break;
+      widest = width;
+      prefillRows.push({ s, n });
+    }
+
+    const record: StepRecord = {
+      startMs, endMs: 0, busySeconds: 0, prefillSeconds: 0, decodeSeconds: 0,
+      prefillTokens: 0, decodeTokens: 0, running: 0, waiting: 0, kvUsedTokens: 0, kvCapacityTokens: this.limits.kvCapacityTokens, kvBytes: 0,
+    };
+
+    if (decoding.length > 0) {
+      const rows: ForwardRow[] = decoding.map((s) => ({ seq: s.seq, tokens: [s.output[s.output.length - 1]] }));
+      const contexts = decoding.map((s) => this.runner.cachedLength(s.seq));
+      const result = await this.forward(rows, decoding, events);
+      if (result) {
+        const parts = splitSeconds(result.runSeconds, contexts.map((past) => chunkFlops(this.shape, past, 1)));
+        decoding.forEach((s, i) => (s.cost.decodeSeconds += parts[i]));
+        record.decodeSeconds += result.runSeconds;
+        record.decodeTokens += decoding.length;
+        decoding.forEach((s, i) => this.accept(s, result.logits[i], events));
+      }
+      // Decode tokens go out before the prefill pass runs, so inter-token latency stays low.
+      this.flush(events);
+    }
+
+    if (prefillRows.length > 0) {
+      const seqs = prefillRows.map((r) => r.s);
+      const rows = prefillRows.map(({ s, n }) => ({ seq: s.seq, tokens: s.req.promptIds.slice(s.prefilled, s.prefilled + n) }));
+      const weights = prefillRows.map(({ s, n }) => chunkFlops(this.shape, s.prefilled, n));
+      const result = await this.forward(rows, seqs, events);
+      if (result) {
+        const parts = splitSeconds(result.runSeconds, weights);
+        prefillRows.forEach(({ s, n }, i) => {
+          s.cost.prefillSeconds += parts[i];
+          s.prefilled += n;
+          record.prefillTokens += n;
+          if (s.prefilled === s.req.promptIds.length) this.accept(s, result.logits[i], events);
+        });
+        record.prefillSeconds += result.runSeconds;
+      }
+    }
+    this.flush(events);
+
+    record.busySeconds = record.prefillSeconds + record.decodeSeconds;
+    record.endMs = performance.now();
+    record.running = this.running.length;
+    record.waiting = this.waiting.length;
+    record.kvUsedTokens = this.running.reduce((a, s) => a + this.runner.cachedLength(s.seq), 0);
+    record.kvBytes = this.runner.kvBytes();
+    if (record.busySeconds > 0 || record.running > 0) this.onStep(record);
+  }
+
+  private flush(events: RequestEvent[]): void {
+    if (events.length > 0) this.emit(events.splice(0));
+  }
+
+  private async forward(rows: ForwardRow[], seqs: Sequence[], events: RequestEvent[]) {
+    try {
+      return await this.runner.forward(rows);
+    } catch (err) {
+      const message = `engine error: ${(err as Error).message}`;
+      for (const s of seqs) {
+        events.push(this.finishEvent(s, 'error', '', { error: message }));
+        this.release(s);
+      }
+      return undefined;
+    }
+  }
+
+  /** Samples the next token of `s` from its logits and decides whether it has finished. */
+  private accept(s: Sequence, logits: Float32Array, events: RequestEvent[]): void {
+    const req = s.req;
+    const early = s.output.length < req.minTokens;
+    const banned = req.ignoreEos || early ? (early ? [...this.eosIds, ...req.stopTokenIds] : this.eosIds) : undefined;
+    let sample;
+    try {
+      sample = s.sampler.sample(logits, banned);
+    } catch (err) {
+      events.push(this.finishEvent(s, 'error', '', { error: `sampling failed: ${(err as Error).message}` }));
+      this.release(s);
+      return;
+    }
+    const token = sample.token;
+    s.output.push(token);
+    const generated: GeneratedToken = { id: token, logprob: sample.logprob, topLogprobs: sample.topLogprobs };
+    const event: RequestEvent = { id: req.id, tokens: [generated], text: '' };
+    if (!s.firstTokenSent) {
+      s.firstTokenSent = true;
+      event.queueSeconds = (performance.now() - s.admittedMs) / 1000;
+    }
+
+    let finish: FinishReason | undefined;
+    let stoppedBy: string | number | undefined;
+    if (!req.ignoreEos && this.eosIds.includes(token)) {
+      finish = 'stop';
+      stoppedBy = token;
+    } else if (req.stopTokenIds.includes(token)) {
+      finish = 'stop';
+      stoppedBy = token;
+    } else {
+      s.pending += s.decoder.push(token);
+    }
+    if (!finish && req.stop.length > 0 && !early) {
+      let cut = -1;
+      for (const stop of req.stop) {
+        const at = s.pending.indexOf(stop);
+        if (at >= 0 && (cut < 0 || at < cut)) {
+          cut = at;
+          stoppedBy = stop;
+        }
+      }
+      if (cut >= 0) {
+        s.pending = s.pending.slice(0, cut);
+        finish = 'stop';
+      }
+    }
+    if (!finish && (s.output.length >= req.maxTokens || this.runner.cachedLength(s.seq) + 1 >= this.limits.maxModelLen)) {
+      finish = 'length';
+    }
+    if (finish) {
+      if (finish !== 'stop' || stoppedBy === undefined || typeof stoppedBy === 'number') s.pending += s.decoder.flush();
+      event.text = s.pending;
+      s.pending = '';
+      Object.assign(event, this.finishEvent(s, finish, event.text, { tokens: event.tokens, stoppedBy, queueSeconds: event.queueSeconds }));
+      this.release(s);
+    } else {
+      const hold = holdBack(s.pending, req.stop);
+      event.text = s.pending.slice(0, s.pending.length - hold);
+      s.pending = s.pending.slice(s.pending.length - hold);
+    }
+    events.push(event);
+  }
+}
+
+/** Length of the longest suffix of `text` that is a proper prefix of some stop string. */
+export function holdBack(text: string, stops: string[]): number {
+  let hold = 0;
+  for (const stop of stops) {
+    for (let k = Math.min(stop.length - 1, text.length); k > hold; k--) {
+      if (text.endsWith(stop.slice(0, k))) {
+        hold = k;
+        break;
+      }
+    }
+  }
+  return hold;
+}

@@ -1,0 +1,302 @@
+import { DataType, type AttributeValue, type ModelSpec, type NodeSpec, type TensorSpec, type ValueInfo, rawBytes } from './onnx-proto.ts';
+import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.ts';
+
+/**
+ * Two graph interfaces:
+ *  - 'tally': the KV cache lives in JavaScript-owned slot buffers that are passed in as inputs
+ *    (zero-copy on CPU); the graph returns only the new positions' keys and values and the logits
+ *    of one chosen position per row. Per-step traffic grows with new tokens, not with context.
+ *  - 'hf': the interface of onnx-community / Optimum exports (past_key_values.N.key/value in,
+ *    present.N.key/value out, attention_mask, optional position_ids), used to test the plain path.
+ */
+export type GraphInterface = 'tally' | 'hf';
+
+export const TALLY_GRAPH_VERSION = '1';
+
+class GraphBuilder {
+  nodes: NodeSpec[] = [];
+  initializers: TensorSpec[] = [];
+  inputs: ValueInfo[] = [];
+  outputs: ValueInfo[] = [];
+  private counter = 0;
+  private constants = new Map<string, string>();
+
+  op(opType: string, inputs: string[], attributes?: Record<string, AttributeValue>, outputs = 1, domain?: string): string[] {
+    const id = this.counter++;
+    const outs = Array.from({ length: outputs }, (_, i) => `${opType.toLowerCase()}_${id}${outputs > 1 ? `_${i}` : ''}`);
+    this.nodes.push({ opType, inputs, outputs: outs, name: `${opType}_${id}`, attributes, domain });
+    return outs;
+  }
+
+  op1(opType: string, inputs: string[], attributes?: Record<string, AttributeValue>, domain?: string): string {
+    return this.op(opType, inputs, attributes, 1, domain)[0];
+  }
+
+  /** Renames the output of the last node (for graph outputs). */
+  nameLast(name: string): string {
+    this.nodes[this.nodes.length - 1].outputs[0] = name;
+    return name;
+  }
+
+  weight(name: string, data: Float32Array, dims: number[]): string {
+    this.initializers.push({ name, type: DataType.FLOAT, dims, raw: rawBytes(data) });
+    return name;
+  }
+
+  ints(values: number[]): string {
+    const key = `i64:${values.join(',')}`;
+    let name = this.constants.get(key);
+    if (!name) {
+      name = `const_i64_${this.constants.size}`;
+      this.initializers.push({ name, type: DataType.INT64, dims: [values.length], raw: rawBytes(BigInt64Array.from(values.map(BigInt))) });
+      this.constants.set(key, name);
+    }
+    return name;
+  }
+
+  scalar(value: number): string {
+    const key = `f32:${value}`;
+    let name = this.constants.get(key);
+    if (!name) {
+      name = `const_f32_${this.constants.size}`;
+      this.initializers.push({ name, type: DataType.FLOAT, dims: [], raw: rawBytes(Float32Array.of(value)) });
+      this.constants.set(key, name);
+    }
+    return name;
+  }
+}
+
+function transpose(data: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(rows * cols);
+  for (let r = 0; r < rows; r++) {
+    const base = r * cols;
+    for (let c = 0; c < cols; c++) out[c * rows + r] = data[base + c];
+  }
+  return out;
+}
+
+/** [out, in] HF Linear weights stacked along out, returned as one [in, sum(out)] MatMul weight. */
+function fusedLinear(parts: Float32Array[], outs: number[], inDim: number): Float32Array {
+  const total = outs.reduce((a, b) => a + b, 0);
+  const stacked = new Float32Array(total * inDim);
+  let offset = 0;
+  parts.forEach((p, i) => {
+    stacked.set(p, offset);
+    offset += outs[i] * inDim;
+  });
+  return transpose(stacked, total, inDim);
+}
+
+function req(weights: WeightMap, name: string): Float32Array {
+  const t = weights.get(name);
+  if (!t) throw new Error(`checkpoint is missing tensor ${name}`);
+  return t.data;
+}
+
+function ropeTables(config: LlamaConfig): { cos: Float32Array; sin: Float32Array } {
+  const hd = headDim(config);
+  const half = hd / 2;
+  const maxPos = config.max_position_embeddings;
+  const cos = new Float32Array(maxPos * hd);
+  const sin = new Float32Array(maxPos * hd);
+  for (let p = 0; p < maxPos; p++) {
+    for (let i = 0; i < half; i++) {
+      const freq = 1 / Math.pow(config.rope_theta, (2 * i) / hd);
+      const angle = p * freq;
+      const c = Math.cos(angle);
+      const s = Math.sin(angle);
+      cos[p * hd + i] = c;
+      cos[p * hd + half + i] = c;
+      sin[p * hd + i] = s;
+      sin[p * hd + half + i] = s;
+    }
+  }
+  return { cos, sin };
+}
+
+export interface BuildOptions {
+  interface: GraphInterface;
+  /** hf interface only: whether the graph takes position_ids (else it derives them from attention_mask). */
+  positionIds?: boolean;
+}
+
+export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options: BuildOptions): ModelSpec {
+  const g = new GraphBuilder();
+  const H = config.hidden_size;
+  const L = config.num_hidden_layers;
+  const nh = config.num_attention_heads;
+  const kvh = config.num_key_value_heads;
+  const hd = headDim(config);
+  const group = nh / kvh;
+  const ffn = config.intermediate_size;
+  const V = config.vocab_size;
+  const eps = config.rms_norm_eps;
+  const tally = options.interface === 'tally';
+  const withPositionIds = tally || options.positionIds !== false;
+
+  g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
+  if (tally) {
+    g.inputs.push({ name: 'position_ids', type: DataType.INT64, dims: ['batch', 'new'] });
+    g.inputs.push({ name: 'past_mask', type: DataType.FLOAT, dims: ['batch', 1, 1, 'past'] });
+    g.inputs.push({ name: 'new_mask', type: DataType.FLOAT, dims: ['batch', 1, 1, 'new', 'new'] });
+    g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
+  } else {
+    g.inputs.push({ name: 'attention_mask', type: DataType.INT64, dims: ['batch', 'total'] });
+    if (withPositionIds) g.inputs.push({ name: 'position_ids', type: DataType.INT64, dims: ['batch', 'new'] });
+  }
+  for (let l = 0; l < L; l++) {
+    if (tally) {
+      // K is cached transposed ([.., hd, past]) so that scores need no Transpose of the cache.
+      g.inputs.push({ name: `past_key.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, hd, 'past'] });
+      g.inputs.push({ name: `past_value.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+    } else {
+      g.inputs.push({ name: `past_key_values.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+      g.inputs.push({ name: `past_key_values.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+    }
+  }
+
+  const shapeIds = g.op1('Shape', ['input_ids']);
+  const batchDim = g.op1('Slice', [shapeIds, g.ints([0]), g.ints([1])]);
+  const newDim = g.op1('Slice', [shapeIds, g.ints([1]), g.ints([2])]);
+
+  let positions: string;
+  let additiveMask = '';
+  if (withPositionIds) {
+    positions = 'position_ids';
+  } else {
+    // As Optimum does: cumsum(attention_mask) - 1 over the whole sequence, last `new` positions.
+    const cum = g.op1('CumSum', ['attention_mask', g.ints([1])]);
+    const pos = g.op1('Sub', [cum, g.ints([1])]);
+    const negNew = g.op1('Neg', [newDim]);
+    positions = g.op1('Slice', [pos, negNew, g.ints([2 ** 62]), g.ints([1])]);
+    positions = g.op1('Relu', [g.op1('Cast', [positions], { to: DataType.FLOAT })]);
+    positions = g.op1('Cast', [positions], { to: DataType.INT64 });
+  }
+  if (!tally) {
+    // Additive mask [batch, 1, new, total]: padding from attention_mask, causal by absolute index.
+    const maskShape = g.op1('Shape', ['attention_mask']);
+    const totalDim = g.op1('Slice', [maskShape, g.ints([1]), g.ints([2])]);
+    const pastDim = g.op1('Sub', [totalDim, newDim]);
+    const kIdx = g.op1('Range', [g.op1('Squeeze', [g.ints([0])]), g.op1('Squeeze', [totalDim]), g.op1('Squeeze', [g.ints([1])])]);
+    const qIdx = g.op1('Range', [g.op1('Squeeze', [pastDim]), g.op1('Squeeze', [totalDim]), g.op1('Squeeze', [g.ints([1])])]);
+    const causal = g.op1('LessOrEqual', [g.op1('Unsqueeze', [kIdx, g.ints([0])]), g.op1('Unsqueeze', [qIdx, g.ints([1])])]);
+    const pad = g.op1('Cast', [g.op1('Unsqueeze', ['attention_mask', g.ints([1, 2])])], { to: DataType.BOOL });
+    const allowed = g.op1('And', [g.op1('Unsqueeze', [causal, g.ints([0, 1])]), pad]);
+    additiveMask = g.op1('Where', [allowed, g.scalar(0), g.scalar(-1e9)]);
+  }
+
+  const rope = ropeTables(config);
+  const cosTable = g.weight('rope.cos', rope.cos, [config.max_position_embeddings, hd]);
+  const sinTable = g.weight('rope.sin', rope.sin, [config.max_position_embeddings, hd]);
+  const cos = g.op1('Unsqueeze', [g.op1('Gather', [cosTable, positions]), g.ints([1])]); // [B,1,T,hd]
+  const sin = g.op1('Unsqueeze', [g.op1('Gather', [sinTable, positions]), g.ints([1])]);
+  const applyRope = (x: string): string => {
+    const [x1, x2] = g.op('Split', [x, g.ints([hd / 2, hd / 2])], { axis: -1 }, 2);
+    const rotated = g.op1('Concat', [g.op1('Neg', [x2]), x1], { axis: -1 });
+    return g.op1('Add', [g.op1('Mul', [x, cos]), g.op1('Mul', [rotated, sin])]);
+  };
+  const rmsNorm = (x: string, weight: string): string =>
+    g.op1('SimplifiedLayerNormalization', [x, weight], { axis: -1, epsilon: { float: eps }, stash_type: 1 });
+
+  const embed = g.weight('model.embed_tokens.weight', req(weights, 'model.embed_tokens.weight'), [V, H]);
+  let hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
+
+  const headsShape = (heads: number) => g.op1('Concat', [batchDim, newDim, g.ints([heads, hd])], { axis: 0 });
+  const qShape = headsShape(nh);
+  const kvShape = headsShape(kvh);
+  const groupedShape = g.op1('Concat', [batchDim, g.ints([kvh, -1, hd])], { axis: 0 }); // [B, kvh, g*T, hd]
+  const scoresShape5 = g.op1('Concat', [batchDim, g.ints([kvh, group]), newDim, newDim], { axis: 0 });
+  const scoresShape4 = g.op1('Concat', [batchDim, g.ints([kvh, -1]), newDim], { axis: 0 });
+  const scale = g.scalar(1 / Math.sqrt(hd));
+  const qkvBias = hasQkvBias(config);
+  const newKv: string[] = [];
+
+  for (let l = 0; l < L; l++) {
+    const p = `model.layers.${l}`;
+    const lw = (n: string) => req(weights, `${p}.${n}`);
+    const normed = rmsNorm(hidden, g.weight(`${p}.input_layernorm.weight`, lw('input_layernorm.weight'), [H]));
+    const qkvOut = [nh * hd, kvh * hd, kvh * hd];
+    const wqkv = fusedLinear([lw('self_attn.q_proj.weight'), lw('self_attn.k_proj.weight'), lw('self_attn.v_proj.weight')], qkvOut, H);
+    let qkv = g.op1('MatMul', [normed, g.weight(`${p}.self_attn.qkv.weight_t`, wqkv, [H, qkvOut[0] + qkvOut[1] + qkvOut[2]])]);
+    if (qkvBias) {
+      const bias = new Float32Array(qkvOut[0] + qkvOut[1] + qkvOut[2]);
+      bias.set(lw('self_attn.q_proj.bias'), 0);
+      bias.set(lw('self_attn.k_proj.bias'), qkvOut[0]);
+      bias.set(lw('self_attn.v_proj.bias'), qkvOut[0] + qkvOut[1]);
+      qkv = g.op1('Add', [qkv, g.weight(`${p}.self_attn.qkv.bias`, bias, [bias.length])]);
+    }
+    const [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
+    const toHeads = (x: string, shape: string) => g.op1('Transpose', [g.op1('Reshape', [x, shape])], { perm: [0, 2, 1, 3] });
+    const q = g.op1('Mul', [applyRope(toHeads(qFlat, qShape)), scale]); // [B, nh, T, hd]
+    const k = applyRope(toHeads(kFlat, kvShape)); // [B, kvh, T, hd]
+    const v = toHeads(vFlat, kvShape);
+    const qGrouped = g.op1('Reshape', [q, groupedShape]); // [B, kvh, g*T, hd]
+
+    let attn: string;
+    if (tally) {
+      const kT = g.op1('Transpose', [k], { perm: [0, 1, 3, 2] });
+      const scoresPast = g.op1('Add', [g.op1('MatMul', [qGrouped, `past_key.${l}`]), 'past_mask']);
+      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.op1('MatMul', [qGrouped, kT]), scoresShape5]), 'new_mask']);
+      const scoresNew = g.op1('Reshape', [scoresNew5, scoresShape4]);
+      const probs = g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: -1 })], { axis: -1 });
+      const pastLen = g.op1('Slice', [g.op1('Shape', [`past_value.${l}`]), g.ints([2]), g.ints([3])]);
+      const probsPast = g.op1('Slice', [probs, g.ints([0]), pastLen, g.ints([-1])]);
+      const probsNew = g.op1('Slice', [probs, pastLen, g.ints([2 ** 62]), g.ints([-1])]);
+      attn = g.op1('Add', [g.op1('MatMul', [probsPast, `past_value.${l}`]), g.op1('MatMul', [probsNew, v])]);
+      newKv.push(g.op1('Unsqueeze', [k, g.ints([0])]), g.op1('Unsqueeze', [v, g.ints([0])]));
+    } else {
+      g.op1('Concat', [`past_key_values.${l}.key`, k], { axis: 2 });
+      const kAll = g.nameLast(`present.${l}.key`);
+      g.op1('Concat', [`past_key_values.${l}.value`, v], { axis: 2 });
+      const vAll = g.nameLast(`present.${l}.value`);
+      const scores = g.op1('MatMul', [qGrouped, g.op1('Transpose', [kAll], { perm: [0, 1, 3, 2] })]); // [B,kvh,gT,S]
+      const scores5 = g.op1('Reshape', [scores, g.op1('Concat', [batchDim, g.ints([kvh, group]), newDim, g.ints([-1])], { axis: 0 })]);
+      const masked = g.op1('Add', [scores5, g.op1('Unsqueeze', [additiveMask, g.ints([1])])]);
+      const probs = g.op1('Softmax', [g.op1('Reshape', [masked, g.op1('Concat', [batchDim, g.ints([kvh, -1]), g.op1('Slice', [g.op1('Shape', [kAll]), g.ints([2]), g.ints([3])])], { axis: 0 })])], { axis: -1 });
+      attn = g.op1('MatMul', [probs, vAll]);
+      g.outputs.push({ name: `present.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'total', hd] });
+      g.outputs.push({ name: `present.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'total', hd] });
+    }
+    // [B, kvh, g*T, hd] → [B, nh, T, hd] → [B, T, nh, hd] → [N, nh*hd]
+    const attnHeads = g.op1('Transpose', [g.op1('Reshape', [attn, g.op1('Concat', [batchDim, g.ints([nh]), newDim, g.ints([hd])], { axis: 0 })])], { perm: [0, 2, 1, 3] });
+    const attnFlat = g.op1('Reshape', [attnHeads, g.ints([-1, nh * hd])]);
+    const wo = transpose(lw('self_attn.o_proj.weight'), H, nh * hd);
+    hidden = g.op1('Add', [hidden, g.op1('MatMul', [attnFlat, g.weight(`${p}.self_attn.o_proj.weight_t`, wo, [nh * hd, H])])]);
+
+    const normed2 = rmsNorm(hidden, g.weight(`${p}.post_attention_layernorm.weight`, lw('post_attention_layernorm.weight'), [H]));
+    const wgu = fusedLinear([lw('mlp.gate_proj.weight'), lw('mlp.up_proj.weight')], [ffn, ffn], H);
+    const gu = g.op1('MatMul', [normed2, g.weight(`${p}.mlp.gate_up.weight_t`, wgu, [H, 2 * ffn])]);
+    const [gate, up] = g.op('Split', [gu, g.ints([ffn, ffn])], { axis: -1 }, 2);
+    const act = g.op1('Mul', [g.op1('Mul', [gate, g.op1('Sigmoid', [gate])]), up]);
+    const wd = transpose(lw('mlp.down_proj.weight'), H, ffn);
+    hidden = g.op1('Add', [hidden, g.op1('MatMul', [act, g.weight(`${p}.mlp.down_proj.weight_t`, wd, [ffn, H])])]);
+  }
+
+  const finalNorm = g.weight('model.norm.weight', req(weights, 'model.norm.weight'), [H]);
+  const lmHead = weights.get('lm_head.weight');
+  const headWeight = lmHead ? g.weight('lm_head.weight', lmHead.data, [V, H]) : embed;
+  if (tally) {
+    const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 }); // [B, H]
+    g.op1('Gemm', [rmsNorm(picked, finalNorm), headWeight], { transB: 1 });
+    g.nameLast('logits');
+    g.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', V] });
+    g.op1('Concat', newKv, { axis: 0 });
+    g.nameLast('new_kv');
+    g.outputs.push({ name: 'new_kv', type: DataType.FLOAT, dims: [2 * L, 'batch', kvh, 'new', hd] });
+  } else {
+    const logits2d = g.op1('Gemm', [rmsNorm(hidden, finalNorm), headWeight], { transB: 1 });
+    g.op1('Reshape', [logits2d, g.op1('Concat', [batchDim, newDim, g.ints([V])], { axis: 0 })]);
+    g.nameLast('logits');
+    g.outputs.unshift({ name: 'logits', type: DataType.FLOAT, dims: ['batch', 'new', V] });
+  }
+
+  return {
+    graphName: `${config.model_type}-${options.interface}`,
+    nodes: g.nodes,
+    inputs: g.inputs,
+    outputs: g.outputs,
+    initializers: g.initializers,
+    opsets: [{ domain: '', version: 17 }, { domain: 'com.microsoft', version: 1 }],
+    metadata: tally ? { 'tally.graph': options.interface, 'tally.graph_version': TALLY_GRAPH_VERSION } : {},
+  };
+}

@@ -1,0 +1,241 @@
+/**
+ * A small writer for the parts of onnx.proto that a decoder graph needs: ModelProto, GraphProto,
+ * NodeProto, AttributeProto, TensorProto (inline or external data) and ValueInfoProto.
+ */
+
+export enum DataType {
+  FLOAT = 1,
+  UINT8 = 2,
+  INT8 = 3,
+  INT32 = 6,
+  INT64 = 7,
+  BOOL = 9,
+  FLOAT16 = 10,
+}
+
+class ProtoWriter {
+  private buf = new Uint8Array(1024);
+  private len = 0;
+
+  private ensure(n: number): void {
+    if (this.len + n <= this.buf.length) return;
+    let size = this.buf.length * 2;
+    while (size < this.len + n) size *= 2;
+    const next = new Uint8Array(size);
+    next.set(this.buf.subarray(0, this.len));
+    this.buf = next;
+  }
+
+  varint(value: number | bigint): void {
+    let v = BigInt.asUintN(64, BigInt(value));
+    this.ensure(10);
+    while (v >= 0x80n) {
+      this.buf[this.len++] = Number(v & 0x7fn) | 0x80;
+      v >>= 7n;
+    }
+    this.buf[this.len++] = Number(v);
+  }
+
+  tag(field: number, wire: 0 | 1 | 2 | 5): void {
+    this.varint((field << 3) | wire);
+  }
+
+  bytes(field: number, data: Uint8Array): void {
+    this.tag(field, 2);
+    this.varint(data.length);
+    this.ensure(data.length);
+    this.buf.set(data, this.len);
+    this.len += data.length;
+  }
+
+  string(field: number, s: string): void {
+    this.bytes(field, new TextEncoder().encode(s));
+  }
+
+  int(field: number, v: number | bigint): void {
+    this.tag(field, 0);
+    this.varint(v);
+  }
+
+  float(field: number, v: number): void {
+    this.tag(field, 5);
+    this.ensure(4);
+    new DataView(this.buf.buffer).setFloat32(this.len, v, true);
+    this.len += 4;
+  }
+
+  message(field: number, write: (w: ProtoWriter) => void): void {
+    const inner = new ProtoWriter();
+    write(inner);
+    this.bytes(field, inner.finish());
+  }
+
+  packedInts(field: number, values: readonly (number | bigint)[]): void {
+    const inner = new ProtoWriter();
+    for (const v of values) inner.varint(v);
+    this.bytes(field, inner.finish());
+  }
+
+  packedFloats(field: number, values: readonly number[]): void {
+    this.bytes(field, new Uint8Array(Float32Array.from(values).buffer));
+  }
+
+  finish(): Uint8Array {
+    return this.buf.subarray(0, this.len);
+  }
+}
+
+export type AttributeValue = number | string | number[] | string[] | { float: number } | { floats: number[] };
+
+export interface NodeSpec {
+  opType: string;
+  inputs: string[];
+  outputs: string[];
+  name: string;
+  domain?: string;
+  attributes?: Record<string, AttributeValue>;
+}
+
+export interface ValueInfo {
+  name: string;
+  type: DataType;
+  dims: (number | string)[];
+}
+
+export interface TensorSpec {
+  name: string;
+  type: DataType;
+  dims: number[];
+  /** Little-endian element bytes. */
+  raw: Uint8Array;
+}
+
+export interface ExternalRef {
+  location: string;
+  offset: number;
+  length: number;
+}
+
+export interface ModelSpec {
+  graphName: string;
+  nodes: NodeSpec[];
+  inputs: ValueInfo[];
+  outputs: ValueInfo[];
+  initializers: TensorSpec[];
+  opsets: { domain: string; version: number }[];
+  metadata: Record<string, string>;
+  /** Where initializers at or above this many bytes go; the caller writes the returned chunks there. */
+  externalDataFile?: string;
+  externalThresholdBytes?: number;
+}
+
+function writeAttribute(w: ProtoWriter, name: string, value: AttributeValue): void {
+  w.string(1, name);
+  if (typeof value === 'number') {
+    if (!Number.isInteger(value)) throw new Error(`attribute ${name}: use { float } for non-integers`);
+    w.int(3, value);
+    w.int(20, 2);
+  } else if (typeof value === 'string') {
+    w.string(4, value);
+    w.int(20, 3);
+  } else if (Array.isArray(value)) {
+    if (value.length > 0 && typeof value[0] === 'string') {
+      for (const s of value as string[]) w.string(9, s);
+      w.int(20, 8);
+    } else {
+      w.packedInts(8, value as number[]);
+      w.int(20, 7);
+    }
+  } else if ('float' in value) {
+    w.float(2, value.float);
+    w.int(20, 1);
+  } else {
+    w.packedFloats(7, value.floats);
+    w.int(20, 6);
+  }
+}
+
+function writeValueInfo(w: ProtoWriter, v: ValueInfo): void {
+  w.string(1, v.name);
+  w.message(2, (type) =>
+    type.message(1, (tensor) => {
+      tensor.int(1, v.type);
+      tensor.message(2, (shape) => {
+        for (const d of v.dims) {
+          shape.message(1, (dim) => (typeof d === 'number' ? dim.int(1, d) : dim.string(2, d)));
+        }
+      });
+    }),
+  );
+}
+
+/**
+ * Serialises a model. Returns the .onnx bytes and, when externalDataFile is set, the chunks of
+ * that file in order (each 64-byte aligned, as ONNX Runtime can then map them).
+ */
+export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: Uint8Array[] } {
+  const external: Uint8Array[] = [];
+  let externalOffset = 0;
+  const threshold = spec.externalThresholdBytes ?? 1024;
+  const w = new ProtoWriter();
+  w.int(1, 10); // IR version 10 (ONNX 1.16+)
+  w.string(2, 'tally');
+  w.string(3, '0.1');
+  w.message(7, (g) => {
+    for (const n of spec.nodes) {
+      g.message(1, (node) => {
+        for (const i of n.inputs) node.string(1, i);
+        for (const o of n.outputs) node.string(2, o);
+        node.string(3, n.name);
+        node.string(4, n.opType);
+        for (const [k, v] of Object.entries(n.attributes ?? {})) node.message(5, (a) => writeAttribute(a, k, v));
+        if (n.domain) node.string(7, n.domain);
+      });
+    }
+    g.string(2, spec.graphName);
+    for (const t of spec.initializers) {
+      g.message(5, (tensor) => {
+        tensor.packedInts(1, t.dims);
+        tensor.int(2, t.type);
+        tensor.string(8, t.name);
+        if (spec.externalDataFile && t.raw.length >= threshold) {
+          const pad = (64 - (externalOffset % 64)) % 64;
+          if (pad) external.push(new Uint8Array(pad));
+          externalOffset += pad;
+          const entry = (key: string, value: string) =>
+            tensor.message(13, (kv) => {
+              kv.string(1, key);
+              kv.string(2, value);
+            });
+          entry('location', spec.externalDataFile);
+          entry('offset', String(externalOffset));
+          entry('length', String(t.raw.length));
+          tensor.int(14, 1);
+          external.push(t.raw);
+          externalOffset += t.raw.length;
+        } else {
+          tensor.bytes(9, t.raw);
+        }
+      });
+    }
+    for (const v of spec.inputs) g.message(11, (vi) => writeValueInfo(vi, v));
+    for (const v of spec.outputs) g.message(12, (vi) => writeValueInfo(vi, v));
+  });
+  for (const o of spec.opsets) {
+    w.message(8, (op) => {
+      if (o.domain) op.string(1, o.domain);
+      op.int(2, o.version);
+    });
+  }
+  for (const [k, v] of Object.entries(spec.metadata)) {
+    w.message(14, (kv) => {
+      kv.string(1, k);
+      kv.string(2, v);
+    });
+  }
+  return { model: w.finish(), external };
+}
+
+export function rawBytes(data: Float32Array | Int32Array | BigInt64Array | Uint16Array | Uint8Array): Uint8Array {
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}

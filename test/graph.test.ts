@@ -1,0 +1,76 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { buildLlamaGraph } from '../src/model/llama-graph.ts';
+import { randomWeights } from '../src/model/random.ts';
+import type { LlamaConfig } from '../src/model/types.ts';
+import { writeModelFolder, loadModelFolder } from '../src/model/folder.ts';
+import { createRunner } from '../src/engine/session.ts';
+import { referenceLogits } from './helpers/reference-llama.ts';
+
+const tiny: LlamaConfig = {
+  model_type: 'llama', hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 6,
+  num_key_value_heads: 2, vocab_size: 80, max_position_embeddings: 160, rms_norm_eps: 1e-5, rope_theta: 10000,
+  tie_word_embeddings: true,
+};
+
+function maxDiff(a: Float32Array, b: Float32Array): number {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
+
+function folderFor(config: LlamaConfig, iface: 'tally' | 'hf', positionIds = true) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-graph-'));
+  const weights = randomWeights(config, 7);
+  // Larger weights than the default init so that attention patterns are far from uniform.
+  for (const [name, t] of weights) if (!name.includes('norm')) t.data.forEach((v, i) => (t.data[i] = v * 10));
+  writeModelFolder(dir, {
+    config, generationConfig: {}, tokenizerJson: {}, tokenizerConfig: {},
+    graph: buildLlamaGraph(config, weights, { interface: iface, positionIds }),
+  });
+  return { folder: loadModelFolder(dir), weights };
+}
+
+const seqA = [1, 5, 9, 33, 2, 71, 40, 12, 7, 7, 7, 60];
+const seqB = [3, 44, 19, 8, 61, 22, 5, 78, 30];
+const seqC = [11, 12];
+
+describe.each([
+  ['tally', tiny, true],
+  ['hf', tiny, true],
+  ['hf without position_ids', tiny, false],
+  ['tally with qwen2 biases, untied', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true],
+] as const)('%s graph', (name, config, positionIds) => {
+  it('matches a direct forward pass, batched and chunked, token by token', async () => {
+    const { folder, weights } = folderFor(config as LlamaConfig, name.startsWith('hf') ? 'hf' : 'tally', positionIds);
+    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160 });
+    expect(runner.kind).toBe(name.startsWith('hf') ? 'plain' : 'tally');
+    const refs = [seqA, seqB, seqC].map((s) => referenceLogits(config as LlamaConfig, weights, s));
+    [1, 2, 3].forEach((s) => runner.open(s));
+    // Prefill A in two chunks and B in one, batched; C alone; then decode all three together.
+    const step = async (rows: { seq: number; tokens: number[] }[]) => (await runner.forward(rows)).logits;
+    let out = await step([{ seq: 1, tokens: seqA.slice(0, 4) }, { seq: 2, tokens: seqB.slice(0, 6) }]);
+    expect(maxDiff(out[0], refs[0][3])).toBeLessThan(1e-3);
+    expect(maxDiff(out[1], refs[1][5])).toBeLessThan(1e-3);
+    out = await step([{ seq: 1, tokens: seqA.slice(4, 9) }, { seq: 3, tokens: seqC.slice(0, 1) }]);
+    expect(maxDiff(out[0], refs[0][8])).toBeLessThan(1e-3);
+    expect(maxDiff(out[1], refs[2][0])).toBeLessThan(1e-3);
+    for (let i = 0; i < 3; i++) {
+      const rows = [{ seq: 3, tokens: [seqC[1]] }, { seq: 1, tokens: [seqA[9 + i]] }];
+      if (i < 3) rows.push({ seq: 2, tokens: [seqB[6 + i]] });
+      if (i > 0) rows.shift();
+      out = await step(rows);
+      const expected = rows.map((r) => (r.seq === 1 ? refs[0][9 + i] : r.seq === 2 ? refs[1][6 + i] : refs[2][1]));
+      out.forEach((o, j) => expect(maxDiff(o, expected[j])).toBeLessThan(1e-3));
+    }
+    // A sequence that closes frees its slot; a new one reuses it and still matches.
+    runner.close(1);
+    runner.open(4);
+    out = await step([{ seq: 4, tokens: seqC }]);
+    expect(maxDiff(out[0], refs[2][1])).toBeLessThan(1e-3);
+    expect(runner.cachedLength(2)).toBe(9);
+    await runner.release();
+  });
+});
