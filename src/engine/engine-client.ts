@@ -17,7 +17,7 @@ type Listener = (event: RequestEvent) => void;
  */
 export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [string]; event: [RequestEvent] }> {
   private worker!: Worker;
-  private listeners = new Map<string, Listener>();
+  private pending = new Map<string, Listener>();
   private closing = false;
   info!: EngineInfo;
   restarts = 0;
@@ -70,14 +70,14 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
   }
 
   private dispatch(e: RequestEvent): void {
-    const listener = this.listeners.get(e.id);
-    if (e.finish) this.listeners.delete(e.id);
+    const listener = this.pending.get(e.id);
+    if (e.finish) this.pending.delete(e.id);
     this.emit('event', e);
     listener?.(e);
   }
 
   private failAll(message: string): void {
-    for (const id of [...this.listeners.keys()]) {
+    for (const id of [...this.pending.keys()]) {
       this.dispatch({ id, tokens: [], text: '', finish: 'error', error: message });
     }
   }
@@ -88,16 +88,16 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
 
   /** Requests submitted and not yet finished. */
   get inFlight(): number {
-    return this.listeners.size;
+    return this.pending.size;
   }
 
   submit(request: GenerationRequest, listener: Listener): void {
-    this.listeners.set(request.id, listener);
+    this.pending.set(request.id, listener);
     this.post({ type: 'submit', request });
   }
 
   cancel(id: string): void {
-    if (this.listeners.has(id)) this.post({ type: 'cancel', id });
+    if (this.pending.has(id)) this.post({ type: 'cancel', id });
   }
 
   /** Kills the worker (for fault tests and last-resort shutdown). */

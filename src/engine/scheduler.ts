@@ -169,7 +169,7 @@ export class Scheduler {
         req,
         seq,
         sampler: new SequenceSampler(req.sampling, req.promptIds, this.runner.vocabSize),
-        decoder: this.tokenizer.decodeStream(),
+        decoder: this.tokenizer.decodeStream({ context: req.promptIds }),
         prefilled: 0,
         output: [],
         pending: '',

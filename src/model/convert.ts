@@ -63,6 +63,12 @@ function generationConfigOf(config: LlamaConfig): Record<string, unknown> {
   return { bos_token_id: config.bos_token_id, eos_token_id: config.eos_token_id, do_sample: false };
 }
 
+/** llama2.c models separate documents with BOS, and run.c stops there; so does Tally. */
+function llama2cGenerationConfig(config: LlamaConfig): Record<string, unknown> {
+  const eos = [config.eos_token_id, config.bos_token_id].filter((x): x is number => typeof x === 'number');
+  return { ...generationConfigOf(config), eos_token_id: [...new Set(eos)] };
+}
+
 export function convertCheckpoint(input: string, outDir: string, options: ConvertOptions = {}): void {
   const ckpt = readCheckpoint(input, options);
   const config = { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId };
@@ -71,7 +77,7 @@ export function convertCheckpoint(input: string, outDir: string, options: Conver
   if (options.chatTemplate) tokConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');
   writeModelFolder(outDir, {
     config,
-    generationConfig: generationConfigOf(config),
+    generationConfig: llama2cGenerationConfig(config),
     tokenizerJson,
     tokenizerConfig: tokConfig,
     graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally' }),
@@ -92,15 +98,8 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
   if (!fs.existsSync(path.join(likeDir, 'config.json'))) throw new Error(`${likeDir} has no config.json`);
   if (!fs.existsSync(path.join(likeDir, 'tokenizer.json'))) throw new Error(`${likeDir} has no tokenizer.json`);
   const published = read('config.json') as LlamaConfig;
-  const config: LlamaConfig = {
-    rms_norm_eps: 1e-6,
-    rope_theta: 10000,
-    tie_word_embeddings: false,
-    num_key_value_heads: published.num_attention_heads,
-    ...published,
-    ...options.overrides,
-    torch_dtype: 'float32',
-  };
+  const defaults = { rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, num_key_value_heads: published.num_attention_heads };
+  const config: LlamaConfig = Object.assign(defaults, published, options.overrides, { torch_dtype: 'float32' });
   const supported = ['llama', 'qwen2', 'mistral'];
   if (!supported.includes(config.model_type)) throw new Error(`model_type ${config.model_type} is not a Llama-family decoder (${supported.join(', ')})`);
   const tokenizerConfig = fs.existsSync(path.join(likeDir, 'tokenizer_config.json')) ? read('tokenizer_config.json') : {};

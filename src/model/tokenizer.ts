@@ -73,8 +73,11 @@ export class TextTokenizer {
     return content !== undefined && this.specialContents.has(content);
   }
 
-  decodeStream(opts: { skipSpecialTokens?: boolean } = {}): IncrementalDecoder {
-    return new IncrementalDecoder(this, opts.skipSpecialTokens ?? true);
+  /** `context`: ids that precede the stream (the prompt), so that its first token decodes as it would mid-text. */
+  decodeStream(opts: { skipSpecialTokens?: boolean; context?: number[] } = {}): IncrementalDecoder {
+    const skip = opts.skipSpecialTokens ?? true;
+    const context = (opts.context ?? []).filter((id) => !(skip && this.isSpecial(id))).slice(-4);
+    return new IncrementalDecoder(this, skip, context);
   }
 }
 
@@ -86,13 +89,17 @@ export class TextTokenizer {
  * held back until the UTF-8 sequence split over byte tokens completes.
  */
 export class IncrementalDecoder {
-  private window: number[] = [];
-  private emitted = 0;
+  private window: number[];
+  private emitted: number;
 
   constructor(
     private readonly tokenizer: TextTokenizer,
     private readonly skipSpecialTokens: boolean,
-  ) {}
+    context: number[] = [],
+  ) {
+    this.window = [...context];
+    this.emitted = context.length;
+  }
 
   push(id: number): string {
     // Dropped here rather than in decode, so that a window never starts with a skipped token.

@@ -1,0 +1,28 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { convertCheckpoint, convertRandomLike } from '../../src/model/convert.ts';
+import type { LlamaConfig } from '../../src/model/types.ts';
+
+export const SHARED_MODELS = path.resolve(process.cwd(), '../shared/models');
+const CACHE = path.join(os.tmpdir(), `tally-test-models-${process.pid}`);
+
+function once(name: string, build: (dir: string) => void): string {
+  const dir = path.join(CACHE, name);
+  if (!fs.existsSync(path.join(dir, 'onnx', 'model.onnx'))) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    build(dir);
+  }
+  return dir;
+}
+
+/** stories260K converted from its GGUF by Tally's own converter. */
+export function storiesModel(): string {
+  return once('stories260K', (dir) => convertCheckpoint(path.join(SHARED_MODELS, 'stories260K', 'stories260K.gguf'), dir));
+}
+
+/** A small random-weight model with a published model's tokenizer and chat template. */
+export function randomLike(published: 'SmolLM2-135M-Instruct' | 'Qwen2.5-0.5B-Instruct' | 'TinyLlama-1.1B-Chat-v1.0', overrides: Partial<LlamaConfig> = { num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16 }): string {
+  const key = `${published}-${Object.entries(overrides).map(([k, v]) => `${k}=${v}`).join(',')}`;
+  return once(key.replace(/[^\w.,=-]/g, '_'), (dir) => convertRandomLike(path.join(SHARED_MODELS, published), dir, { seed: 1, overrides }));
+}
