@@ -1,0 +1,66 @@
+import { createEngine } from '../src/engine/engine.ts';
+import type { EngineOptions } from '../src/engine/engine-options.ts';
+import type { GenerationRequest } from '../src/engine/scheduler.ts';
+
+export const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
+
+export interface LoopResult {
+  outputTokens: number;
+  seconds: number;
+  tokensPerSecond: number;
+  busySeconds: number;
+  steps: number;
+}
+
+/**
+ * The bare engine loop: `concurrency` closed-loop clients submit straight into the scheduler (no HTTP,
+ * no worker), each re-submitting as soon as its request ends, until `requests` have finished.
+ */
+export async function engineLoop(
+  options: EngineOptions,
+  prompt: (i: number) => number[],
+  concurrency: number,
+  requests: number,
+  maxTokens: number,
+): Promise<LoopResult> {
+  let done = 0;
+  let started = 0;
+  let outputTokens = 0;
+  let busySeconds = 0;
+  let steps = 0;
+  let t0 = 0;
+  let finish!: () => void;
+  const finished = new Promise<void>((r) => (finish = r));
+  const engine = await createEngine(
+    options,
+    (events) => {
+      for (const e of events) {
+        outputTokens += e.tokens.length;
+        if (e.finish) {
+          if (e.finish === 'error') throw new Error(e.error);
+          done++;
+          if (started < requests) submit();
+          else if (done === requests) finish();
+        }
+      }
+    },
+    (record) => {
+      busySeconds += record.busySeconds;
+      steps++;
+    },
+  );
+  const submit = () => {
+    const i = started++;
+    const req: GenerationRequest = { id: String(i), promptIds: prompt(i), maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY };
+    engine.scheduler.submit(req);
+  };
+  const loop = engine.scheduler.run();
+  t0 = performance.now();
+  for (let i = 0; i < Math.min(concurrency, requests); i++) submit();
+  await finished;
+  const seconds = (performance.now() - t0) / 1000;
+  engine.scheduler.stop();
+  await loop;
+  await engine.release();
+  return { outputTokens, seconds, tokensPerSecond: outputTokens / seconds, busySeconds, steps };
+}

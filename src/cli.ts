@@ -1,0 +1,195 @@
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+
+const USAGE = `tally — OpenAI-compatible inference on ONNX Runtime, with the cost of every token
+
+Usage:
+  tally serve   [--model NAME|DIR|FILE] [--port 8000] [--host 127.0.0.1] [--device cpu|cuda[:N]|auto] ...
+  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf]
+  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE]
+  tally bench   --url URL --model NAME [--concurrency 1,8,32 | --rate 1,2,4] ...
+  tally cost    [--data-dir DIR] [--by tenant|model|day] [--since 24h|2026-11-01] [--format table|json]
+
+Run \`tally <command> --help\` for a command's options.`;
+
+function parse<T extends ParseArgsConfig['options']>(argv: string[], options: T, help: string) {
+  try {
+    const parsed = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
+    if (parsed.values.help) {
+      console.log(help);
+      process.exit(0);
+    }
+    return parsed;
+  } catch (err) {
+    console.error(`${(err as Error).message}\n\n${help}`);
+    process.exit(2);
+  }
+}
+
+function number(value: string | undefined, flag: string): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isFinite(n)) {
+    console.error(`${flag} must be a number (got "${value}")`);
+    process.exit(2);
+  }
+  return n;
+}
+
+const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP API
+
+  --model NAME|DIR|FILE        model folder, GGUF / llama2.c file (converted once into models/.cache), or a
+                               name looked up in models/ then ../shared/models/ (default: stories260K)
+  --served-model-name NAME     the model id clients use (default: the folder's name)
+  --host HOST                  default 127.0.0.1
+  --port PORT                  default $PORT or 8000
+  --device cpu|cuda[:N]|auto   default cpu
+  --threads N                  ONNX Runtime intra-op threads (default: all cores)
+  --max-num-seqs N             sequences decoded together (default 64)
+  --max-num-batched-tokens N   tokens per engine step, decode + prefill chunks (default 2048)
+  --max-model-len N            context limit (default: the model's)
+  --kv-cache-tokens N          KV capacity in tokens (default: what fits in --kv-cache-gb)
+  --kv-cache-gb GB             KV memory budget (default 4)
+  --max-queue N                waiting requests before 429 (default 256)
+  --request-timeout SECONDS    default 600
+  --api-key KEY                require this bearer key (repeatable; also TALLY_API_KEYS=name:key,...)
+  --api-keys-file FILE         hashed keys managed by \`tally keys\`
+  --device-price USD_PER_HOUR  price of one device, or a preset name (default: cpu preset)
+  --power-price USD_PER_KWH    electricity price, used where power is measured
+  --data-dir DIR               ledger location (default $TALLY_DATA_DIR or ./.tally)
+  --log-level LEVEL            default info`;
+
+async function serve(argv: string[]): Promise<void> {
+  const { values } = parse(
+    argv,
+    {
+      model: { type: 'string' },
+      'served-model-name': { type: 'string' },
+      host: { type: 'string' },
+      port: { type: 'string' },
+      device: { type: 'string' },
+      threads: { type: 'string' },
+      'max-num-seqs': { type: 'string' },
+      'max-num-batched-tokens': { type: 'string' },
+      'max-model-len': { type: 'string' },
+      'kv-cache-tokens': { type: 'string' },
+      'kv-cache-gb': { type: 'string' },
+      'max-queue': { type: 'string' },
+      'request-timeout': { type: 'string' },
+      'api-key': { type: 'string', multiple: true },
+      'api-keys-file': { type: 'string' },
+      'device-price': { type: 'string' },
+      'power-price': { type: 'string' },
+      'data-dir': { type: 'string' },
+      'log-level': { type: 'string' },
+    },
+    SERVE_HELP,
+  );
+  const { runServer } = await import('./server/serve.ts');
+  await runServer({
+    model: values.model,
+    servedModelName: values['served-model-name'],
+    host: values.host ?? '127.0.0.1',
+    port: number(values.port ?? process.env.PORT, '--port') ?? 8000,
+    device: values.device ?? 'cpu',
+    threads: number(values.threads, '--threads'),
+    maxNumSeqs: number(values['max-num-seqs'], '--max-num-seqs'),
+    maxNumBatchedTokens: number(values['max-num-batched-tokens'], '--max-num-batched-tokens'),
+    maxModelLen: number(values['max-model-len'], '--max-model-len'),
+    kvCacheTokens: number(values['kv-cache-tokens'], '--kv-cache-tokens'),
+    kvCacheGb: number(values['kv-cache-gb'], '--kv-cache-gb'),
+    maxQueue: number(values['max-queue'], '--max-queue'),
+    requestTimeoutSeconds: number(values['request-timeout'], '--request-timeout'),
+    apiKeys: values['api-key'],
+    apiKeysFile: values['api-keys-file'],
+    devicePrice: values['device-price'],
+    powerPrice: number(values['power-price'], '--power-price'),
+    dataDir: values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally',
+    logLevel: values['log-level'] ?? 'info',
+  });
+}
+
+const CONVERT_HELP = `tally convert — write a model folder in the onnx-community layout
+
+  tally convert CHECKPOINT OUT_DIR      GGUF (F32, F16, BF16, Q8_0) or llama2.c checkpoint (Llama family)
+    --tokenizer FILE                    llama2.c checkpoints: tokenizer.model or tokenizer.bin (default: beside it)
+    --chat-template FILE                a Jinja chat template to store in tokenizer_config.json
+    --format tally|hf                   tally (default): KV cache in slots, only new positions returned;
+                                        hf: the onnx-community interface (past_key_values / present)
+  tally convert --random --like DIR OUT_DIR
+                                        random weights of DIR's config.json architecture with DIR's tokenizer
+    --seed N                            default 0
+    --set key=value                     change a config.json field (repeatable), e.g. num_hidden_layers=2`;
+
+async function convert(argv: string[]): Promise<void> {
+  const { values, positionals } = parse(
+    argv,
+    {
+      tokenizer: { type: 'string' },
+      'chat-template': { type: 'string' },
+      format: { type: 'string' },
+      random: { type: 'boolean' },
+      like: { type: 'string' },
+      seed: { type: 'string' },
+      set: { type: 'string', multiple: true },
+    },
+    CONVERT_HELP,
+  );
+  const format = (values.format ?? 'tally') as 'tally' | 'hf';
+  if (format !== 'tally' && format !== 'hf') throw new Error('--format must be tally or hf');
+  const { convertCheckpoint, convertRandomLike } = await import('./model/convert.ts');
+  const started = Date.now();
+  if (values.random) {
+    if (!values.like || positionals.length !== 1) throw new Error('usage: tally convert --random --like DIR OUT_DIR');
+    const overrides: Record<string, unknown> = {};
+    for (const kv of values.set ?? []) {
+      const at = kv.indexOf('=');
+      if (at < 0) throw new Error(`--set takes key=value (got "${kv}")`);
+      const raw = kv.slice(at + 1);
+      overrides[kv.slice(0, at)] = raw === 'true' ? true : raw === 'false' ? false : Number.isFinite(Number(raw)) ? Number(raw) : raw;
+    }
+    convertRandomLike(values.like, positionals[0], { seed: number(values.seed, '--seed') ?? 0, overrides, chatTemplate: values['chat-template'], interface: format });
+  } else {
+    if (positionals.length !== 2) throw new Error('usage: tally convert CHECKPOINT OUT_DIR');
+    convertCheckpoint(positionals[0], positionals[1], { tokenizer: values.tokenizer, chatTemplate: values['chat-template'], interface: format });
+  }
+  console.log(`wrote ${positionals[positionals.length - 1]} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+}
+
+async function main(): Promise<void> {
+  const [command, ...rest] = process.argv.slice(2);
+  switch (command) {
+    case 'serve':
+      return serve(rest);
+    case 'convert':
+      return convert(rest);
+    case 'bench': {
+      const { runBenchCommand } = await import('./bench/bench-cli.ts');
+      process.exitCode = await runBenchCommand(rest);
+      return;
+    }
+    case 'cost': {
+      const { runCostCommand } = await import('./meter/cost-cli.ts');
+      process.exitCode = await runCostCommand(rest);
+      return;
+    }
+    case 'keys': {
+      const { runKeysCommand } = await import('./server/keys-cli.ts');
+      process.exitCode = await runKeysCommand(rest);
+      return;
+    }
+    case undefined:
+    case '--help':
+    case '-h':
+    case 'help':
+      console.log(USAGE);
+      return;
+    default:
+      console.error(`unknown command "${command}"\n\n${USAGE}`);
+      process.exitCode = 2;
+  }
+}
+
+main().catch((err: Error) => {
+  console.error(`tally: ${err.message}`);
+  process.exitCode = 1;
+});

@@ -1,0 +1,129 @@
+/**
+ * Request validation for every endpoint, in one place: OpenAI's parameters and ranges plus vLLM's
+ * sampling extensions. Unknown fields are stripped (accepted and ignored); null means "not given".
+ */
+import { z } from 'zod';
+import { badRequest, fromZod } from './errors.ts';
+
+export interface SchemaLimits {
+  maxN: number;
+  maxStop: number;
+  maxLogprobs: number;
+}
+
+const tokenIds = z.array(z.int().min(0)).min(1);
+
+const textPart = z.object({ type: z.literal('text', { error: "only content parts of type 'text' are supported" }), text: z.string() });
+const content = z.union([z.string(), z.array(textPart)], { error: "content must be a string or an array of {type: 'text', text} parts" });
+
+const toolCall = z.object({
+  id: z.string(),
+  type: z.literal('function'),
+  function: z.object({ name: z.string(), arguments: z.string() }),
+});
+
+const message = z.discriminatedUnion(
+  'role',
+  [
+    z.object({ role: z.enum(['system', 'developer']), content, name: z.string().nullish() }),
+    z.object({ role: z.literal('user'), content, name: z.string().nullish() }),
+    z.object({ role: z.literal('assistant'), content: content.nullish(), name: z.string().nullish(), tool_calls: z.array(toolCall).nullish() }),
+    z.object({ role: z.literal('tool'), content, tool_call_id: z.string() }),
+  ],
+  { error: "role must be one of 'system', 'developer', 'user', 'assistant', 'tool'" },
+);
+
+const tool = z.object({
+  type: z.literal('function'),
+  function: z.object({
+    name: z.string().min(1),
+    description: z.string().nullish(),
+    parameters: z.record(z.string(), z.unknown()).nullish(),
+    strict: z.boolean().nullish(),
+  }),
+});
+
+const messages = z.array(message).min(1);
+const tools = z.array(tool).nullish();
+
+export function makeSchemas(limits: SchemaLimits) {
+  const common = {
+    model: z.string().nullish(),
+    max_tokens: z.int().min(1).nullish(),
+    temperature: z.number().min(0).max(2).nullish(),
+    top_p: z.number().gt(0).max(1).nullish(),
+    n: z.int().min(1).max(limits.maxN).nullish(),
+    stop: z.union([z.string(), z.array(z.string()).max(limits.maxStop)], { error: `stop must be a string or an array of at most ${limits.maxStop} strings` }).nullish(),
+    seed: z.int().nullish(),
+    presence_penalty: z.number().min(-2).max(2).nullish(),
+    frequency_penalty: z.number().min(-2).max(2).nullish(),
+    stream: z.boolean().nullish(),
+    stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
+    user: z.string().nullish(),
+    // vLLM extensions
+    top_k: z.int().min(-1).nullish(),
+    min_p: z.number().min(0).max(1).nullish(),
+    repetition_penalty: z.number().gt(0).max(100).nullish(),
+    ignore_eos: z.boolean().nullish(),
+    min_tokens: z.int().min(0).nullish(),
+  };
+
+  const completion = z.object({
+    ...common,
+    prompt: z.union([z.string(), z.array(z.string()).min(1), tokenIds, z.array(tokenIds).min(1)], {
+      error: 'prompt must be a string, an array of strings, an array of token ids, or an array of token-id arrays',
+    }),
+    logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
+    echo: z.boolean().nullish(),
+  });
+
+  const chat = z
+    .object({
+      ...common,
+      messages,
+      max_completion_tokens: z.int().min(1).nullish(),
+      logprobs: z.boolean().nullish(),
+      top_logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
+      tools,
+      tool_choice: z.unknown(),
+      response_format: z
+        .object({ type: z.literal('text', { error: "only response_format {type: 'text'} is supported" }) })
+        .nullish(),
+      add_special_tokens: z.boolean().nullish(),
+    })
+    .refine((b) => b.top_logprobs == null || b.logprobs === true, { message: 'top_logprobs requires logprobs to be true', path: ['top_logprobs'] });
+
+  const tokenize = z
+    .object({
+      model: z.string().nullish(),
+      prompt: z.string().nullish(),
+      messages: messages.nullish(),
+      tools,
+      add_generation_prompt: z.boolean().nullish(),
+      add_special_tokens: z.boolean().nullish(),
+    })
+    .refine((b) => (b.prompt == null) !== (b.messages == null), { message: 'give exactly one of prompt or messages', path: ['prompt'] });
+
+  const detokenize = z.object({ model: z.string().nullish(), tokens: z.array(z.int().min(0)) });
+
+  return { completion, chat, tokenize, detokenize };
+}
+
+export type Schemas = ReturnType<typeof makeSchemas>;
+export type CompletionBody = z.infer<Schemas['completion']>;
+export type ChatBody = z.infer<Schemas['chat']>;
+export type TokenizeBody = z.infer<Schemas['tokenize']>;
+export type DetokenizeBody = z.infer<Schemas['detokenize']>;
+export type ChatMessage = z.infer<typeof message>;
+export type Tool = z.infer<typeof tool>;
+export type SamplingBody = Pick<CompletionBody, keyof CompletionBody & keyof ChatBody>;
+
+/** Parses `body` or throws a 400 that names the offending parameter. */
+export function parse<T extends z.ZodType>(schema: T, body: unknown): z.infer<T> {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+    throw badRequest('The request body must be a JSON object.', null, 'invalid_body');
+  }
+  const result = schema.safeParse(body);
+  if (!result.success) throw fromZod(result.error);
+  return result.data;
+}
