@@ -14,7 +14,7 @@ Run \`tally <command> --help\` for a command's options.`;
 function parse<T extends ParseArgsConfig['options']>(argv: string[], options: T, help: string) {
   try {
     const parsed = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
-    if (parsed.values.help) {
+    if ((parsed.values as Record<string, unknown>).help) {
       console.log(help);
       process.exit(0);
     }
@@ -51,8 +51,7 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --kv-cache-gb GB             KV memory budget (default 4)
   --max-queue N                waiting requests before 429 (default 256)
   --request-timeout SECONDS    default 600
-  --api-key KEY                require this bearer key (repeatable; also TALLY_API_KEYS=name:key,...)
-  --api-keys-file FILE         hashed keys managed by \`tally keys\`
+  --api-key [NAME:]KEY         require this bearer key (repeatable; also TALLY_API_KEYS=name:key,...)
   --device-price USD_PER_HOUR  price of one device, or a preset name (default: cpu preset)
   --power-price USD_PER_KWH    electricity price, used where power is measured
   --data-dir DIR               ledger location (default $TALLY_DATA_DIR or ./.tally)
@@ -76,7 +75,6 @@ async function serve(argv: string[]): Promise<void> {
       'max-queue': { type: 'string' },
       'request-timeout': { type: 'string' },
       'api-key': { type: 'string', multiple: true },
-      'api-keys-file': { type: 'string' },
       'device-price': { type: 'string' },
       'power-price': { type: 'string' },
       'data-dir': { type: 'string' },
@@ -84,7 +82,7 @@ async function serve(argv: string[]): Promise<void> {
     },
     SERVE_HELP,
   );
-  const { runServer } = await import('./server/serve.ts');
+  const { runServer } = await import('./server/start.ts');
   await runServer({
     model: values.model,
     servedModelName: values['served-model-name'],
@@ -100,7 +98,6 @@ async function serve(argv: string[]): Promise<void> {
     maxQueue: number(values['max-queue'], '--max-queue'),
     requestTimeoutSeconds: number(values['request-timeout'], '--request-timeout'),
     apiKeys: values['api-key'],
-    apiKeysFile: values['api-keys-file'],
     devicePrice: values['device-price'],
     powerPrice: number(values['power-price'], '--power-price'),
     dataDir: values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally',
@@ -170,11 +167,6 @@ async function main(): Promise<void> {
     case 'cost': {
       const { runCostCommand } = await import('./meter/cost-cli.ts');
       process.exitCode = await runCostCommand(rest);
-      return;
-    }
-    case 'keys': {
-      const { runKeysCommand } = await import('./server/keys-cli.ts');
-      process.exitCode = await runKeysCommand(rest);
       return;
     }
     case undefined:

@@ -38,7 +38,9 @@ export function readCheckpoint(input: string, options: ConvertOptions = {}): Che
   const magic = Buffer.alloc(4);
   fs.readSync(fd, magic, 0, 4, 0);
   fs.closeSync(fd);
-  if (magic.toString('latin1') === 'GGUF') {
+  // A .gguf name goes to the GGUF reader even when its magic is wrong, so that the error says so
+  // (rather than misreading it as a llama2.c checkpoint and asking for a tokenizer).
+  if (magic.toString('latin1') === 'GGUF' || /\.gguf$/i.test(input)) {
     const ckpt = ggufToCheckpoint(input);
     tieIfIdentical(ckpt);
     return ckpt;

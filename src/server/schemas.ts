@@ -116,7 +116,11 @@ export type TokenizeBody = z.infer<Schemas['tokenize']>;
 export type DetokenizeBody = z.infer<Schemas['detokenize']>;
 export type ChatMessage = z.infer<typeof message>;
 export type Tool = z.infer<typeof tool>;
-export type SamplingBody = Pick<CompletionBody, keyof CompletionBody & keyof ChatBody>;
+/** The sampling fields both generation endpoints share. */
+export type SamplingBody = Pick<
+  CompletionBody,
+  'temperature' | 'top_p' | 'top_k' | 'min_p' | 'repetition_penalty' | 'presence_penalty' | 'frequency_penalty' | 'seed' | 'stop' | 'min_tokens' | 'ignore_eos'
+>;
 
 /** Parses `body` or throws a 400 that names the offending parameter. */
 export function parse<T extends z.ZodType>(schema: T, body: unknown): z.infer<T> {

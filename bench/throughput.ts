@@ -1,0 +1,186 @@
+/**
+ * Throughput benchmark (issue #4): HTTP against the bare engine loop, batching gains, the 135M-shape
+ * model's decode rate against ONNX Runtime's own MatMul rate, and long against short contexts.
+ * Everything is measured in this one run; only ratios are compared.
+ *   node --import tsx bench/throughput.ts [--quick]
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import ort from 'onnxruntime-node';
+import { engineLoop } from './lib.ts';
+import { streamLoad } from './http-load.ts';
+import { resolveModel, modelsDir } from '../src/model/resolve.ts';
+import { convertRandomLike } from '../src/model/convert.ts';
+import { isModelFolder, loadModelFolder } from '../src/model/folder.ts';
+import { createEngine } from '../src/engine/engine.ts';
+import { DataType, encodeModel, rawBytes } from '../src/model/onnx-proto.ts';
+import { seededUniform } from '../src/model/random.ts';
+import type { LlamaConfig } from '../src/model/types.ts';
+import { headDim } from '../src/model/types.ts';
+import { GREEDY } from './lib.ts';
+
+const quick = process.argv.includes('--quick');
+const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function startServer(modelDir: string, extra: string[] = []) {
+  const port = await freePort();
+  const child = spawn(process.execPath, [path.join(ROOT, 'bin/tally.js'), 'serve', '--model', modelDir, '--port', String(port), '--log-level', 'warn', '--data-dir', fs.mkdtempSync('/tmp/tally-bench-'), ...extra], { stdio: ['ignore', 'inherit', 'inherit'] });
+  const url = `http://127.0.0.1:${port}`;
+  for (let i = 0; i < 600; i++) {
+    try {
+      if ((await fetch(`${url}/health`)).ok) return { url, stop: () => new Promise<void>((r) => (child.once('exit', () => r()), child.kill('SIGTERM'))) };
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  child.kill('SIGKILL');
+  throw new Error('server did not start');
+}
+
+const engineOptions = (modelDir: string) => ({ modelDir, device: { kind: 'cpu' as const }, maxNumSeqs: 64, maxNumBatchedTokens: 2048, kvCacheBytes: 8 * 2 ** 30 });
+const prompt16 = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 3 + ((i * 31 + j * 17) % 500))];
+
+async function storiesSweep() {
+  const { dir } = resolveModel('stories260K', (m) => console.log(m));
+  const server = await startServer(dir);
+  const levels = quick ? [1, 32] : [1, 4, 16, 32, 64];
+  const rounds = quick ? 1 : 2;
+  const rows: { c: number; http: number; engine: number }[] = [];
+  for (const c of levels) {
+    const body = (i: number) => ({ model: 'stories260K', prompt: prompt16(i), max_tokens: 256, ignore_eos: true, temperature: 0 });
+    await streamLoad(server.url, body, Math.min(c, 4), Math.min(c, 4)); // warm-up
+    const httpResult = await streamLoad(server.url, body, c, c * rounds);
+    if (httpResult.errors) throw new Error(`${httpResult.errors} HTTP errors at concurrency ${c}`);
+    const engineResult = await engineLoop(engineOptions(dir), prompt16, c, c * rounds, 256);
+    rows.push({ c, http: httpResult.tokensPerSecond, engine: engineResult.tokensPerSecond });
+  }
+  await server.stop();
+  console.log('\n1-2. stories260K, 16-token prompts, 256 generated tokens (ignore_eos), streaming');
+  console.log('concurrency | HTTP tok/s | engine loop tok/s | HTTP / engine | HTTP vs c=1');
+  for (const r of rows) {
+    console.log(`${String(r.c).padStart(11)} | ${r.http.toFixed(0).padStart(10)} | ${r.engine.toFixed(0).padStart(17)} | ${(r.http / r.engine).toFixed(3).padStart(13)} | ${(r.http / rows[0].http).toFixed(2).padStart(6)}x`);
+  }
+  const c32 = rows.find((r) => r.c === 32)!;
+  console.log(`bar 1: c32 / c1 = ${(c32.http / rows[0].http).toFixed(2)} (≥ 10)   bar 2: HTTP / engine at c32 = ${(c32.http / c32.engine).toFixed(3)} (≥ 0.85)`);
+}
+
+function smolModel(): string {
+  const dir = path.join(modelsDir(), '.cache', 'SmolLM2-135M-shape-random');
+  if (!isModelFolder(dir)) {
+    console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
+    convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });
+  }
+  return dir;
+}
+
+function parameterCount(c: LlamaConfig): number {
+  const hd = headDim(c);
+  const layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * hd + c.num_attention_heads * hd * c.hidden_size + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size;
+  return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) + c.hidden_size;
+}
+
+/** ONNX Runtime's fp32 MatMul rate at batch `b` over exactly the model's linear weights. */
+async function matmulRate(c: LlamaConfig, b: number): Promise<number> {
+  const hd = headDim(c);
+  const H = c.hidden_size;
+  const shapes: [number, number][] = [];
+  for (let l = 0; l < c.num_hidden_layers; l++) {
+    shapes.push([H, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd], [c.num_attention_heads * hd, H], [H, 2 * c.intermediate_size], [c.intermediate_size, H]);
+  }
+  shapes.push([H, c.vocab_size]);
+  const rand = seededUniform(3);
+  const inputs = [...new Set(shapes.map((s) => s[0]))];
+  const nodes = [];
+  const initializers = [];
+  const sums: string[] = [];
+  let flops = 0;
+  for (const [i, [k, n]] of shapes.entries()) {
+    const w = new Float32Array(k * n).map(() => rand() - 0.5);
+    initializers.push({ name: `w${i}`, type: DataType.FLOAT, dims: [k, n], raw: rawBytes(w) });
+    nodes.push({ opType: 'MatMul', inputs: [`x${k}`, `w${i}`], outputs: [`y${i}`], name: `mm${i}` });
+    nodes.push({ opType: 'ReduceSum', inputs: [`y${i}`], outputs: [`s${i}`], name: `rs${i}`, attributes: { keepdims: 0 } });
+    sums.push(`s${i}`);
+    flops += 2 * b * k * n;
+  }
+  nodes.push({ opType: 'Sum', inputs: sums, outputs: ['total'], name: 'sum' });
+  const { model } = encodeModel({
+    graphName: 'matmul-rate', nodes, initializers, opsets: [{ domain: '', version: 17 }], metadata: {},
+    inputs: inputs.map((k) => ({ name: `x${k}`, type: DataType.FLOAT, dims: [b, k] })),
+    outputs: [{ name: 'total', type: DataType.FLOAT, dims: [] }],
+  });
+  const session = await ort.InferenceSession.create(model, { graphOptimizationLevel: 'all', interOpNumThreads: 1, executionMode: 'sequential' });
+  const feeds = Object.fromEntries(inputs.map((k) => [`x${k}`, new ort.Tensor('float32', new Float32Array(b * k).map(() => rand()), [b, k])]));
+  const times: number[] = [];
+  for (let i = 0; i < (quick ? 5 : 12); i++) {
+    const t = performance.now();
+    await session.run(feeds);
+    times.push((performance.now() - t) / 1000);
+  }
+  await session.release();
+  times.sort((a, z) => a - z);
+  return flops / times[Math.floor(times.length / 2)];
+}
+
+/** Decode-only throughput: decode tokens over the wall time of steps that ran no prefill. */
+async function decodeRate(modelDir: string, concurrency: number, promptLen: number, newTokens: number): Promise<number> {
+  let tokens = 0;
+  let seconds = 0;
+  let done = 0;
+  let finish!: () => void;
+  const finished = new Promise<void>((r) => (finish = r));
+  const engine = await createEngine(
+    { ...engineOptions(modelDir), maxNumBatchedTokens: 4096 },
+    (events) => {
+      for (const e of events) {
+        if (e.finish === 'error') throw new Error(e.error);
+        if (e.finish && ++done === concurrency) finish();
+      }
+    },
+    (r) => {
+      if (r.prefillTokens === 0 && r.decodeTokens === concurrency) {
+        tokens += r.decodeTokens;
+        seconds += (r.endMs - r.startMs) / 1000;
+      }
+    },
+  );
+  const loop = engine.scheduler.run();
+  for (let i = 0; i < concurrency; i++) {
+    const promptIds = [1, ...Array.from({ length: promptLen - 1 }, (_, j) => 2 + ((i * 131 + j * 7) % 40000))];
+    engine.scheduler.submit({ id: String(i), promptIds, maxTokens: newTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY });
+  }
+  await finished;
+  engine.scheduler.stop();
+  await loop;
+  await engine.release();
+  return tokens / seconds;
+}
+
+async function smolBench() {
+  const dir = smolModel();
+  const config = loadModelFolder(dir).config;
+  const params = parameterCount(config);
+  const batch = 32;
+  const rate = await matmulRate(config, batch);
+  const newTokens = quick ? 16 : 48;
+  const short = await decodeRate(dir, batch, 128, newTokens);
+  const long = await decodeRate(dir, batch, 1024, newTokens);
+  console.log(`\n3-4. SmolLM2-135M shape (random weights, ${(params / 1e6).toFixed(1)} M parameters), concurrency ${batch}, decode steps only`);
+  console.log(`ONNX Runtime fp32 MatMul rate at batch ${batch} over the model's linear weights: ${(rate / 1e9).toFixed(1)} GFLOP/s`);
+  console.log(`decode at 128-token contexts:  ${short.toFixed(1)} tok/s = ${((short * 2 * params) / 1e9).toFixed(1)} GFLOP/s`);
+  console.log(`decode at 1024-token contexts: ${long.toFixed(1)} tok/s = ${((long * 2 * params) / 1e9).toFixed(1)} GFLOP/s`);
+  console.log(`bar 3: decode FLOP rate / MatMul rate = ${((short * 2 * params) / rate).toFixed(3)} (≥ 0.5)   bar 4: 1024-token / 128-token = ${(long / short).toFixed(3)} (≥ 0.65)`);
+}
+
+const only = process.argv.find((a) => a.startsWith('--only='))?.slice(7);
+if (!only || only === 'stories') await storiesSweep();
+if (!only || only === 'smol') await smolBench();

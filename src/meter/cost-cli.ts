@@ -1,0 +1,141 @@
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { parseDuration } from './cost-report.ts';
+import { LEDGER_FILE, Ledger, type LedgerGroup, type LedgerRow } from './ledger.ts';
+
+const HELP = `tally cost — what the served requests cost, from the ledger
+
+  --data-dir DIR               the server's data directory (default $TALLY_DATA_DIR or ./.tally)
+  --by tenant|model|day        how to group (default tenant; days are UTC)
+  --since 24h|2026-11-01       only requests that ended since then: a duration back from now (s, m, h, d)
+                               or a date / ISO time (default: everything)
+  --format table|json          default table`;
+
+interface Io {
+  out: (text: string) => void;
+  err: (text: string) => void;
+}
+
+const stdio: Io = { out: (t) => process.stdout.write(t), err: (t) => process.stderr.write(t) };
+
+/** `tally cost`; returns the exit code. */
+export async function runCostCommand(argv: string[], io: Io = stdio, now: () => number = Date.now): Promise<number> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        'data-dir': { type: 'string' },
+        by: { type: 'string' },
+        since: { type: 'string' },
+        format: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+    }));
+  } catch (err) {
+    io.err(`${(err as Error).message}\n\n${HELP}\n`);
+    return 2;
+  }
+  if (values.help) {
+    io.out(`${HELP}\n`);
+    return 0;
+  }
+  const by = (values.by ?? 'tenant') as LedgerGroup;
+  if (!['tenant', 'model', 'day'].includes(by)) return usage(io, `--by must be tenant, model or day (got "${values.by}")`);
+  const format = values.format ?? 'table';
+  if (format !== 'table' && format !== 'json') return usage(io, `--format must be table or json (got "${values.format}")`);
+  let since: Date | undefined;
+  if (values.since !== undefined) {
+    const back = parseDuration(values.since);
+    const at = back !== undefined ? now() - back : Date.parse(values.since);
+    if (!Number.isFinite(at)) return usage(io, `--since takes a duration like 24h or a date like 2026-11-01 (got "${values.since}")`);
+    since = new Date(at);
+  }
+  const dataDir = values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally';
+  if (!existsSync(join(dataDir, LEDGER_FILE))) {
+    io.err(`tally cost: no ledger at ${join(dataDir, LEDGER_FILE)} (serve with --data-dir ${dataDir} first)\n`);
+    return 1;
+  }
+
+  const ledger = new Ledger(dataDir, { readonly: true });
+  let rows: LedgerRow[];
+  try {
+    rows = ledger.query({ by, since });
+  } finally {
+    ledger.close();
+  }
+  const total = rows.reduce<LedgerRow>(
+    (a, r) => ({
+      key: 'total',
+      requests: a.requests + r.requests,
+      cancelled: a.cancelled + r.cancelled,
+      promptTokens: a.promptTokens + r.promptTokens,
+      completionTokens: a.completionTokens + r.completionTokens,
+      prefillDeviceSeconds: a.prefillDeviceSeconds + r.prefillDeviceSeconds,
+      decodeDeviceSeconds: a.decodeDeviceSeconds + r.decodeDeviceSeconds,
+      usdUsage: a.usdUsage + r.usdUsage,
+      usdAllocation: a.usdAllocation + r.usdAllocation,
+    }),
+    { key: 'total', requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillDeviceSeconds: 0, decodeDeviceSeconds: 0, usdUsage: 0, usdAllocation: 0 },
+  );
+
+  if (format === 'json') {
+    io.out(`${JSON.stringify({ by, since: since?.toISOString() ?? null, rows: rows.map(json), total: json(total) }, null, 2)}\n`);
+  } else {
+    io.out(table(by, rows, total));
+  }
+  return 0;
+}
+
+function usage(io: Io, message: string): number {
+  io.err(`${message}\n\n${HELP}\n`);
+  return 2;
+}
+
+const perMillion = (usd: number, tokens: number) => (tokens > 0 ? (usd / tokens) * 1e6 : null);
+
+function json(r: LedgerRow) {
+  const tokens = r.promptTokens + r.completionTokens;
+  return {
+    key: r.key,
+    requests: r.requests,
+    cancelled: r.cancelled,
+    prompt_tokens: r.promptTokens,
+    completion_tokens: r.completionTokens,
+    device_seconds: { prefill: r.prefillDeviceSeconds, decode: r.decodeDeviceSeconds },
+    usd: { usage: r.usdUsage, allocation: r.usdAllocation },
+    usd_per_million_tokens: { usage: perMillion(r.usdUsage, tokens), allocation: perMillion(r.usdAllocation, tokens) },
+  };
+}
+
+function usd(x: number | null): string {
+  if (x === null) return '-';
+  return x >= 1 ? x.toFixed(2) : x.toPrecision(3);
+}
+
+function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
+  const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
+  const line = (r: LedgerRow) => {
+    const tokens = r.promptTokens + r.completionTokens;
+    return [
+      r.key,
+      String(r.requests),
+      String(r.cancelled),
+      String(r.promptTokens),
+      String(r.completionTokens),
+      r.prefillDeviceSeconds.toFixed(3),
+      r.decodeDeviceSeconds.toFixed(3),
+      usd(r.usdUsage),
+      usd(r.usdAllocation),
+      usd(perMillion(r.usdUsage, tokens)),
+      usd(perMillion(r.usdAllocation, tokens)),
+    ];
+  };
+  const body = [head, ...rows.map(line), line(total)];
+  const widths = head.map((_, i) => Math.max(...body.map((cells) => cells[i].length)));
+  const fmt = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ').trimEnd();
+  const rule = widths.map((w) => '-'.repeat(w)).join('  ');
+  return [fmt(head), ...rows.map((r) => fmt(line(r))), rule, fmt(line(total))].join('\n') + '\n';
+}

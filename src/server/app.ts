@@ -1,0 +1,184 @@
+/**
+ * The OpenAI-compatible HTTP API: routes, body parsing, authentication, request logs and the error
+ * handler that turns every failure into OpenAI's error body.
+ */
+import { randomUUID } from 'node:crypto';
+import express, { type Express, type NextFunction, type Request, type Response } from 'express';
+import { ANONYMOUS, authenticate } from './auth.ts';
+import { chatHandler } from './chat.ts';
+import { ChatTemplate } from './chat-template.ts';
+import { completionsHandler } from './completions.ts';
+import type { RequestLocals, ServerContext, ServerState } from './context.ts';
+import { ApiError, badRequest, fromBodyParser, serverError } from './errors.ts';
+import { TokenText } from './logprobs.ts';
+import { makeSchemas } from './schemas.ts';
+import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
+
+export type { ServerContext, ServerLimits } from './context.ts';
+
+/** The sampler returns at most this many top logprobs. */
+const SAMPLER_MAX_LOGPROBS = 20;
+/** Deeper JSON bodies are refused (templates and validators recurse). */
+const MAX_JSON_DEPTH = 64;
+
+const GENERATION_PATHS = new Set(['/v1/completions', '/v1/chat/completions']);
+
+/** Known routes and their methods, for 405 with Allow. */
+const ROUTES: Record<string, string> = {
+  '/health': 'GET',
+  '/v1/models': 'GET',
+  '/v1/models/:model': 'GET',
+  '/v1/completions': 'POST',
+  '/v1/chat/completions': 'POST',
+  '/tokenize': 'POST',
+  '/detokenize': 'POST',
+};
+
+/** express.json's verify hook: the raw body must be valid UTF-8 (the parser would replace bad bytes silently). */
+function verifyUtf8(_req: unknown, _res: unknown, buf: Buffer): void {
+  try {
+    new TextDecoder('utf-8', { fatal: true }).decode(buf);
+  } catch {
+    throw Object.assign(new Error('invalid UTF-8'), { status: 400, type: 'encoding.invalid_utf8' });
+  }
+}
+
+function depthExceeds(value: unknown, limit: number): boolean {
+  const stack: [unknown, number][] = [[value, 1]];
+  while (stack.length > 0) {
+    const [v, depth] = stack.pop()!;
+    if (typeof v !== 'object' || v === null) continue;
+    if (depth > limit) return true;
+    for (const child of Object.values(v)) stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
+/** Request id, arrival time, and one log line per request when it ends. */
+function requestLog(ctx: ServerContext) {
+  return (req: Request, res: Response, next: NextFunction): void => {
+    const locals = res.locals as RequestLocals;
+    locals.requestId = randomUUID().replaceAll('-', '');
+    locals.arrivalMs = Date.now();
+    locals.tenant = ANONYMOUS;
+    res.set('x-request-id', locals.requestId);
+    const { method, path } = req;
+    res.once('close', () => {
+      const line = {
+        requestId: locals.requestId,
+        method,
+        path,
+        status: res.statusCode,
+        tenant: locals.tenant,
+        promptTokens: locals.promptTokens,
+        completionTokens: locals.completionTokens,
+        latencyMs: Date.now() - locals.arrivalMs,
+        ...(res.writableFinished ? {} : { aborted: true }),
+      };
+      if (res.statusCode >= 500) ctx.logger.warn(line, 'request');
+      else ctx.logger.info(line, 'request');
+    });
+    next();
+  };
+}
+
+/** The model's chat template; one that does not parse is logged, and chat then answers 400. */
+function loadChatTemplate(ctx: ServerContext): ChatTemplate | undefined {
+  try {
+    return ChatTemplate.fromFolder(ctx.folder, ctx.tokenizer);
+  } catch (err) {
+    ctx.logger.error({ err }, 'the chat template in tokenizer_config.json does not parse; chat completions are off');
+    return undefined;
+  }
+}
+
+export function createApp(ctx: ServerContext): Express {
+  const state: ServerState = {
+    ctx,
+    schemas: makeSchemas({ ...ctx.limits, maxLogprobs: Math.min(ctx.limits.maxLogprobs, SAMPLER_MAX_LOGPROBS) }),
+    chatTemplate: loadChatTemplate(ctx),
+    tokenText: new TokenText(ctx.tokenizer),
+    created: Math.floor(Date.now() / 1000),
+    draining: false,
+  };
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  /** While draining, /health answers 503 and new generations are refused. */
+  app.locals.setDraining = (draining = true) => {
+    state.draining = draining;
+  };
+
+  app.use(requestLog(ctx));
+  app.get('/health', (_req, res) => {
+    if (state.draining) res.status(503).json({ status: 'draining' });
+    else res.json({ status: 'ok' });
+  });
+  app.use(['/v1', '/tokenize', '/detokenize'], authenticate(ctx.apiKeys));
+  app.use(express.json({ limit: ctx.limits.maxBodyBytes, type: () => true, verify: verifyUtf8 }));
+  app.use((req, _res, next) => {
+    if (depthExceeds(req.body, MAX_JSON_DEPTH)) throw badRequest(`The JSON body nests deeper than ${MAX_JSON_DEPTH} levels.`, null, 'invalid_body');
+    next();
+  });
+
+  const model = () => ({
+    id: ctx.modelName,
+    object: 'model',
+    created: state.created,
+    owned_by: 'tally',
+    root: ctx.modelName,
+    max_model_len: ctx.engine.info.limits.maxModelLen,
+  });
+  app.get('/v1/models', (_req, res) => {
+    res.json({ object: 'list', data: [model()] });
+  });
+  app.get('/v1/models/:model', (req, res) => {
+    if (req.params.model !== ctx.modelName) {
+      throw new ApiError(404, `The model \`${req.params.model}\` does not exist.`, 'invalid_request_error', 'model', 'model_not_found');
+    }
+    res.json(model());
+  });
+  app.post('/v1/completions', completionsHandler(state));
+  app.post('/v1/chat/completions', chatHandler(state));
+  app.post('/tokenize', tokenizeHandler(state));
+  app.post('/detokenize', detokenizeHandler(state));
+  for (const [path, allow] of Object.entries(ROUTES)) {
+    app.all(path, (req, res) => {
+      res.set('Allow', allow);
+      throw new ApiError(405, `Method ${req.method} is not allowed on ${req.path}; use ${allow}.`, 'invalid_request_error', null, 'method_not_allowed');
+    });
+  }
+
+  ctx.mount?.(app);
+
+  app.use((req: Request) => {
+    throw new ApiError(404, `Invalid URL (${req.method} ${req.path})`, 'invalid_request_error', null, 'unknown_url');
+  });
+  app.use((err: unknown, req: Request, res: Response, _next: NextFunction) => {
+    const locals = res.locals as RequestLocals;
+    let error = err instanceof ApiError ? err : fromBodyParser(err as Record<string, never>);
+    if (!error) {
+      ctx.logger.error({ err, requestId: locals.requestId, path: req.path }, 'unhandled error');
+      error = serverError('The server had an error while processing your request.');
+    }
+    if (!locals.submitted && GENERATION_PATHS.has(req.path)) {
+      try {
+        ctx.meter.requestRejected(ctx.modelName, locals.tenant ?? ANONYMOUS, error.status);
+      } catch (meterErr) {
+        ctx.logger.error({ err: meterErr }, 'the meter failed to count a rejection');
+      }
+    }
+    if (res.headersSent) {
+      // Mid-stream: an SSE error event, else nothing more can be said.
+      if (String(res.getHeader('content-type')).startsWith('text/event-stream') && !res.writableEnded) {
+        res.write(`data: ${JSON.stringify(error.body())}\n\ndata: [DONE]\n\n`);
+        res.end();
+      } else if (!res.writableEnded) {
+        res.destroy();
+      }
+      return;
+    }
+    res.status(error.status).set(error.headers).json(error.body());
+  });
+  return app;
+}

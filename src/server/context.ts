@@ -1,0 +1,61 @@
+import type { Express } from 'express';
+import type { Logger } from 'pino';
+import type { EngineClient } from '../engine/engine-client.ts';
+import type { ModelFolder } from '../model/folder.ts';
+import type { TextTokenizer } from '../model/tokenizer.ts';
+import type { RequestMeter } from '../meter/types.ts';
+import type { ChatTemplate } from './chat-template.ts';
+import type { TokenText } from './logprobs.ts';
+import type { Schemas } from './schemas.ts';
+
+export interface ServerLimits {
+  /** Choices that may wait beyond the engine's maxNumSeqs before requests get 429. */
+  maxQueue: number;
+  requestTimeoutMs: number;
+  maxBodyBytes: number;
+  /** Default max_tokens when a request gives none (completions: 16, chat: the rest of the context). */
+  maxTokensDefault?: number;
+  maxN: number;
+  maxStop: number;
+  /** At most 20 (the sampler's limit). */
+  maxLogprobs: number;
+}
+
+export interface ServerContext {
+  engine: EngineClient;
+  tokenizer: TextTokenizer;
+  folder: ModelFolder;
+  /** The served model id (the folder name by default). */
+  modelName: string;
+  meter: RequestMeter;
+  logger: Logger;
+  /** key → tenant name; undefined or empty: authentication off. */
+  apiKeys?: Map<string, string>;
+  limits: ServerLimits;
+  /** Mounts more routes (metrics, cost, dashboard) after the API's and before the 404 handler. */
+  mount?: (app: Express) => void;
+}
+
+/** What the route handlers share. */
+export interface ServerState {
+  ctx: ServerContext;
+  schemas: Schemas;
+  chatTemplate?: ChatTemplate;
+  tokenText: TokenText;
+  /** Unix seconds when the app was created (the model's `created`). */
+  created: number;
+  draining: boolean;
+}
+
+/** Per-request values kept on res.locals for the log line and the meter. */
+export interface RequestLocals {
+  requestId: string;
+  /** Date.now() when the request arrived. */
+  arrivalMs: number;
+  tenant: string;
+  model?: string;
+  promptTokens?: number;
+  completionTokens?: number;
+  /** Set once the request reached the engine; errors before that count as rejections. */
+  submitted?: boolean;
+}

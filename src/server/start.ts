@@ -1,0 +1,152 @@
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { pino, type Logger } from 'pino';
+import { EngineClient } from '../engine/engine-client.ts';
+import { DEFAULT_ENGINE_OPTIONS } from '../engine/engine-options.ts';
+import { parseDevice } from '../engine/session.ts';
+import { loadModelFolder } from '../model/folder.ts';
+import { resolveModel } from '../model/resolve.ts';
+import { TextTokenizer } from '../model/tokenizer.ts';
+import { Ledger } from '../meter/ledger.ts';
+import { CostMeter } from '../meter/meter.ts';
+import { costRouter } from '../meter/cost-report.ts';
+import { resolveDevicePrice } from '../meter/prices.ts';
+import { Metrics, metricsHandler } from '../telemetry/metrics.ts';
+import { createApp } from './app.ts';
+import { loadApiKeys } from './api-keys.ts';
+
+export interface ServeOptions {
+  model?: string;
+  servedModelName?: string;
+  host: string;
+  port: number;
+  device: string;
+  threads?: number;
+  maxNumSeqs?: number;
+  maxNumBatchedTokens?: number;
+  maxModelLen?: number;
+  kvCacheTokens?: number;
+  kvCacheGb?: number;
+  maxQueue?: number;
+  requestTimeoutSeconds?: number;
+  apiKeys?: string[];
+  devicePrice?: string;
+  powerPrice?: number;
+  dataDir: string;
+  logLevel: string;
+  /** Seconds SIGTERM waits for requests in flight before cancelling them. */
+  shutdownGraceSeconds?: number;
+}
+
+export interface RunningServer {
+  url: string;
+  server: http.Server;
+  engine: EngineClient;
+  meter: CostMeter;
+  logger: Logger;
+  /** Stops admitting, lets requests in flight finish (up to the grace period), flushes the ledger. */
+  shutdown(graceSeconds?: number): Promise<void>;
+}
+
+export async function startServer(options: ServeOptions, logger: Logger = pino({ level: options.logLevel })): Promise<RunningServer> {
+  const model = resolveModel(options.model, (msg) => logger.info(msg));
+  const folder = loadModelFolder(model.dir);
+  const modelName = options.servedModelName ?? model.name;
+  const price = resolveDevicePrice(options.devicePrice);
+  const apiKeys = loadApiKeys(options.apiKeys, process.env.TALLY_API_KEYS);
+
+  const engine = await EngineClient.start({
+    modelDir: folder.dir,
+    device: parseDevice(options.device),
+    threads: options.threads,
+    maxNumSeqs: options.maxNumSeqs ?? DEFAULT_ENGINE_OPTIONS.maxNumSeqs,
+    maxNumBatchedTokens: options.maxNumBatchedTokens ?? DEFAULT_ENGINE_OPTIONS.maxNumBatchedTokens,
+    maxModelLen: options.maxModelLen,
+    kvCacheTokens: options.kvCacheTokens,
+    kvCacheBytes: options.kvCacheGb !== undefined ? options.kvCacheGb * 2 ** 30 : DEFAULT_ENGINE_OPTIONS.kvCacheBytes,
+  });
+  if (engine.info.deviceNote) logger.warn(engine.info.deviceNote);
+  logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, limits: engine.info.limits }, 'model loaded');
+
+  const ledger = new Ledger(options.dataDir);
+  const metrics = new Metrics();
+  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
+  engine.on('step', (record) => meter.observeStep(record));
+  engine.on('restart', (why) => logger.error({ why }, 'engine worker restarted'));
+
+  const app = createApp({
+    engine,
+    tokenizer: TextTokenizer.load(folder.dir),
+    folder,
+    modelName,
+    meter,
+    logger,
+    apiKeys,
+    limits: {
+      maxQueue: options.maxQueue ?? 256,
+      requestTimeoutMs: (options.requestTimeoutSeconds ?? 600) * 1000,
+      maxBodyBytes: 4 * 2 ** 20,
+      maxN: 16,
+      maxStop: 16,
+      maxLogprobs: 20,
+    },
+    mount: (express) => {
+      express.get('/metrics', metricsHandler(metrics));
+      express.use(costRouter(meter));
+    },
+  });
+
+  const server = http.createServer(app);
+  server.keepAliveTimeout = 65_000;
+  server.headersTimeout = 66_000;
+  server.requestTimeout = 0;
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(options.port, options.host, () => resolve());
+  });
+  const address = server.address() as AddressInfo;
+  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  const url = `http://${host}:${address.port}`;
+  logger.info({ url, price_usd_per_hour: price.usdPerHour, price_preset: price.name }, 'serving');
+
+  let closed = false;
+  const shutdown = async (graceSeconds = options.shutdownGraceSeconds ?? 30) => {
+    if (closed) return;
+    closed = true;
+    app.locals.setDraining?.(true);
+    server.close();
+    const deadline = Date.now() + graceSeconds * 1000;
+    while (engine.inFlight > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    if (engine.inFlight > 0) logger.warn({ inFlight: engine.inFlight }, 'grace period over: cancelling requests in flight');
+    await engine.close();
+    server.closeAllConnections();
+    meter.flush();
+    ledger.close();
+    logger.info('stopped');
+  };
+  return { url, server, engine, meter, logger, shutdown };
+}
+
+/** `tally serve`: runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. */
+export async function runServer(options: ServeOptions): Promise<void> {
+  const logger = pino({ level: options.logLevel });
+  let running: RunningServer;
+  try {
+    running = await startServer(options, logger);
+  } catch (err) {
+    logger.fatal((err as Error).message);
+    process.exit(1);
+  }
+  const stop = (signal: string) => {
+    logger.info({ signal }, 'shutting down');
+    running.shutdown().then(
+      () => process.exit(0),
+      (err) => {
+        logger.error(err, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
+}
