@@ -13,6 +13,7 @@ import { engineLoop } from './lib.ts';
 import { streamLoad } from './http-load.ts';
 import { resolveModel, modelsDir } from '../src/model/resolve.ts';
 import { convertRandomLike } from '../src/model/convert.ts';
+import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
 import { isModelFolder, loadModelFolder } from '../src/model/folder.ts';
 import { createEngine } from '../src/engine/engine.ts';
 import { DataType, encodeModel, rawBytes } from '../src/model/onnx-proto.ts';
@@ -75,7 +76,7 @@ async function storiesSweep() {
 }
 
 function smolModel(): string {
-  const dir = path.join(modelsDir(), '.cache', 'SmolLM2-135M-shape-random');
+  const dir = path.join(modelsDir(), '.cache', `SmolLM2-135M-shape-random-g${TALLY_GRAPH_VERSION}`);
   if (!isModelFolder(dir)) {
     console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
     convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });

@@ -6,6 +6,8 @@
  */
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createEngine } from '../src/engine/engine.ts';
+import { createRunner } from '../src/engine/session.ts';
+import { loadModelFolder } from '../src/model/folder.ts';
 import type { EngineOptions } from '../src/engine/engine-options.ts';
 import type { SamplingParams } from '../src/engine/sampler.ts';
 import type { GenerationRequest, RequestEvent, StepRecord } from '../src/engine/scheduler.ts';
@@ -292,5 +294,41 @@ describe('continuous batching', () => {
     const empty = await e.submit(request('empty', [], 10));
     expect(empty.final!.finish).toBe('error');
     expect(empty.final!.error).toMatch(/empty/);
+  });
+
+  it('the runner regroups sequences when every slot is taken (two occupied slots swap places)', async () => {
+    const folder = loadModelFolder(storiesModel());
+    const opts = { device: { kind: 'cpu' as const }, threads: 1, maxSlots: 3, maxModelLen: 64 };
+    const { runner } = await createRunner(folder, opts);
+    const { runner: alone } = await createRunner(folder, opts);
+    try {
+      const prompts = [[1, 403, 407], [1, 261, 378], [1, 432, 383]];
+      prompts.forEach((_, i) => runner.open(i + 1));
+      await runner.forward(prompts.map((tokens, i) => ({ seq: i + 1, tokens })));
+      // Rows 1 and 3 must sit in adjacent slots: 3 has to trade places with 2, with all three slots full.
+      const out = (await runner.forward([{ seq: 1, tokens: [5] }, { seq: 3, tokens: [6] }])).logits.map((l) => Float32Array.from(l));
+      const again = (await runner.forward([{ seq: 2, tokens: [7] }, { seq: 3, tokens: [8] }, { seq: 1, tokens: [9] }])).logits;
+      const expectedLogits = async (seq: number, steps: number[][]) => {
+        alone.open(seq);
+        let last: Float32Array = new Float32Array();
+        for (const tokens of steps) last = Float32Array.from((await alone.forward([{ seq, tokens }])).logits[0]);
+        alone.close(seq);
+        return last;
+      };
+      const close = (a: Float32Array, b: Float32Array) => {
+        let m = 0;
+        for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+        return m;
+      };
+      expect(close(out[0], await expectedLogits(11, [prompts[0], [5]]))).toBeLessThan(1e-4);
+      expect(close(out[1], await expectedLogits(13, [prompts[2], [6]]))).toBeLessThan(1e-4);
+      expect(close(again[0], await expectedLogits(12, [prompts[1], [7]]))).toBeLessThan(1e-4);
+      expect(close(again[1], await expectedLogits(13, [prompts[2], [6], [8]]))).toBeLessThan(1e-4);
+      expect(close(again[2], await expectedLogits(11, [prompts[0], [5], [9]]))).toBeLessThan(1e-4);
+      expect([1, 2, 3].map((s) => runner.cachedLength(s))).toEqual([5, 4, 5]);
+    } finally {
+      await runner.release();
+      await alone.release();
+    }
   });
 });

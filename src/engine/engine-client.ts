@@ -5,8 +5,7 @@ import type { EngineInfo } from './engine.ts';
 import type { GenerationRequest, RequestEvent, StepRecord } from './scheduler.ts';
 import type { FromWorker, ToWorker } from './worker.ts';
 
-const WORKER_URL = new URL('./worker.ts', import.meta.url);
-const TSX_LOADER = import.meta.resolve('tsx');
+const WORKER_URL = new URL('./worker-entry.js', import.meta.url);
 
 type Listener = (event: RequestEvent) => void;
 
@@ -34,10 +33,7 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
 
   private spawn(): Promise<void> {
     return new Promise((resolve, reject) => {
-      const worker = new Worker(WORKER_URL, {
-        workerData: this.options,
-        execArgv: [...process.execArgv.filter((a) => !a.startsWith('--input-type')), '--import', TSX_LOADER],
-      });
+      const worker = new Worker(WORKER_URL, { workerData: this.options });
       this.worker = worker;
       let ready = false;
       worker.on('message', (m: FromWorker) => {

@@ -50,7 +50,7 @@ function logitsAsFloat32(t: ort.Tensor): Float32Array {
 /**
  * Runner for graphs that `tally convert` writes: the KV cache lives in per-layer slot buffers owned
  * here and goes into the graph as zero-copy input views; only new positions come back.
- * Layout per layer: K [slot, kvHeads, headDim, cap] (transposed), V [slot, kvHeads, cap, headDim].
+ * Layout per layer: K [slot, kvHeads, cap, headDim], V [slot, kvHeads, headDim, cap] (transposed).
  * Rows of one forward must sit in contiguous slots, so the runner moves sequences between slots when
  * the batch changes (copying only their cached positions).
  */
@@ -60,6 +60,7 @@ export class TallyRunner implements ModelRunner {
   private readonly layers: number;
   private readonly kvh: number;
   private readonly hd: number;
+  private readonly group: number;
   private readonly maxLen: number;
   private readonly maxSlots: number;
   private slotCap = 0;
@@ -80,6 +81,7 @@ export class TallyRunner implements ModelRunner {
     this.layers = config.num_hidden_layers;
     this.kvh = config.num_key_value_heads;
     this.hd = headDim(config);
+    this.group = config.num_attention_heads / config.num_key_value_heads;
     this.maxLen = options.maxModelLen;
     this.maxSlots = options.maxSlots;
   }
@@ -123,8 +125,11 @@ export class TallyRunner implements ModelRunner {
   /** Grows the buffers to hold `slots` slots of `cap` positions, re-laying out what is cached. */
   private ensureCapacity(slots: number, positions: number): void {
     const newCap = Math.max(this.cap, Math.min(this.maxLen, Math.ceil(positions / this.capStep) * this.capStep));
+    // One slot beyond maxSlots may be needed: swapSlots parks a sequence there while two occupied slots trade places.
+    const slotLimit = this.maxSlots + 1;
+    if (slots > slotLimit) throw new Error(`${slots} KV slots requested, more than ${slotLimit}`);
     let newSlots = this.slotCap;
-    while (newSlots < slots) newSlots = Math.min(this.maxSlots, Math.max(4, newSlots * 2));
+    while (newSlots < slots) newSlots = Math.min(slotLimit, Math.max(4, newSlots * 2));
     if (newCap === this.cap && newSlots === this.slotCap) return;
     const oldCap = this.cap;
     const oldStride = this.slotStride(oldCap);
@@ -142,10 +147,10 @@ export class TallyRunner implements ModelRunner {
           for (let h = 0; h < this.kvh; h++) {
             for (let d = 0; d < this.hd; d++) {
               const src = slot * oldStride + (h * this.hd + d) * oldCap;
-              k.set(this.keys[l].subarray(src, src + len), slot * newStride + (h * this.hd + d) * newCap);
+              v.set(this.values[l].subarray(src, src + len), slot * newStride + (h * this.hd + d) * newCap);
             }
             const src = slot * oldStride + h * oldCap * this.hd;
-            v.set(this.values[l].subarray(src, src + len * this.hd), slot * newStride + h * newCap * this.hd);
+            k.set(this.keys[l].subarray(src, src + len * this.hd), slot * newStride + h * newCap * this.hd);
           }
         }
       }
@@ -166,10 +171,10 @@ export class TallyRunner implements ModelRunner {
       for (let h = 0; h < this.kvh; h++) {
         for (let d = 0; d < this.hd; d++) {
           const off = (h * this.hd + d) * this.cap;
-          k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len);
+          v.copyWithin(to * stride + off, from * stride + off, from * stride + off + len);
         }
         const off = h * this.cap * this.hd;
-        v.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
+        k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
       }
     }
     this.slotSeq[to] = seq;
@@ -240,7 +245,8 @@ export class TallyRunner implements ModelRunner {
     const ids = new BigInt64Array(B * T);
     const pos = new BigInt64Array(B * T);
     const logitsIndex = new BigInt64Array(B);
-    const pastMask = new Float32Array(B * P).fill(MASKED);
+    const G = this.group * T;
+    const pastMask = new Float32Array(B * P * G).fill(MASKED);
     const newMask = new Float32Array(B * T * T).fill(MASKED);
     ordered.forEach((r, b) => {
       const len = this.lengths.get(r.seq)!;
@@ -249,29 +255,29 @@ export class TallyRunner implements ModelRunner {
         ids[b * T + t] = BigInt(t < n ? r.tokens[t] : 0);
         pos[b * T + t] = BigInt(t < n ? len + t : len);
         for (let j = 0; j < T; j++) {
-          if ((j <= t && j < n) || j === t) newMask[(b * T + t) * T + j] = 0;
+          if ((j <= t && j < n) || j === t) newMask[(b * T + j) * T + t] = 0;
         }
       }
-      if (!fresh) pastMask.fill(0, b * P, b * P + len);
+      if (!fresh) pastMask.fill(0, b * P * G, (b * P + len) * G);
       logitsIndex[b] = BigInt(b * T + n - 1);
     });
 
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', ids, [B, T]),
       position_ids: new ort.Tensor('int64', pos, [B, T]),
-      past_mask: new ort.Tensor('float32', pastMask, [B, 1, 1, P]),
-      new_mask: new ort.Tensor('float32', newMask, [B, 1, 1, T, T]),
+      past_mask: new ort.Tensor('float32', pastMask, [B, 1, P, G]),
+      new_mask: new ort.Tensor('float32', newMask, [B, 1, T, 1, T]),
       logits_index: new ort.Tensor('int64', logitsIndex, [B]),
     };
     const stride = this.slotStride();
     const dummy = fresh ? new Float32Array(B * this.kvh * this.hd) : undefined;
     for (let l = 0; l < this.layers; l++) {
       if (dummy) {
-        feeds[`past_key.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, this.hd, 1]);
-        feeds[`past_value.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, 1, this.hd]);
+        feeds[`past_key.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, 1, this.hd]);
+        feeds[`past_value.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, this.hd, 1]);
       } else {
-        feeds[`past_key.${l}`] = new ort.Tensor('float32', this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
-        feeds[`past_value.${l}`] = new ort.Tensor('float32', this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
+        feeds[`past_key.${l}`] = new ort.Tensor('float32', this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
+        feeds[`past_value.${l}`] = new ort.Tensor('float32', this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
       }
     }
     const started = performance.now();
@@ -290,11 +296,11 @@ export class TallyRunner implements ModelRunner {
         for (let h = 0; h < this.kvh; h++) {
           const kSrc = (((2 * l) * B + b) * this.kvh + h) * T * hd;
           const vSrc = (((2 * l + 1) * B + b) * this.kvh + h) * T * hd;
-          const kDst = slot * stride + h * hd * this.cap + len;
+          const vDst = slot * stride + h * hd * this.cap + len;
           for (let t = 0; t < n; t++) {
-            for (let d = 0; d < hd; d++) k[kDst + d * this.cap + t] = newKv[kSrc + t * hd + d];
+            for (let d = 0; d < hd; d++) v[vDst + d * this.cap + t] = newKv[vSrc + t * hd + d];
           }
-          v.set(newKv.subarray(vSrc, vSrc + n * hd), slot * stride + h * this.cap * hd + len * hd);
+          k.set(newKv.subarray(kSrc, kSrc + n * hd), slot * stride + h * this.cap * hd + len * hd);
         }
       }
       this.lengths.set(r.seq, len + n);

@@ -11,7 +11,7 @@ import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.t
  */
 export type GraphInterface = 'tally' | 'hf';
 
-export const TALLY_GRAPH_VERSION = '1';
+export const TALLY_GRAPH_VERSION = '4';
 
 class GraphBuilder {
   nodes: NodeSpec[] = [];
@@ -137,8 +137,10 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
   if (tally) {
     g.inputs.push({ name: 'position_ids', type: DataType.INT64, dims: ['batch', 'new'] });
-    g.inputs.push({ name: 'past_mask', type: DataType.FLOAT, dims: ['batch', 1, 1, 'past'] });
-    g.inputs.push({ name: 'new_mask', type: DataType.FLOAT, dims: ['batch', 1, 1, 'new', 'new'] });
+    // [batch, 1, past, heads/kv_heads × new], expanded so that adding it broadcasts over KV heads only.
+    g.inputs.push({ name: 'past_mask', type: DataType.FLOAT, dims: ['batch', 1, 'past', 'group_new'] });
+    // [batch, 1, key, 1, query]: additive, as the scores are laid out keys-first.
+    g.inputs.push({ name: 'new_mask', type: DataType.FLOAT, dims: ['batch', 1, 'new', 1, 'new'] });
     g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
   } else {
     g.inputs.push({ name: 'attention_mask', type: DataType.INT64, dims: ['batch', 'total'] });
@@ -146,9 +148,10 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   }
   for (let l = 0; l < L; l++) {
     if (tally) {
-      // K is cached transposed ([.., hd, past]) so that scores need no Transpose of the cache.
-      g.inputs.push({ name: `past_key.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, hd, 'past'] });
-      g.inputs.push({ name: `past_value.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+      // The cache is always the left operand of its MatMul (K as [past, hd], V transposed as [hd, past]),
+      // so that ONNX Runtime streams it once instead of packing it as a right operand every step.
+      g.inputs.push({ name: `past_key.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+      g.inputs.push({ name: `past_value.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, hd, 'past'] });
     } else {
       g.inputs.push({ name: `past_key_values.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
       g.inputs.push({ name: `past_key_values.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
@@ -188,8 +191,9 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const rope = ropeTables(config);
   const cosTable = g.weight('rope.cos', rope.cos, [config.max_position_embeddings, hd]);
   const sinTable = g.weight('rope.sin', rope.sin, [config.max_position_embeddings, hd]);
-  const cos = g.op1('Unsqueeze', [g.op1('Gather', [cosTable, positions]), g.ints([1])]); // [B,1,T,hd]
-  const sin = g.op1('Unsqueeze', [g.op1('Gather', [sinTable, positions]), g.ints([1])]);
+  // RoPE on [B, T, heads, hd]: cos/sin as [B, T, 1, hd].
+  const cos = g.op1('Unsqueeze', [g.op1('Gather', [cosTable, positions]), g.ints([2])]);
+  const sin = g.op1('Unsqueeze', [g.op1('Gather', [sinTable, positions]), g.ints([2])]);
   const applyRope = (x: string): string => {
     const [x1, x2] = g.op('Split', [x, g.ints([hd / 2, hd / 2])], { axis: -1 }, 2);
     const rotated = g.op1('Concat', [g.op1('Neg', [x2]), x1], { axis: -1 });
@@ -201,12 +205,14 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const embed = g.weight('model.embed_tokens.weight', req(weights, 'model.embed_tokens.weight'), [V, H]);
   let hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
 
-  const headsShape = (heads: number) => g.op1('Concat', [batchDim, newDim, g.ints([heads, hd])], { axis: 0 });
-  const qShape = headsShape(nh);
-  const kvShape = headsShape(kvh);
-  const groupedShape = g.op1('Concat', [batchDim, g.ints([kvh, -1, hd])], { axis: 0 }); // [B, kvh, g*T, hd]
-  const scoresShape5 = g.op1('Concat', [batchDim, g.ints([kvh, group]), newDim, newDim], { axis: 0 });
-  const scoresShape4 = g.op1('Concat', [batchDim, g.ints([kvh, -1]), newDim], { axis: 0 });
+  const shape = (...parts: (string | number[])[]) => g.op1('Concat', parts.map((x) => (typeof x === 'string' ? x : g.ints(x))), { axis: 0 });
+  const qShape = shape(batchDim, newDim, [nh, hd]);
+  const kvShape = shape(batchDim, newDim, [kvh, hd]);
+  const groupedShape5 = shape(batchDim, newDim, [kvh, group, hd]); // [B, T, kvh, g, hd]
+  const qTShape = shape(batchDim, [kvh, hd, -1]); // [B, kvh, hd, g*T]
+  const scoresNewShape5 = shape(batchDim, [kvh], newDim, [group], newDim); // [B, kvh, T(key), g, T(query)]
+  const scoresNewShape4 = shape(batchDim, [kvh], newDim, [-1]);
+  const attnTShape5 = shape(batchDim, [kvh, hd, group], newDim); // [B, kvh, hd, g, T]
   const scale = g.scalar(1 / Math.sqrt(hd));
   const qkvBias = hasQkvBias(config);
   const newKv: string[] = [];
@@ -226,40 +232,45 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
       qkv = g.op1('Add', [qkv, g.weight(`${p}.self_attn.qkv.bias`, bias, [bias.length])]);
     }
     const [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
-    const toHeads = (x: string, shape: string) => g.op1('Transpose', [g.op1('Reshape', [x, shape])], { perm: [0, 2, 1, 3] });
-    const q = g.op1('Mul', [applyRope(toHeads(qFlat, qShape)), scale]); // [B, nh, T, hd]
-    const k = applyRope(toHeads(kFlat, kvShape)); // [B, kvh, T, hd]
-    const v = toHeads(vFlat, kvShape);
-    const qGrouped = g.op1('Reshape', [q, groupedShape]); // [B, kvh, g*T, hd]
+    const q = g.op1('Mul', [applyRope(g.op1('Reshape', [qFlat, qShape])), scale]); // [B, T, nh, hd]
+    const kRows = applyRope(g.op1('Reshape', [kFlat, kvShape])); // [B, T, kvh, hd]
+    const vRows = g.op1('Reshape', [vFlat, kvShape]);
+    const k = g.op1('Transpose', [kRows], { perm: [0, 2, 1, 3] }); // [B, kvh, T, hd]
+    const v = g.op1('Transpose', [vRows], { perm: [0, 2, 1, 3] });
 
-    let attn: string;
+    let attnFlat: string;
     if (tally) {
-      const kT = g.op1('Transpose', [k], { perm: [0, 1, 3, 2] });
-      const scoresPast = g.op1('Add', [g.op1('MatMul', [qGrouped, `past_key.${l}`]), 'past_mask']);
-      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.op1('MatMul', [qGrouped, kT]), scoresShape5]), 'new_mask']);
-      const scoresNew = g.op1('Reshape', [scoresNew5, scoresShape4]);
-      const probs = g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: -1 })], { axis: -1 });
-      const pastLen = g.op1('Slice', [g.op1('Shape', [`past_value.${l}`]), g.ints([2]), g.ints([3])]);
-      const probsPast = g.op1('Slice', [probs, g.ints([0]), pastLen, g.ints([-1])]);
-      const probsNew = g.op1('Slice', [probs, pastLen, g.ints([2 ** 62]), g.ints([-1])]);
-      attn = g.op1('Add', [g.op1('MatMul', [probsPast, `past_value.${l}`]), g.op1('MatMul', [probsNew, v])]);
+      // Scores are computed transposed ([.., key position, query]) with the cache as the left MatMul
+      // operand, so the cache is streamed once and never transposed or packed.
+      const qT = g.op1('Reshape', [g.op1('Transpose', [g.op1('Reshape', [q, groupedShape5])], { perm: [0, 2, 4, 3, 1] }), qTShape]); // [B, kvh, hd, g*T]
+      const scoresPast = g.op1('Add', [g.op1('MatMul', [`past_key.${l}`, qT]), 'past_mask']); // [B, kvh, past, g*T]
+      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.op1('MatMul', [k, qT]), scoresNewShape5]), 'new_mask']);
+      const scoresNew = g.op1('Reshape', [scoresNew5, scoresNewShape4]); // [B, kvh, T, g*T]
+      const probs = g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: 2 })], { axis: 2 });
+      const pastLen = g.op1('Slice', [g.op1('Shape', [`past_key.${l}`]), g.ints([2]), g.ints([3])]);
+      const probsPast = g.op1('Slice', [probs, g.ints([0]), pastLen, g.ints([2])]);
+      const probsNew = g.op1('Slice', [probs, pastLen, g.ints([2 ** 62]), g.ints([2])]);
+      const vT = g.op1('Transpose', [vRows], { perm: [0, 2, 3, 1] }); // [B, kvh, hd, T]
+      const attnT = g.op1('Add', [g.op1('MatMul', [`past_value.${l}`, probsPast]), g.op1('MatMul', [vT, probsNew])]); // [B, kvh, hd, g*T]
+      const attnRows = g.op1('Transpose', [g.op1('Reshape', [attnT, attnTShape5])], { perm: [0, 4, 1, 3, 2] }); // [B, T, kvh, g, hd]
+      attnFlat = g.op1('Reshape', [attnRows, g.ints([-1, nh * hd])]);
       newKv.push(g.op1('Unsqueeze', [k, g.ints([0])]), g.op1('Unsqueeze', [v, g.ints([0])]));
     } else {
       g.op1('Concat', [`past_key_values.${l}.key`, k], { axis: 2 });
       const kAll = g.nameLast(`present.${l}.key`);
       g.op1('Concat', [`past_key_values.${l}.value`, v], { axis: 2 });
       const vAll = g.nameLast(`present.${l}.value`);
+      const qGrouped = g.op1('Reshape', [g.op1('Transpose', [q], { perm: [0, 2, 1, 3] }), shape(batchDim, [kvh, -1, hd])]); // [B, kvh, g*T, hd]
       const scores = g.op1('MatMul', [qGrouped, g.op1('Transpose', [kAll], { perm: [0, 1, 3, 2] })]); // [B,kvh,gT,S]
-      const scores5 = g.op1('Reshape', [scores, g.op1('Concat', [batchDim, g.ints([kvh, group]), newDim, g.ints([-1])], { axis: 0 })]);
+      const scores5 = g.op1('Reshape', [scores, shape(batchDim, [kvh, group], newDim, [-1])]);
       const masked = g.op1('Add', [scores5, g.op1('Unsqueeze', [additiveMask, g.ints([1])])]);
-      const probs = g.op1('Softmax', [g.op1('Reshape', [masked, g.op1('Concat', [batchDim, g.ints([kvh, -1]), g.op1('Slice', [g.op1('Shape', [kAll]), g.ints([2]), g.ints([3])])], { axis: 0 })])], { axis: -1 });
-      attn = g.op1('MatMul', [probs, vAll]);
+      const probs = g.op1('Softmax', [g.op1('Reshape', [masked, shape(batchDim, [kvh, -1], g.op1('Slice', [g.op1('Shape', [kAll]), g.ints([2]), g.ints([3])]))])], { axis: -1 });
+      const attn = g.op1('MatMul', [probs, vAll]); // [B, kvh, g*T, hd]
+      const attnHeads = g.op1('Transpose', [g.op1('Reshape', [attn, shape(batchDim, [nh], newDim, [hd])])], { perm: [0, 2, 1, 3] });
+      attnFlat = g.op1('Reshape', [attnHeads, g.ints([-1, nh * hd])]);
       g.outputs.push({ name: `present.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'total', hd] });
       g.outputs.push({ name: `present.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'total', hd] });
     }
-    // [B, kvh, g*T, hd] → [B, nh, T, hd] → [B, T, nh, hd] → [N, nh*hd]
-    const attnHeads = g.op1('Transpose', [g.op1('Reshape', [attn, g.op1('Concat', [batchDim, g.ints([nh]), newDim, g.ints([hd])], { axis: 0 })])], { perm: [0, 2, 1, 3] });
-    const attnFlat = g.op1('Reshape', [attnHeads, g.ints([-1, nh * hd])]);
     const wo = transpose(lw('self_attn.o_proj.weight'), H, nh * hd);
     hidden = g.op1('Add', [hidden, g.op1('MatMul', [attnFlat, g.weight(`${p}.self_attn.o_proj.weight_t`, wo, [nh * hd, H])])]);
 

@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { isModelFolder } from './folder.ts';
 import { convertCheckpoint } from './convert.ts';
+import { TALLY_GRAPH_VERSION } from './llama-graph.ts';
 
 export const DEFAULT_MODEL = 'stories260K';
 
@@ -45,7 +46,7 @@ export function resolveModel(spec: string | undefined, log: (msg: string) => voi
 
 function convertOnce(file: string, log: (msg: string) => void): string {
   const stat = fs.statSync(file);
-  const key = `${path.basename(file).replace(/\.(gguf|bin)$/, '')}-${stat.size}-${Math.floor(stat.mtimeMs)}`;
+  const key = `${path.basename(file).replace(/\.(gguf|bin)$/, '')}-${stat.size}-${Math.floor(stat.mtimeMs)}-g${TALLY_GRAPH_VERSION}`;
   const out = path.join(modelsDir(), '.cache', key);
   if (!isModelFolder(out)) {
     log(`converting ${file} into ${out}`);

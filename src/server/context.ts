@@ -11,6 +11,7 @@ import type { Schemas } from './schemas.ts';
 export interface ServerLimits {
   /** Choices that may wait beyond the engine's maxNumSeqs before requests get 429. */
   maxQueue: number;
+  /** A generation running longer is cancelled and answered 504 (or ended with an SSE error); 0 = no limit. */
   requestTimeoutMs: number;
   maxBodyBytes: number;
   /** Default max_tokens when a request gives none (completions: 16, chat: the rest of the context). */
@@ -53,7 +54,6 @@ export interface RequestLocals {
   /** Date.now() when the request arrived. */
   arrivalMs: number;
   tenant: string;
-  model?: string;
   promptTokens?: number;
   completionTokens?: number;
   /** Set once the request reached the engine; errors before that count as rejections. */

@@ -12,6 +12,9 @@ export interface SchemaLimits {
 }
 
 const tokenIds = z.array(z.int().min(0)).min(1);
+/** The engine scans held-back text against every stop string at each token; long ones cost quadratically. */
+const MAX_STOP_LENGTH = 1024;
+const stopString = z.string().max(MAX_STOP_LENGTH);
 
 const textPart = z.object({ type: z.literal('text', { error: "only content parts of type 'text' are supported" }), text: z.string() });
 const content = z.union([z.string(), z.array(textPart)], { error: "content must be a string or an array of {type: 'text', text} parts" });
@@ -53,7 +56,7 @@ export function makeSchemas(limits: SchemaLimits) {
     temperature: z.number().min(0).max(2).nullish(),
     top_p: z.number().gt(0).max(1).nullish(),
     n: z.int().min(1).max(limits.maxN).nullish(),
-    stop: z.union([z.string(), z.array(z.string()).max(limits.maxStop)], { error: `stop must be a string or an array of at most ${limits.maxStop} strings` }).nullish(),
+    stop: z.union([stopString, z.array(stopString).max(limits.maxStop)], { error: `stop must be a string or an array of at most ${limits.maxStop} strings of at most ${MAX_STOP_LENGTH} characters` }).nullish(),
     seed: z.int().nullish(),
     presence_penalty: z.number().min(-2).max(2).nullish(),
     frequency_penalty: z.number().min(-2).max(2).nullish(),
@@ -71,7 +74,8 @@ export function makeSchemas(limits: SchemaLimits) {
   const completion = z.object({
     ...common,
     prompt: z.union([z.string(), z.array(z.string()).min(1), tokenIds, z.array(tokenIds).min(1)], {
-      error: 'prompt must be a string, an array of strings, an array of token ids, or an array of token-id arrays',
+      error: (issue) =>
+        issue.input === undefined ? 'prompt is required' : 'prompt must be a string, an array of strings, an array of token ids, or an array of token-id arrays',
     }),
     logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
     echo: z.boolean().nullish(),
@@ -85,7 +89,7 @@ export function makeSchemas(limits: SchemaLimits) {
       logprobs: z.boolean().nullish(),
       top_logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
       tools,
-      tool_choice: z.unknown(),
+      tool_choice: z.unknown().optional(),
       response_format: z
         .object({ type: z.literal('text', { error: "only response_format {type: 'text'} is supported" }) })
         .nullish(),

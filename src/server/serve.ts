@@ -39,7 +39,7 @@ function admit(state: ServerState, choices: number): void {
   if (state.draining) throw new ApiError(503, 'The server is shutting down.', 'server_error', null, 'server_unavailable');
   const capacity = ctx.engine.info.limits.maxNumSeqs + ctx.limits.maxQueue;
   if (choices > capacity) {
-    throw badRequest(`This request asks for ${choices} choices (prompts × n); this server runs at most ${capacity} at once.`, 'n', 'too_many_choices');
+    throw badRequest(`This request asks for ${choices} choices (prompts × n); this server runs at most ${capacity} at once.`, null, 'too_many_choices');
   }
   if (ctx.engine.inFlight + choices > capacity) {
     throw new ApiError(429, 'The server is overloaded; please retry shortly.', 'rate_limit_exceeded', null, 'server_overloaded', { 'Retry-After': '1' });
@@ -104,11 +104,15 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
   }
 
   const timeoutMs = ctx.limits.requestTimeoutMs;
-  const timer = setTimeout(() => fail(new ApiError(504, `The request timed out after ${timeoutMs} ms.`, 'timeout', null, 'request_timeout')), timeoutMs);
+  const timer = timeoutMs > 0
+    ? setTimeout(() => fail(new ApiError(504, `The request timed out after ${timeoutMs} ms.`, 'timeout', null, 'request_timeout')), timeoutMs)
+    : undefined;
   // 'close' before the response ended: the client went away, so its choices stop at the engine's next step.
-  res.on('close', () => {
+  const clientGone = () => {
     if (!res.writableEnded && !gen.finished) gen.cancel();
-  });
+  };
+  res.on('close', clientGone);
+  if (res.destroyed || !res.socket || res.socket.destroyed) clientGone();
 
   const outcome = await gen.done;
   clearTimeout(timer);

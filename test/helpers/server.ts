@@ -56,6 +56,8 @@ export async function startTestServer(opts: {
   apiKeys?: Map<string, string>;
   limits?: Partial<ServerLimits>;
   engine?: Partial<EngineOptions>;
+  /** What the app gets instead of the engine client (fault injection); the real one is still returned and closed. */
+  wrapEngine?: (engine: EngineClient) => EngineClient;
 }): Promise<TestServer> {
   const engine = await EngineClient.start({
     modelDir: opts.modelDir,
@@ -71,7 +73,8 @@ export async function startTestServer(opts: {
   const logs: Record<string, unknown>[] = [];
   const logger = pino({ level: 'info' }, { write: (line: string) => void logs.push(JSON.parse(line)) });
   const app = createApp({
-    engine, tokenizer, folder, modelName: folder.name, meter, logger, apiKeys: opts.apiKeys,
+    engine: opts.wrapEngine ? opts.wrapEngine(engine) : engine,
+    tokenizer, folder, modelName: folder.name, meter, logger, apiKeys: opts.apiKeys,
     limits: { ...TEST_LIMITS, ...opts.limits },
   });
   const server = http.createServer(app);

@@ -1,0 +1,274 @@
+/** `tally bench`: load an OpenAI-compatible server, measure latency and throughput, and price the tokens. */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { parseArgs } from 'node:util';
+import { parseDuration } from '../meter/cost-report.ts';
+import { DEFAULT_API_MODELS, DEVICE_PRESETS, resolveDevicePrice } from '../meter/prices.ts';
+import type { InputShareSpec } from './cost.ts';
+import { readDataset, type DatasetEntry } from './prompts.ts';
+import { ProgressBar, renderTable } from './report-text.ts';
+import { renderHtml } from './report-html.ts';
+import { type BenchConfig, runBench } from './run.ts';
+import type { LoadPointSpec } from './types.ts';
+
+export const BENCH_HELP = `tally bench — throughput, latency and cost of any OpenAI-compatible server (Tally, vLLM, llama.cpp, TGI, hosted APIs)
+
+Target
+  --url URL                    the server's root (a trailing /v1 is fine)                          (required)
+  --model NAME                 model id (default: the first of GET /v1/models)
+  --api-key KEY                bearer key (default $OPENAI_API_KEY)
+  --endpoint completions|chat  default completions; chat for a dataset with "messages"
+
+Load (each value is one load point; both lists may be given)
+  --concurrency 1,8,32         closed loop: N clients, each sending its next request when one ends
+  --rate 1,2,4                 open loop: Poisson arrivals at R requests/s ("inf": all at once)
+  --max-concurrency N          rate mode: at most N requests in flight (arrivals wait for a slot)
+  --requests N                 requests per load point (default 100 when --duration is not given)
+  --duration 60s               per load point: stop sending after this long (s, m, h; a bare number is s);
+                               with --requests too, whichever comes first. Requests in flight finish.
+  --warmup N                   requests before the first load point, not measured (default 2)
+  --timeout SECONDS            per request (default 600)
+  --seed N                     prompts, lengths and arrivals (default 0)
+
+Prompts
+  --input-len N                synthetic prompt tokens (default 128)
+  --input-len-spread F         lengths vary by ±F of N (default 0: fixed)
+  --output-len N               max_tokens (default 128)
+  --output-len-spread F        likewise for output
+  --length-dist uniform|normal uniform in [N(1-F), N(1+F)] (default) or normal with σ = F·N
+  --dataset FILE               JSONL: {"prompt": "..."} or {"messages": [...]}, optional "max_tokens"
+  --tokenizer DIR              the model's tokenizer.json folder, for exact synthetic lengths
+                               (default: the server's /tokenize when it has one)
+  --prompt-format auto|ids|text  auto: token-id prompts when a tokenizer is known and the server takes them
+  --ignore-eos auto|on|off     send ignore_eos + min_tokens so outputs are exactly max_tokens long
+                               (auto: for synthetic prompts, unless the server refuses them)
+
+Cost
+  --device-price USD|PRESET    USD per device-hour, or one of ${Object.keys(DEVICE_PRESETS).join(', ')}
+                               (default: cpu-2core)
+  --devices N                  devices the server runs on (default 1)
+  --input-cost-share auto|ttft|F  how the devices' cost splits between input and output tokens:
+                               auto (default): the server's prefill vs decode device-seconds where it reports
+                               them (Tally's usage.cost), else ttft; ttft: Σ TTFT / Σ end-to-end over requests;
+                               F: a fixed fraction 0..1
+  --api-models a:b,c:d         API models to compare (genai-prices "provider:model"; default ${DEFAULT_API_MODELS.length} models)
+
+Output
+  --percentiles 50,90,99       latency percentiles (linear interpolation, numpy's default)
+  --json FILE                  the full result
+  --html FILE                  a self-contained report with plots
+  --detailed                   keep every request's timings in the JSON
+  --progress | --no-progress   progress bar on stderr (default: when stderr is a terminal)
+
+Exit status: 0 when some measured request completed, 1 when none did (the report still lists the errors), 2 for bad options.`;
+
+export interface BenchIo {
+  out: (text: string) => void;
+  err: { write(text: string): unknown; isTTY?: boolean };
+}
+
+const stdio: BenchIo = { out: (t) => process.stdout.write(t), err: process.stderr };
+
+class UsageError extends Error {}
+
+function list(value: string | undefined, flag: string, parse: (s: string) => number, check: (n: number) => boolean): number[] | undefined {
+  if (value === undefined) return undefined;
+  const items = value.split(',').map((s) => s.trim()).filter(Boolean);
+  const out = items.map((s) => {
+    const n = parse(s);
+    if (!check(n)) throw new UsageError(`${flag}: "${s}" is not valid`);
+    return n;
+  });
+  if (out.length === 0) throw new UsageError(`${flag} needs at least one value`);
+  return out;
+}
+
+function num(value: string | undefined, flag: string, check: (n: number) => boolean, what: string): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || !check(n)) throw new UsageError(`${flag} must be ${what} (got "${value}")`);
+  return n;
+}
+
+const positiveInt = (n: number) => Number.isInteger(n) && n > 0;
+
+function choice<T extends string>(value: string | undefined, flag: string, options: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback;
+  if (!options.includes(value as T)) throw new UsageError(`${flag} must be one of ${options.join(', ')} (got "${value}")`);
+  return value as T;
+}
+
+/** Options → BenchConfig plus output settings; throws UsageError on bad options. */
+export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.env) {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    strict: true,
+    options: {
+      url: { type: 'string' },
+      model: { type: 'string' },
+      'api-key': { type: 'string' },
+      endpoint: { type: 'string' },
+      concurrency: { type: 'string' },
+      rate: { type: 'string' },
+      'max-concurrency': { type: 'string' },
+      requests: { type: 'string' },
+      duration: { type: 'string' },
+      warmup: { type: 'string' },
+      timeout: { type: 'string' },
+      seed: { type: 'string' },
+      'input-len': { type: 'string' },
+      'input-len-spread': { type: 'string' },
+      'output-len': { type: 'string' },
+      'output-len-spread': { type: 'string' },
+      'length-dist': { type: 'string' },
+      dataset: { type: 'string' },
+      tokenizer: { type: 'string' },
+      'prompt-format': { type: 'string' },
+      'ignore-eos': { type: 'string' },
+      'device-price': { type: 'string' },
+      devices: { type: 'string' },
+      'input-cost-share': { type: 'string' },
+      'api-models': { type: 'string' },
+      percentiles: { type: 'string' },
+      json: { type: 'string' },
+      html: { type: 'string' },
+      detailed: { type: 'boolean' },
+      progress: { type: 'boolean' },
+      'no-progress': { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) return { help: true as const };
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
+  if (!values.url) throw new UsageError('--url is required');
+  try {
+    const u = new URL(values.url);
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new Error();
+  } catch {
+    throw new UsageError(`--url must be an http(s) URL (got "${values.url}")`);
+  }
+
+  const concurrency = list(values.concurrency, '--concurrency', Number, positiveInt);
+  const rate = list(values.rate, '--rate', (s) => (s.toLowerCase() === 'inf' ? Infinity : Number(s)), (n) => n > 0 && !Number.isNaN(n));
+  const points: LoadPointSpec[] = [
+    ...(concurrency ?? []).map((value) => ({ mode: 'concurrency' as const, value })),
+    ...(rate ?? []).map((value) => ({ mode: 'rate' as const, value })),
+  ];
+  if (points.length === 0) points.push({ mode: 'concurrency', value: 1 });
+
+  let durationMs: number | undefined;
+  if (values.duration !== undefined) {
+    const bare = Number(values.duration);
+    durationMs = values.duration.trim() !== '' && Number.isFinite(bare) && bare > 0 ? bare * 1000 : parseDuration(values.duration);
+    if (durationMs === undefined) throw new UsageError(`--duration takes a duration like 60s, 5m or 30 (got "${values.duration}")`);
+  }
+  let requests = num(values.requests, '--requests', positiveInt, 'a positive integer');
+  if (requests === undefined && durationMs === undefined) requests = 100;
+  if (requests === undefined && points.some((p) => p.value === Infinity)) throw new UsageError('--rate inf needs --requests');
+
+  const spread = (v: string | undefined, flag: string) => num(v, flag, (n) => n >= 0 && n < 1, 'a fraction in [0, 1)') ?? 0;
+  const dist = choice(values['length-dist'], '--length-dist', ['uniform', 'normal'] as const, 'uniform');
+  const input = { mean: num(values['input-len'], '--input-len', positiveInt, 'a positive integer') ?? 128, spread: spread(values['input-len-spread'], '--input-len-spread'), dist };
+  const output = { mean: num(values['output-len'], '--output-len', positiveInt, 'a positive integer') ?? 128, spread: spread(values['output-len-spread'], '--output-len-spread'), dist };
+
+  let dataset: DatasetEntry[] | undefined;
+  if (values.dataset !== undefined) {
+    try {
+      dataset = readDataset(values.dataset);
+    } catch (err) {
+      throw new UsageError(`--dataset: ${(err as Error).message}`);
+    }
+  }
+  const endpoint = values.endpoint === undefined ? undefined : choice(values.endpoint, '--endpoint', ['completions', 'chat'] as const, 'completions');
+  if (endpoint === 'completions' && dataset?.some((e) => e.messages)) throw new UsageError('the dataset has "messages" lines: use --endpoint chat (or leave --endpoint out)');
+
+  let price;
+  try {
+    price = resolveDevicePrice(values['device-price']);
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  const devices = num(values.devices, '--devices', positiveInt, 'a positive integer') ?? 1;
+  let inputShare: InputShareSpec = { kind: 'auto' };
+  const share = values['input-cost-share'];
+  if (share === 'ttft') inputShare = { kind: 'ttft' };
+  else if (share !== undefined && share !== 'auto') inputShare = { kind: 'fixed', value: num(share, '--input-cost-share', (n) => n >= 0 && n <= 1, 'auto, ttft or a fraction in [0, 1]')! };
+
+  const percentiles = list(values.percentiles, '--percentiles', Number, (n) => n >= 0 && n <= 100) ?? [50, 90, 99];
+  percentiles.sort((a, b) => a - b);
+  const apiModels = values['api-models'] === undefined ? DEFAULT_API_MODELS : values['api-models'].split(',').map((s) => s.trim()).filter(Boolean);
+
+  const config: BenchConfig = {
+    url: values.url,
+    apiKey: values['api-key'] ?? env.OPENAI_API_KEY,
+    model: values.model,
+    endpoint,
+    points,
+    bounds: { requests, durationMs, maxConcurrency: num(values['max-concurrency'], '--max-concurrency', positiveInt, 'a positive integer') },
+    warmup: num(values.warmup, '--warmup', (n) => Number.isInteger(n) && n >= 0, 'a non-negative integer') ?? 2,
+    input,
+    output,
+    dataset,
+    datasetFile: values.dataset,
+    tokenizerDir: values.tokenizer,
+    promptFormat: choice(values['prompt-format'], '--prompt-format', ['auto', 'ids', 'text'] as const, 'auto'),
+    exactOutput: choice(values['ignore-eos'], '--ignore-eos', ['auto', 'on', 'off'] as const, 'auto'),
+    pricing: { name: price.name, usdPerHour: price.usdPerHour, devices, source: price.source },
+    inputShare,
+    apiModels,
+    percentiles,
+    timeoutMs: (num(values.timeout, '--timeout', (n) => n > 0, 'a positive number of seconds') ?? 600) * 1000,
+    seed: num(values.seed, '--seed', Number.isInteger, 'an integer') ?? 0,
+    detailed: values.detailed ?? false,
+  };
+  const progress = values['no-progress'] ? false : values.progress ? true : undefined;
+  return { help: false as const, config, json: values.json, html: values.html, progress, defaultPrice: values['device-price'] === undefined };
+}
+
+function write(file: string, text: string): void {
+  const dir = dirname(file);
+  if (dir && dir !== '.') mkdirSync(dir, { recursive: true });
+  writeFileSync(file, text);
+}
+
+/** `tally bench`; returns the exit code. */
+export async function runBenchCommand(argv: string[], io: BenchIo = stdio): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseBenchArgs(argv);
+  } catch (err) {
+    io.err.write(`tally bench: ${(err as Error).message}\n\nRun \`tally bench --help\` for the options.\n`);
+    return 2;
+  }
+  if (parsed.help) {
+    io.out(`${BENCH_HELP}\n`);
+    return 0;
+  }
+  const { config } = parsed;
+  const showProgress = parsed.progress ?? Boolean(io.err.isTTY);
+  const bar = showProgress ? new ProgressBar(io.err, config.bounds) : undefined;
+  let result;
+  try {
+    result = await runBench(config, {
+      onPointStart: (label, i, count) => bar?.start(label, i, count),
+      onProgress: (label, p) => bar?.update(p, label === 'warmup' ? config.warmup : config.bounds.requests),
+    });
+  } catch (err) {
+    bar?.finish();
+    io.err.write(`tally bench: ${(err as Error).message}\n`);
+    return 1;
+  } finally {
+    bar?.finish();
+  }
+  if (parsed.defaultPrice) result.notes.push(`No --device-price: priced at the ${config.pricing.name} preset, ${config.pricing.usdPerHour} USD/hour.`);
+  io.out(renderTable(result));
+  try {
+    if (parsed.json) write(parsed.json, `${JSON.stringify(result, null, 2)}\n`);
+    if (parsed.html) write(parsed.html, renderHtml(result));
+  } catch (err) {
+    io.err.write(`tally bench: ${(err as Error).message}\n`);
+    return 1;
+  }
+  return result.points.some((p) => p.stats.requests.completed > 0) ? 0 : 1;
+}

@@ -1,0 +1,252 @@
+/**
+ * A benchmark run: probe the server, warm it up, then each load point in turn; the result is the JSON
+ * report (see BenchResult), from which the terminal table and the HTML report are rendered.
+ */
+import { HOURS_PER_MONTH } from '../meter/cost-report.ts';
+import { aggregate, type PointStats } from './aggregate.ts';
+import { makeAgent, normalizeBaseUrl, requestJson, sendStreaming, type Target } from './client.ts';
+import { type BenchPricing, type InputShareSpec, pointCost, type PointCost } from './cost.ts';
+import { httpSender, type LoadBounds, type LoadProgress, runLoadPoint } from './load.ts';
+import { type BenchTokenizer, type DatasetEntry, type LengthSpec, localTokenizer, PromptSource, serverTokenizer } from './prompts.ts';
+import type { LoadPointSpec, RequestRecord } from './types.ts';
+
+export interface BenchConfig {
+  url: string;
+  apiKey?: string;
+  /** Undefined: the first model of GET /v1/models. */
+  model?: string;
+  /** Undefined: chat when the dataset has messages, else completions. */
+  endpoint?: 'completions' | 'chat';
+  points: LoadPointSpec[];
+  bounds: LoadBounds;
+  warmup: number;
+  input: LengthSpec;
+  output: LengthSpec;
+  dataset?: DatasetEntry[];
+  datasetFile?: string;
+  tokenizerDir?: string;
+  promptFormat: 'auto' | 'ids' | 'text';
+  /** ignore_eos + min_tokens: auto sends them for synthetic prompts unless the server refuses them. */
+  exactOutput: 'auto' | 'on' | 'off';
+  pricing: BenchPricing;
+  inputShare: InputShareSpec;
+  apiModels: string[];
+  percentiles: number[];
+  timeoutMs: number;
+  seed: number;
+  /** Keep every request's record in the result. */
+  detailed: boolean;
+}
+
+export interface PointResult {
+  mode: LoadPointSpec['mode'];
+  /** Concurrency or requests per second; 'inf' for all at once. */
+  value: number | 'inf';
+  label: string;
+  started_at: string;
+  stats: PointStats;
+  cost: PointCost;
+  records?: RequestRecord[];
+}
+
+export interface BenchResult {
+  tool: 'tally bench';
+  started_at: string;
+  finished_at: string;
+  target: { url: string; model: string; endpoint: 'completions' | 'chat'; api_key: boolean };
+  server: {
+    models: string[] | null;
+    tokenizer: BenchTokenizer['source'] | null;
+    prompt_format: 'ids' | 'text' | 'dataset';
+    exact_output: boolean;
+    include_usage: boolean;
+    reports_cost: boolean;
+    probe: { ok: boolean; attempts: number; error?: string };
+  };
+  config: {
+    points: { mode: string; value: number | 'inf' }[];
+    requests: number | null;
+    duration_s: number | null;
+    max_concurrency: number | null;
+    warmup: number;
+    input_len: LengthSpec | null;
+    output_len: LengthSpec;
+    dataset: string | null;
+    percentiles: number[];
+    timeout_s: number;
+    seed: number;
+    input_cost_share: string;
+    api_models: string[];
+  };
+  pricing: { device: string; usd_per_device_hour: number; devices: number; source: string | null; hours_per_month: number };
+  notes: string[];
+  /** Probe and warm-up requests (not in any load point, but metered by the server). */
+  unmeasured: PointStats;
+  points: PointResult[];
+  /** Every request the run sent: probe, warm-up and load points; comparable with the server's own totals. */
+  totals: PointStats;
+  totals_cost: PointCost;
+}
+
+export interface BenchHooks {
+  onPointStart?: (label: string, index: number, count: number) => void;
+  onProgress?: (label: string, p: LoadProgress) => void;
+  onPointEnd?: (point: PointResult) => void;
+}
+
+export const pointLabel = (p: LoadPointSpec) => (p.mode === 'concurrency' ? `c=${p.value}` : Number.isFinite(p.value) ? `r=${p.value}/s` : 'r=inf');
+
+/** Prompts built per load point when only --duration bounds it (they cycle if the point sends more). */
+const DURATION_POOL = 256;
+
+export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Promise<BenchResult> {
+  const startedAt = new Date();
+  const runStart = performance.now();
+  const notes: string[] = [];
+  const baseUrl = normalizeBaseUrl(config.url);
+  const target: Target = { baseUrl, apiKey: config.apiKey, timeoutMs: config.timeoutMs };
+  const unmeasured: RequestRecord[] = [];
+
+  // 1. Models.
+  const listed = await requestJson(target, 'GET', '/v1/models');
+  const data = (listed.json as { data?: { id?: unknown }[] } | undefined)?.data;
+  const models = listed.status === 200 && Array.isArray(data) ? data.map((m) => String(m.id)) : null;
+  if (!models) notes.push(`GET /v1/models failed (${listed.error ?? `HTTP ${listed.status}`}).`);
+  let model = config.model;
+  if (model === undefined) {
+    if (!models || models.length === 0) throw new Error('--model is needed: GET /v1/models did not list a model');
+    model = models[0];
+    notes.push(`Model "${model}", the first of GET /v1/models.`);
+  } else if (models && !models.includes(model)) {
+    notes.push(`GET /v1/models does not list "${model}" (it lists ${models.join(', ') || 'nothing'}).`);
+  }
+  const endpoint = config.endpoint ?? (config.dataset?.some((e) => e.messages) ? 'chat' : 'completions');
+  if (endpoint === 'completions' && config.dataset?.some((e) => e.messages)) throw new Error('the dataset has "messages" lines: use --endpoint chat');
+
+  // 2. Tokenizer.
+  let tokenizer: BenchTokenizer | undefined;
+  if (config.tokenizerDir) tokenizer = localTokenizer(config.tokenizerDir);
+  else if (!config.dataset) {
+    tokenizer = await serverTokenizer(target, model);
+    if (!tokenizer) notes.push('The server has no /tokenize and no --tokenizer was given: synthetic prompt lengths are approximate (about 4 characters a token); token counts come from the server\'s usage.');
+  }
+  let format: 'ids' | 'text' = config.promptFormat === 'text' || endpoint === 'chat' || !tokenizer ? 'text' : 'ids';
+  if (config.promptFormat === 'ids' && format !== 'ids') notes.push(`--prompt-format ids needs /v1/completions and a tokenizer; sending text.`);
+  if (format === 'text' && tokenizer && !tokenizer.decode) notes.push('The server has /tokenize but no /detokenize: text prompts are approximate.');
+  let exact = config.exactOutput === 'on' || (config.exactOutput === 'auto' && !config.dataset);
+  let includeUsage = true;
+
+  // 3. Probe: one short request; drop what the server refuses (ignore_eos/min_tokens, token-id prompts, stream_options).
+  const probeSource = (f: 'ids' | 'text', e: boolean, u: boolean) =>
+    new PromptSource({ model: model!, endpoint, format: f, tokenizer, exactOutput: e, includeUsage: u, seed: config.seed + 7919, input: { mean: 8, spread: 0, dist: 'uniform' }, output: { mean: 2, spread: 0, dist: 'uniform' }, dataset: config.dataset?.slice(0, 1).map((d) => ({ ...d, max_tokens: 2 })) });
+  const probeAgent = makeAgent(baseUrl, 1);
+  let attempts = 0;
+  let probe: RequestRecord | undefined;
+  for (;;) {
+    attempts++;
+    probe = await sendStreaming(target, await probeSource(format, exact, includeUsage).next(), probeAgent);
+    unmeasured.push(probe);
+    if (probe.ok || (probe.error?.kind !== 'http_4xx')) break;
+    if (exact && config.exactOutput === 'auto') {
+      exact = false;
+      notes.push(`The server refused ignore_eos/min_tokens (${probe.error.message}); output lengths are at most --output-len.`);
+    } else if (format === 'ids' && config.promptFormat === 'auto') {
+      format = 'text';
+      notes.push(`The server refused a token-id prompt (${probe.error.message}); sending text prompts.`);
+    } else if (includeUsage) {
+      includeUsage = false;
+      notes.push(`The server refused stream_options (${probe.error.message}); output tokens are counted by chunks.`);
+    } else break;
+  }
+  probeAgent.destroy();
+  if (!probe.ok) notes.push(`The probe request failed (${probe.error!.kind}: ${probe.error!.message}); running anyway.`);
+  else {
+    if (probe.tokensFrom !== 'usage') notes.push('The server sent no usage in the stream: output tokens are counted as text chunks, input tokens as planned.');
+    if (!probe.serverCost) notes.push('The server reports no per-request device-seconds: cost is split between input and output by ' + (config.inputShare.kind === 'fixed' ? `the given share ${config.inputShare.value}.` : 'the client-side time split (Σ TTFT / Σ end-to-end).'));
+  }
+  if (format === 'text' && !config.dataset && endpoint === 'chat') notes.push('Chat prompts: --input-len counts the message text; the chat template adds tokens (input tokens are the server\'s count).');
+
+  const source = new PromptSource({ model, endpoint, format, tokenizer, exactOutput: exact, includeUsage, seed: config.seed, input: config.input, output: config.output, dataset: config.dataset });
+  const poolSize = config.bounds.requests ?? DURATION_POOL;
+
+  // 4. Warm-up.
+  if (config.warmup > 0) {
+    const first = config.points[0];
+    const concurrency = Math.max(1, Math.min(config.warmup, first?.mode === 'concurrency' ? first.value : (config.bounds.maxConcurrency ?? 1)));
+    const agent = makeAgent(baseUrl, concurrency);
+    hooks.onPointStart?.('warmup', -1, config.points.length);
+    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests: config.warmup }, await source.take(config.warmup), httpSender(target, agent), {
+      onProgress: (p) => hooks.onProgress?.('warmup', p),
+    });
+    agent.destroy();
+    unmeasured.push(...run.records);
+  }
+
+  // 5. Load points.
+  const points: PointResult[] = [];
+  const all: RequestRecord[] = [...unmeasured];
+  for (const [i, point] of config.points.entries()) {
+    const label = pointLabel(point);
+    const prompts = await source.take(poolSize);
+    const agent = makeAgent(baseUrl, point.mode === 'concurrency' ? point.value : (config.bounds.maxConcurrency ?? Infinity));
+    hooks.onPointStart?.(label, i, config.points.length);
+    const run = await runLoadPoint(point, config.bounds, prompts, httpSender(target, agent), {
+      seed: config.seed + i,
+      onProgress: (p) => hooks.onProgress?.(label, p),
+    });
+    agent.destroy();
+    all.push(...run.records);
+    const stats = aggregate(run.records, run.endMs - run.startMs, config.percentiles);
+    const result: PointResult = {
+      mode: point.mode,
+      value: Number.isFinite(point.value) ? point.value : 'inf',
+      label,
+      started_at: new Date(run.startedAt).toISOString(),
+      stats,
+      cost: pointCost(stats, config.pricing, config.inputShare, config.apiModels, run.startedAt),
+      ...(config.detailed ? { records: run.records } : {}),
+    };
+    points.push(result);
+    hooks.onPointEnd?.(result);
+  }
+  if (source.inexact > 0) notes.push(`${source.inexact} synthetic prompts could not be built to their exact token length.`);
+
+  const totals = aggregate(all, performance.now() - runStart, config.percentiles);
+  const shareText = config.inputShare.kind === 'fixed' ? String(config.inputShare.value) : config.inputShare.kind;
+  return {
+    tool: 'tally bench',
+    started_at: startedAt.toISOString(),
+    finished_at: new Date().toISOString(),
+    target: { url: baseUrl, model, endpoint, api_key: Boolean(config.apiKey) },
+    server: {
+      models,
+      tokenizer: tokenizer?.source ?? null,
+      prompt_format: config.dataset ? 'dataset' : format,
+      exact_output: exact,
+      include_usage: includeUsage,
+      reports_cost: probe.ok && probe.serverCost !== undefined,
+      probe: { ok: probe.ok, attempts, ...(probe.error ? { error: `${probe.error.kind}: ${probe.error.message}` } : {}) },
+    },
+    config: {
+      points: config.points.map((p) => ({ mode: p.mode, value: Number.isFinite(p.value) ? p.value : 'inf' })),
+      requests: config.bounds.requests ?? null,
+      duration_s: config.bounds.durationMs === undefined ? null : config.bounds.durationMs / 1000,
+      max_concurrency: config.bounds.maxConcurrency ?? null,
+      warmup: config.warmup,
+      input_len: config.dataset ? null : config.input,
+      output_len: config.output,
+      dataset: config.datasetFile ?? null,
+      percentiles: config.percentiles,
+      timeout_s: config.timeoutMs / 1000,
+      seed: config.seed,
+      input_cost_share: shareText,
+      api_models: config.apiModels,
+    },
+    pricing: { device: config.pricing.name, usd_per_device_hour: config.pricing.usdPerHour, devices: config.pricing.devices, source: config.pricing.source ?? null, hours_per_month: HOURS_PER_MONTH },
+    notes,
+    unmeasured: aggregate(unmeasured, 0, config.percentiles),
+    points,
+    totals,
+    totals_cost: pointCost(totals, config.pricing, config.inputShare, config.apiModels, startedAt.getTime()),
+  };
+}
