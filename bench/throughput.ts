@@ -4,13 +4,11 @@
  * Everything is measured in this one run; only ratios are compared.
  *   node --import tsx bench/throughput.ts [--quick]
  */
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import { engineLoop } from './lib.ts';
 import { streamLoad } from './http-load.ts';
+import { startServerProcess } from './server-process.ts';
 import { resolveModel, modelsDir } from '../src/model/resolve.ts';
 import { convertRandomLike } from '../src/model/convert.ts';
 import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
@@ -25,35 +23,12 @@ import { GREEDY } from './lib.ts';
 const quick = process.argv.includes('--quick');
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function startServer(modelDir: string, extra: string[] = []) {
-  const port = await freePort();
-  const child = spawn(process.execPath, [path.join(ROOT, 'bin/tally.js'), 'serve', '--model', modelDir, '--port', String(port), '--log-level', 'warn', '--data-dir', fs.mkdtempSync('/tmp/tally-bench-'), ...extra], { stdio: ['ignore', 'inherit', 'inherit'] });
-  const url = `http://127.0.0.1:${port}`;
-  for (let i = 0; i < 600; i++) {
-    try {
-      if ((await fetch(`${url}/health`)).ok) return { url, stop: () => new Promise<void>((r) => (child.once('exit', () => r()), child.kill('SIGTERM'))) };
-    } catch {}
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  child.kill('SIGKILL');
-  throw new Error('server did not start');
-}
-
 const engineOptions = (modelDir: string) => ({ modelDir, device: { kind: 'cpu' as const }, maxNumSeqs: 64, maxNumBatchedTokens: 2048, kvCacheBytes: 8 * 2 ** 30 });
 const prompt16 = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 3 + ((i * 31 + j * 17) % 500))];
 
 async function storiesSweep() {
   const { dir } = resolveModel('stories260K', (m) => console.log(m));
-  const server = await startServer(dir);
+  const server = await startServerProcess(dir);
   const levels = quick ? [1, 32] : [1, 4, 16, 32, 64];
   const rounds = quick ? 1 : 2;
   const rows: { c: number; http: number; engine: number }[] = [];

@@ -55,7 +55,8 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --device-price USD_PER_HOUR  price of one device, or a preset name (default: cpu preset)
   --power-price USD_PER_KWH    electricity price, used where power is measured
   --data-dir DIR               ledger location (default $TALLY_DATA_DIR or ./.tally)
-  --log-level LEVEL            default info`;
+  --log-level LEVEL            default info
+  --no-meter                   no cost meter, ledger or cost metrics (to measure the meter's overhead)`;
 
 async function serve(argv: string[]): Promise<void> {
   const { values } = parse(
@@ -79,6 +80,7 @@ async function serve(argv: string[]): Promise<void> {
       'power-price': { type: 'string' },
       'data-dir': { type: 'string' },
       'log-level': { type: 'string' },
+      'no-meter': { type: 'boolean' },
     },
     SERVE_HELP,
   );
@@ -102,6 +104,7 @@ async function serve(argv: string[]): Promise<void> {
     powerPrice: number(values['power-price'], '--power-price'),
     dataDir: values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally',
     logLevel: values['log-level'] ?? 'info',
+    meter: !values['no-meter'],
   });
 }
 

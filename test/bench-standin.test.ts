@@ -8,6 +8,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runBenchCommand } from '../src/bench/bench-cli.ts';
 import type { BenchResult } from '../src/bench/run.ts';
+import { exponentialGap, seededRandom } from '../src/bench/stats.ts';
 import type { RequestRecord } from '../src/bench/types.ts';
 import { refusedUrl, type StandInMode, startStandIn } from './helpers/stand-in-server.ts';
 
@@ -136,6 +137,54 @@ describe('bench against the stand-in server', () => {
       expect(hung.code).toBe(1);
       expect(hung.result.target.model).toBe('stand-in');
       expect(hung.result.points[0].stats.errors.timeout).toBe(2);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('drops what a strict server refuses: ignore_eos, then token-id prompts', async () => {
+    const server = await startStandIn({ ttftMs: 5, itlMs: 2, rejectParams: ['ignore_eos', 'min_tokens'], rejectIdPrompts: true });
+    try {
+      const { code, result } = await bench(['--url', server.url, '--concurrency', '2', '--requests', '4', '--input-len', '40', '--output-len', '6', '--warmup', '0']);
+      expect(code).toBe(0);
+      expect(result.server).toMatchObject({ prompt_format: 'text', exact_output: false, include_usage: true, reports_cost: false, probe: { ok: true, attempts: 3 } });
+      const notes = result.notes.join(' ');
+      expect(notes).toContain('refused ignore_eos/min_tokens');
+      expect(notes).toContain('refused a token-id prompt');
+      // The stand-in has /tokenize but no /detokenize: text of about 4 characters a token, counted by the server.
+      expect(notes).toContain('no /detokenize');
+      const s = result.points[0].stats;
+      expect(s.requests).toEqual({ sent: 4, completed: 4, failed: 0 });
+      expect(s.tokens.output).toBe(4 * 6);
+      expect(s.tokens.input).toBe(server.requests.slice(1).reduce((a, r) => a + (r.body.prompt as string).split(/\s+/).filter(Boolean).length, 0));
+      expect(result.points[0].cost.input_share_from).toBe('ttft');
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('stops sending at --duration, and sends Poisson arrivals on the seeded schedule', async () => {
+    const server = await startStandIn({ ttftMs: 20, itlMs: 5 });
+    try {
+      const { result } = await bench(['--url', server.url, '--concurrency', '2', '--rate', '25', '--duration', '0.6', '--output-len', '8', '--input-len', '8', '--warmup', '0', '--seed', '5', '--detailed']);
+      const [closed, open] = result.points;
+      // Closed loop: each client sends back to back (55 ms a request) until 600 ms have passed.
+      const starts = (closed.records as RequestRecord[]).map((r) => r.startMs);
+      expect(Math.max(...starts)).toBeLessThan(600);
+      expect(closed.stats.requests.sent).toBeGreaterThanOrEqual(18);
+      expect(closed.stats.requests.sent).toBeLessThanOrEqual(22);
+      expect(closed.stats.duration_s).toBeGreaterThanOrEqual(0.6);
+      expect(closed.stats.duration_s).toBeLessThan(0.7);
+      // Open loop: arrivals at the cumulative exponential gaps of seededRandom(seed + point index).
+      const rand = seededRandom(5 + 1);
+      const schedule: number[] = [];
+      for (let t = exponentialGap(rand(), 25) * 1000; t < 600; t += exponentialGap(rand(), 25) * 1000) schedule.push(t);
+      const arrivals = (open.records as RequestRecord[]).map((r) => r.startMs);
+      expect(arrivals).toHaveLength(schedule.length);
+      arrivals.forEach((a, i) => {
+        expect(a).toBeGreaterThanOrEqual(schedule[i] - 1);
+        expect(a).toBeLessThan(schedule[i] + 8);
+      });
     } finally {
       await server.close();
     }

@@ -377,7 +377,6 @@ describe('EngineClient (engine in a worker thread)', () => {
       expect(c.final.finish).toBe('length');
       expect(c.final.promptTokens).toBe(1000);
       expect(maxGap).toBeLessThan(100);
-      console.log('PASS', longestPass, maxGap);
       expect(longestPass).toBeGreaterThan(maxGap);
       expect(client.inFlight).toBe(0);
     } finally {

@@ -30,7 +30,10 @@ export function makeAgent(baseUrl: string, maxSockets = Infinity): http.Agent {
 }
 
 const SNIPPET = 200;
-const snippet = (text: string) => text.replace(/\s+/g, ' ').trim().slice(0, SNIPPET);
+const snippet = (text: string) => {
+  const one = text.replace(/\s+/g, ' ').trim();
+  return one.length > SNIPPET ? `${one.slice(0, SNIPPET)}…` : one;
+};
 
 function statusKind(status: number): ErrorKind {
   if (status === 429) return 'http_429';
@@ -38,6 +41,10 @@ function statusKind(status: number): ErrorKind {
 }
 
 function errorMessage(body: string): string {
+  return snippet(rawErrorMessage(body));
+}
+
+function rawErrorMessage(body: string): string {
   try {
     const parsed = JSON.parse(body) as { error?: { message?: string } | string; message?: string; detail?: unknown };
     if (typeof parsed.error === 'string') return parsed.error;

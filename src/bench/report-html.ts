@@ -159,7 +159,7 @@ export function barChart(name: string, title: string, bars: Bar[], xLabel: strin
   const groups = [...new Set(bars.map((b) => b.group))];
   const color = (g: Bar['group']) => ({ 'self-hosted': '#2563eb', 'server-metered': '#16a34a', API: '#9ca3af' })[g];
   let body = x.ticks
-    .map((t) => `<line class="grid" x1="${n2(x.map(t))}" x2="${n2(x.map(t))}" y1="${M.top}" y2="${M.top + bars.length * rowH}"/><text class="tick" x="${n2(x.map(t))}" y="${M.top + bars.length * rowH + 14}" text-anchor="middle">${esc(fmtUsd(t))}</text>`)
+    .map((t) => `<line class="grid" x1="${n2(x.map(t))}" x2="${n2(x.map(t))}" y1="${M.top}" y2="${M.top + bars.length * rowH}"/><text class="tick" x="${n2(x.map(t))}" y="${M.top + bars.length * rowH + 14}" text-anchor="middle">${esc(`$${Number(t.toPrecision(3))}`)}</text>`)
     .join('');
   const base = log ? x.map(x.ticks[0]) : x.map(0);
   bars.forEach((b, i) => {

@@ -15,7 +15,7 @@ export function fmtUsd(v: number | null | undefined): string {
   if (v === 0) return '$0';
   if (Math.abs(v) >= 100) return `$${v.toLocaleString('en-US', { maximumFractionDigits: 0 })}`;
   if (Math.abs(v) >= 1) return `$${v.toFixed(2)}`;
-  return `$${Number(v.toPrecision(3))}`;
+  return `$${v.toPrecision(3)}`;
 }
 
 /** 1.2K, 3.4M, 5.6B, 7.8T. */

@@ -9,6 +9,7 @@ import { resolveModel } from '../model/resolve.ts';
 import { TextTokenizer } from '../model/tokenizer.ts';
 import { Ledger } from '../meter/ledger.ts';
 import { CostMeter } from '../meter/meter.ts';
+import type { RequestMeter } from '../meter/types.ts';
 import { costRouter } from '../meter/cost-report.ts';
 import { resolveDevicePrice } from '../meter/prices.ts';
 import { Metrics, metricsHandler } from '../telemetry/metrics.ts';
@@ -34,6 +35,8 @@ export interface ServeOptions {
   powerPrice?: number;
   dataDir: string;
   logLevel: string;
+  /** false: no cost meter, ledger or cost metrics (for measuring the meter's own overhead). */
+  meter?: boolean;
   /** Seconds SIGTERM waits for requests in flight before cancelling them. */
   shutdownGraceSeconds?: number;
 }
@@ -47,6 +50,11 @@ export interface RunningServer {
   /** Stops admitting, lets requests in flight finish (up to the grace period), flushes the ledger. */
   shutdown(graceSeconds?: number): Promise<void>;
 }
+
+const UNMETERED: RequestMeter = {
+  requestFinished: (r) => ({ device_seconds: { prefill: r.prefillSeconds, decode: r.decodeSeconds }, usd: { usage: 0, allocation: 0 }, device_price_usd_per_hour: 0 }),
+  requestRejected: () => {},
+};
 
 export async function startServer(options: ServeOptions, logger: Logger = pino({ level: options.logLevel })): Promise<RunningServer> {
   const model = resolveModel(options.model, (msg) => logger.info(msg));
@@ -71,7 +79,8 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   const ledger = new Ledger(options.dataDir);
   const metrics = new Metrics();
   const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
-  engine.on('step', (record) => meter.observeStep(record));
+  const metering = options.meter !== false;
+  if (metering) engine.on('step', (record) => meter.observeStep(record));
   engine.on('restart', (why) => logger.error({ why }, 'engine worker restarted'));
 
   const app = createApp({
@@ -79,7 +88,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     tokenizer: TextTokenizer.load(folder.dir),
     folder,
     modelName,
-    meter,
+    meter: metering ? meter : UNMETERED,
     logger,
     apiKeys,
     limits: {

@@ -21,6 +21,10 @@ export interface StandInOptions {
   dropAfter?: number;
   /** Serve /tokenize (one token per whitespace-separated word; default true). */
   tokenize?: boolean;
+  /** Answer 400 to a request carrying any of these fields (as OpenAI does to vLLM extensions). */
+  rejectParams?: string[];
+  /** Answer 400 to a prompt of token ids. */
+  rejectIdPrompts?: boolean;
   /** Honour stream_options.include_usage (default true; false: never send usage). */
   usage?: boolean;
   /** Report Tally-like usage.cost with device-seconds per prompt and per completion token. */
@@ -87,6 +91,9 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
       const chat = path === '/v1/chat/completions';
       if (req.method !== 'POST' || (path !== '/v1/completions' && !chat)) return json(res, 404, { error: { message: 'not found' } });
 
+      const refused = options.rejectParams?.find((p) => p in body);
+      if (refused) return json(res, 400, { error: { message: `Unrecognized request argument supplied: ${refused}`, type: 'invalid_request_error' } });
+      if (options.rejectIdPrompts && Array.isArray(body.prompt)) return json(res, 400, { error: { message: 'prompt must be a string', type: 'invalid_request_error' } });
       const index = generations++;
       const mode = typeof options.mode === 'function' ? options.mode(index, body) : (options.mode ?? 'ok');
       requests.push({ path, body, mode });
