@@ -132,7 +132,6 @@ export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Pro
   }
   let format: 'ids' | 'text' = config.promptFormat === 'text' || endpoint === 'chat' || !tokenizer ? 'text' : 'ids';
   if (config.promptFormat === 'ids' && format !== 'ids') notes.push(`--prompt-format ids needs /v1/completions and a tokenizer; sending text.`);
-  if (format === 'text' && tokenizer && !tokenizer.decode) notes.push('The server has /tokenize but no /detokenize: text prompts are approximate.');
   let exact = config.exactOutput === 'on' || (config.exactOutput === 'auto' && !config.dataset);
   let includeUsage = true;
 
@@ -164,6 +163,7 @@ export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Pro
     if (probe.tokensFrom !== 'usage') notes.push('The server sent no usage in the stream: output tokens are counted as text chunks, input tokens as planned.');
     if (!probe.serverCost) notes.push('The server reports no per-request device-seconds: cost is split between input and output by ' + (config.inputShare.kind === 'fixed' ? `the given share ${config.inputShare.value}.` : 'the client-side time split (Σ TTFT / Σ end-to-end).'));
   }
+  if (format === 'text' && !config.dataset && tokenizer && !tokenizer.decode) notes.push('The server has /tokenize but no /detokenize: text prompts are cut at about 4 characters a token, and their lengths are approximate.');
   if (format === 'text' && !config.dataset && endpoint === 'chat') notes.push('Chat prompts: --input-len counts the message text; the chat template adds tokens (input tokens are the server\'s count).');
 
   const source = new PromptSource({ model, endpoint, format, tokenizer, exactOutput: exact, includeUsage, seed: config.seed, input: config.input, output: config.output, dataset: config.dataset });

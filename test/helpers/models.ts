@@ -3,15 +3,19 @@ import os from 'node:os';
 import path from 'node:path';
 import { convertCheckpoint, convertRandomLike } from '../../src/model/convert.ts';
 import type { LlamaConfig } from '../../src/model/types.ts';
+import { TALLY_GRAPH_VERSION } from '../../src/model/llama-graph.ts';
 
 export const SHARED_MODELS = path.resolve(process.cwd(), '../shared/models');
-const CACHE = path.join(os.tmpdir(), `tally-test-models-${process.pid}`);
+const CACHE = path.join(os.tmpdir(), `tally-test-models-g${TALLY_GRAPH_VERSION}`);
 
 function once(name: string, build: (dir: string) => void): string {
   const dir = path.join(CACHE, name);
   if (!fs.existsSync(path.join(dir, 'onnx', 'model.onnx'))) {
+    const tmp = `${dir}.tmp-${process.pid}`;
+    fs.rmSync(tmp, { recursive: true, force: true });
+    build(tmp);
     fs.rmSync(dir, { recursive: true, force: true });
-    build(dir);
+    fs.renameSync(tmp, dir);
   }
   return dir;
 }
