@@ -25,6 +25,8 @@ export interface CostReportOptions {
   apiModels?: string[];
   /** Monthly token volume to size the deployment for (default: the window's rate, extrapolated). */
   targetTokensPerMonth?: number;
+  /** The latest device telemetry sample (utilization, memory, power), shown as is. */
+  telemetry?: () => unknown;
 }
 
 export interface ApiComparison extends ApiQuote {
@@ -102,6 +104,16 @@ export function buildCostReport(t: WindowTotals, pricing: Pricing, options: Cost
       devices_needed: devicesNeeded,
       devices_needed_fixed_usd: devicesNeeded === null ? null : devicesNeeded * pricing.usdPerDeviceHour * HOURS_PER_MONTH,
     },
+    energy:
+      t.powerMeasuredSeconds && t.energyJoules !== undefined
+        ? {
+            joules: t.energyJoules,
+            joules_per_token: tokens > 0 ? t.energyJoules / tokens : null,
+            average_watts: t.energyJoules / t.powerMeasuredSeconds,
+            measured_seconds: t.powerMeasuredSeconds,
+          }
+        : { unavailable: 'no power measurement in this window (needs NVML or nvidia-smi on a GPU)' },
+    device_telemetry: options.telemetry?.() ?? { unavailable: 'device telemetry is off' },
     api_comparison: api,
   };
 }
@@ -134,7 +146,7 @@ export function costRouter(meter: CostMeter, options: CostReportOptions = {}): R
       }
     }
     const pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
-    res.json(buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target }));
+    res.json(buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }));
   });
   return router;
 }

@@ -59,9 +59,12 @@ export interface WindowTotals {
   decodeDeviceSeconds: number;
   prefillUsd: number;
   decodeUsd: number;
+  /** Energy drawn while power was measured, and for how many wall-clock seconds it was. */
+  energyJoules?: number;
+  powerMeasuredSeconds?: number;
 }
 
-const FIELDS = ['wallDeviceSeconds', 'wallUsd', 'busyDeviceSeconds', 'busyUsd', 'requests', 'cancelled', 'promptTokens', 'completionTokens', 'prefillDeviceSeconds', 'decodeDeviceSeconds', 'prefillUsd', 'decodeUsd'] as const;
+const FIELDS = ['wallDeviceSeconds', 'wallUsd', 'busyDeviceSeconds', 'busyUsd', 'requests', 'cancelled', 'promptTokens', 'completionTokens', 'prefillDeviceSeconds', 'decodeDeviceSeconds', 'prefillUsd', 'decodeUsd', 'energyJoules', 'powerMeasuredSeconds'] as const;
 type Field = (typeof FIELDS)[number];
 const INDEX = Object.fromEntries(FIELDS.map((f, i) => [f, i])) as Record<Field, number>;
 const N = FIELDS.length;
@@ -189,6 +192,10 @@ export class CostMeter implements RequestMeter {
       const ds = ((next - t) / 1000) * this.devices;
       this.buckets.add(t, 'wallDeviceSeconds', ds);
       this.buckets.add(t, 'wallUsd', ds * perSecond);
+      if (this.watts !== undefined) {
+        this.buckets.add(t, 'energyJoules', (this.watts * (next - t)) / 1000);
+        this.buckets.add(t, 'powerMeasuredSeconds', (next - t) / 1000);
+      }
       t = next;
     }
     this.lastMs = now;

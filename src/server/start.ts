@@ -13,6 +13,7 @@ import type { RequestMeter } from '../meter/types.ts';
 import { costRouter } from '../meter/cost-report.ts';
 import { resolveDevicePrice } from '../meter/prices.ts';
 import { Metrics, metricsHandler } from '../telemetry/metrics.ts';
+import { DeviceTelemetry } from '../telemetry/device.ts';
 import { createApp } from './app.ts';
 import { loadApiKeys } from './api-keys.ts';
 
@@ -79,6 +80,11 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   const ledger = new Ledger(options.dataDir);
   const metrics = new Metrics();
   const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
+  const telemetry = new DeviceTelemetry({ engineDevice: engine.info.device });
+  if (options.meter !== false) telemetry.onPower((watts) => meter.observePower(watts));
+  const firstSample = await telemetry.start();
+  metrics.setTelemetrySource(() => telemetry.latest());
+  logger.info({ source: firstSample.source, devices: firstSample.devices.map((d) => d.name), notes: firstSample.notes }, 'device telemetry');
   const metering = options.meter !== false;
   if (metering) engine.on('step', (record) => meter.observeStep(record));
   engine.on('restart', (why) => logger.error({ why }, 'engine worker restarted'));
@@ -101,7 +107,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     },
     mount: (express) => {
       express.get('/metrics', metricsHandler(metrics));
-      express.use(costRouter(meter));
+      express.use(costRouter(meter, { telemetry: () => telemetry.latest() }));
     },
   });
 
@@ -129,6 +135,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     if (engine.inFlight > 0) logger.warn({ inFlight: engine.inFlight }, 'grace period over: cancelling requests in flight');
     await engine.close();
     server.closeAllConnections();
+    telemetry.stop();
     meter.flush();
     ledger.close();
     logger.info('stopped');

@@ -1,3 +1,4 @@
+import type { TelemetrySample } from './device.ts';
 import type { Request, Response } from 'express';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { StepRecord } from '../engine/scheduler.ts';
@@ -108,6 +109,44 @@ export class Metrics {
 
   private counter<L extends string>(name: string, help: string, labelNames: L[]) {
     return new Counter<L>({ name, help, labelNames, registers: [this.registry] });
+  }
+
+  /**
+   * Device telemetry, read on every scrape. A figure the source cannot give has no series (absent,
+   * not zero); tally:device_telemetry_info says which source answered.
+   */
+  setTelemetrySource(latest: () => TelemetrySample | undefined): void {
+    const figures = [
+      ['tally:device_hw_utilization', 'Device busy share 0..1 as the device reports it (GPU kernels, or CPU load).', 'utilization'],
+      ['tally:device_power_watts', 'Power drawn by the device, watts.', 'powerWatts'],
+      ['tally:device_memory_used_bytes', 'Device memory in use, bytes.', 'memoryUsedBytes'],
+      ['tally:device_energy_joules', 'Energy counter of the device since its driver loaded, joules.', 'energyJoules'],
+    ] as const;
+    new Gauge({
+      name: 'tally:device_telemetry_info',
+      help: 'Which telemetry source answered (1 for the current source).',
+      labelNames: ['source'],
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        this.set({ source: latest()?.source ?? 'none' }, 1);
+      },
+    });
+    for (const [name, help, field] of figures) {
+      new Gauge({
+        name,
+        help,
+        labelNames: ['device', 'name'],
+        registers: [this.registry],
+        collect() {
+          this.reset();
+          for (const d of latest()?.devices ?? []) {
+            const value = d[field];
+            if (value !== null) this.set({ device: String(d.index), name: d.name }, value);
+          }
+        },
+      });
+    }
   }
 
   /** The meter's live figures, read on every scrape. */

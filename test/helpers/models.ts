@@ -1,12 +1,19 @@
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { convertCheckpoint, convertRandomLike } from '../../src/model/convert.ts';
 import type { LlamaConfig } from '../../src/model/types.ts';
-import { TALLY_GRAPH_VERSION } from '../../src/model/llama-graph.ts';
 
 export const SHARED_MODELS = path.resolve(process.cwd(), '../shared/models');
-const CACHE = path.join(os.tmpdir(), `tally-test-models-g${TALLY_GRAPH_VERSION}`);
+/** Keyed by the converter's source, so a changed converter never reuses an old conversion. */
+const SOURCE_KEY = (() => {
+  const dir = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../../src/model');
+  const hash = createHash('sha256');
+  for (const f of fs.readdirSync(dir).sort()) hash.update(f).update(fs.readFileSync(path.join(dir, f)));
+  return hash.digest('hex').slice(0, 12);
+})();
+const CACHE = path.join(os.tmpdir(), `tally-test-models-${SOURCE_KEY}`);
 
 function once(name: string, build: (dir: string) => void): string {
   const dir = path.join(CACHE, name);
