@@ -57,6 +57,8 @@ export interface StepRecord {
   kvUsedTokens: number;
   kvCapacityTokens: number;
   kvBytes: number;
+  /** Set by an EnginePool: which device ran the step. */
+  device?: string;
 }
 
 export interface SchedulerLimits {

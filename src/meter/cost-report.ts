@@ -146,7 +146,8 @@ export function costRouter(meter: CostMeter, options: CostReportOptions = {}): R
       }
     }
     const pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
-    res.json(buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }));
+    const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
+    res.json({ ...buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }), ...perDevice });
   });
   return router;
 }

@@ -29,6 +29,8 @@ export interface CostMeterOptions {
   devicePriceUsdPerHour: number;
   /** Devices the engine runs on (default 1). */
   devices?: number;
+  /** Devices one engine step occupies: all of them for one engine (default), 1 for a pool of one-device workers. */
+  devicesPerStep?: number;
   /** USD per kWh; used while power samples arrive through observePower(). */
   powerPriceUsdPerKwh?: number;
   ledger?: Ledger;
@@ -145,6 +147,9 @@ export function costHeaders(cost: CostReport): Record<string, string> {
 export class CostMeter implements RequestMeter {
   readonly devicePriceUsdPerHour: number;
   readonly devices: number;
+  readonly devicesPerStep: number;
+  /** Busy device-seconds since start by device, for a pool of workers. */
+  readonly busyByDevice = new Map<string, number>();
   readonly powerPriceUsdPerKwh?: number;
   readonly startMs: number;
   readonly model: string;
@@ -164,6 +169,7 @@ export class CostMeter implements RequestMeter {
     this.devicePriceUsdPerHour = options.devicePriceUsdPerHour;
     this.devices = options.devices ?? 1;
     if (!(this.devices > 0)) throw new Error('devices must be positive');
+    this.devicesPerStep = options.devicesPerStep ?? this.devices;
     this.powerPriceUsdPerKwh = options.powerPriceUsdPerKwh;
     this.clock = options.clock ?? Date.now;
     this.startMs = options.startMs ?? this.clock();
@@ -205,8 +211,9 @@ export class CostMeter implements RequestMeter {
   observeStep(record: StepRecord): void {
     const now = this.clock();
     this.advance(now);
-    const busy = record.busySeconds * this.devices;
+    const busy = record.busySeconds * this.devicesPerStep;
     this.busyTotal += busy;
+    if (record.device !== undefined) this.busyByDevice.set(record.device, (this.busyByDevice.get(record.device) ?? 0) + busy);
     this.buckets.add(now, 'busyDeviceSeconds', busy);
     this.buckets.add(now, 'busyUsd', (busy * this.usdPerDeviceHour()) / 3600);
     this.metrics?.observeStep(record, this.model, busy);
@@ -223,8 +230,8 @@ export class CostMeter implements RequestMeter {
     const now = this.clock();
     this.advance(now);
     const rate = this.usdPerDeviceHour();
-    const prefill = Math.max(0, req.prefillSeconds) * this.devices;
-    const decode = Math.max(0, req.decodeSeconds) * this.devices;
+    const prefill = Math.max(0, req.prefillSeconds) * this.devicesPerStep;
+    const decode = Math.max(0, req.decodeSeconds) * this.devicesPerStep;
     const prefillUsd = (prefill * rate) / 3600;
     const decodeUsd = (decode * rate) / 3600;
     const usage = prefillUsd + decodeUsd;

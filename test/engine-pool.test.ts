@@ -1,0 +1,74 @@
+import { describe, expect, it } from 'vitest';
+import { EnginePool } from '../src/engine/engine-pool.ts';
+import { EngineClient } from '../src/engine/engine-client.ts';
+import { CostMeter } from '../src/meter/meter.ts';
+import type { GenerationRequest, RequestEvent, StepRecord } from '../src/engine/scheduler.ts';
+import { storiesModel } from './helpers/models.ts';
+
+const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
+const request = (id: string, maxTokens: number, promptIds = [1, 403, 407, 261]): GenerationRequest => ({
+  id, promptIds, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY,
+});
+const run = (engine: { submit: EngineClient['submit'] }, req: GenerationRequest) =>
+  new Promise<RequestEvent[]>((resolve) => {
+    const events: RequestEvent[] = [];
+    engine.submit(req, (e) => {
+      events.push(e);
+      if (e.finish) resolve(events);
+    });
+  });
+const tokensOf = (events: RequestEvent[]) => events.flatMap((e) => e.tokens.map((t) => t.id));
+
+describe('several engine workers in one server (--devices)', () => {
+  it('spreads requests by outstanding tokens, meters each device, and gives the same tokens as one worker', async () => {
+    const options = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, threads: 1, maxNumSeqs: 8, maxNumBatchedTokens: 256, kvCacheBytes: 2 ** 26 };
+    const pool = await EnginePool.start(options, [{ kind: 'cpu' }, { kind: 'cpu' }]);
+    const single = await EngineClient.start(options);
+    try {
+      expect(pool.deviceNames).toEqual(['cpu#0', 'cpu#1']);
+      expect(pool.info.limits.maxNumSeqs).toBe(16);
+      const steps: StepRecord[] = [];
+      pool.on('step', (r) => steps.push(r));
+      const meter = new CostMeter({ devicePriceUsdPerHour: 3.6, devices: 2, devicesPerStep: 1 });
+      pool.on('step', (r) => meter.observeStep(r));
+
+      // A long request goes to worker 0; the next three go to worker 1 until it has as many tokens outstanding.
+      const long = run(pool, request('long', 200));
+      expect(pool.load()).toEqual([204, 0]);
+      const short = [run(pool, request('s1', 60)), run(pool, request('s2', 60)), run(pool, request('s3', 60))];
+      expect(pool.load()).toEqual([204, 192]);
+      const fifth = run(pool, request('s4', 20));
+      expect(pool.load()).toEqual([204, 216]);
+      const results = await Promise.all([long, ...short, fifth]);
+      expect(pool.load()).toEqual([0, 0]);
+      expect(pool.inFlight).toBe(0);
+
+      const alone = await run(single, request('alone', 200));
+      expect(tokensOf(results[0])).toEqual(tokensOf(alone));
+
+      const devices = new Set(steps.map((s) => s.device));
+      expect(devices).toEqual(new Set(['cpu#0', 'cpu#1']));
+      const busy = (d: string) => steps.filter((s) => s.device === d).reduce((a, s) => a + s.busySeconds, 0);
+      expect(meter.busyByDevice.get('cpu#0')).toBeCloseTo(busy('cpu#0'), 9);
+      expect(meter.busyByDevice.get('cpu#1')).toBeCloseTo(busy('cpu#1'), 9);
+      // A request on one of two devices is charged its own device-seconds, not twice them.
+      const finish = results[1].at(-1)!;
+      const cost = meter.requestFinished({
+        id: 's1', model: 'm', tenant: 't', status: 'completed', promptTokens: 4, completionTokens: 60,
+        prefillSeconds: finish.cost!.prefillSeconds, decodeSeconds: finish.cost!.decodeSeconds,
+        arrivalMs: Date.now() - 1000, endMs: Date.now(), interTokenSeconds: [],
+      });
+      expect(cost.device_seconds.prefill + cost.device_seconds.decode).toBeCloseTo(finish.cost!.prefillSeconds + finish.cost!.decodeSeconds, 12);
+      expect(cost.usd.usage).toBeCloseTo(((finish.cost!.prefillSeconds + finish.cost!.decodeSeconds) * 3.6) / 3600, 15);
+
+      // Cancelling reaches the worker that owns the request.
+      const cancelled = run(pool, request('c', 400));
+      pool.cancel('c');
+      const events = await cancelled;
+      expect(events.at(-1)!.finish).toBe('cancelled');
+    } finally {
+      await pool.close();
+      await single.close();
+    }
+  });
+});
