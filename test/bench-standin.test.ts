@@ -196,7 +196,7 @@ describe('bench against the stand-in server', () => {
     const file = path.join(tmp, 'prompts.jsonl');
     fs.writeFileSync(file, [JSON.stringify({ messages: [{ role: 'user', content: 'Hello there' }], max_tokens: 6 }), JSON.stringify({ prompt: 'Tell me a story', max_tokens: 4 })].join('\n'));
     try {
-      const { code, result } = await bench(['--url', server.url, '--dataset', file, '--concurrency', '2', '--requests', '6', '--warmup', '0', '--progress']);
+      const { code, err, result } = await bench(['--url', server.url, '--dataset', file, '--concurrency', '2', '--requests', '6', '--warmup', '0', '--progress']);
       expect(code).toBe(0);
       expect(result.target.endpoint).toBe('chat');
       expect(result.server.prompt_format).toBe('dataset');
@@ -207,6 +207,7 @@ describe('bench against the stand-in server', () => {
       // The role-only opening chunk is not a token: 3 × 6 + 3 × 4 output tokens.
       expect(result.points[0].stats.tokens).toMatchObject({ output: 30, from_usage: 0, input_unknown: 6 });
       expect(result.notes.join(' ')).toContain('no usage');
+      expect(err).toContain('6/6 done');
     } finally {
       await server.close();
     }
