@@ -2,24 +2,24 @@
  * The operator's dashboard, served by Tally itself:
  *
  *   GET /, /dashboard           the page (public/index.html)
- *   GET /dashboard/data         one DashboardSnapshot (JSON); the page polls it every second
+ *   GET /v1/dashboard           one DashboardSnapshot (JSON); the page polls it every second
  *   GET /dashboard/assets/NAME  the page's script, formatter and style sheet, and Chart.js's UMD
  *                               build from node_modules (nothing is fetched from another origin)
  *
- * /dashboard/data carries costs and tenant names, so it sits behind the same API keys as /v1/cost;
- * the page asks for a key when it is answered 401. The page and its assets hold no data and are public.
+ * The snapshot carries costs and tenant names, so it lives under /v1, behind the API's keys like
+ * /v1/cost (the app authenticates /v1 before mounted routes); the page asks for a key when it is
+ * answered 401. The page and its assets hold no data and are public.
  */
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Router, type NextFunction, type Request, type Response } from 'express';
-import { authenticate } from '../server/auth.ts';
 import { SnapshotSource, type DashboardSources } from './snapshot.ts';
 
-export interface DashboardOptions extends DashboardSources {
-  /** key → tenant, as the API has them; none or empty: the data is open like the rest of the API. */
-  apiKeys?: Map<string, string>;
-}
+export type DashboardOptions = DashboardSources;
+
+/** Where the page finds its data. */
+export const SNAPSHOT_PATH = '/v1/dashboard';
 
 const PUBLIC = fileURLToPath(new URL('./public/', import.meta.url));
 const CHART_JS = path.join(path.dirname(createRequire(import.meta.url).resolve('chart.js')), 'chart.umd.min.js');
@@ -53,7 +53,7 @@ export function dashboardRouter(options: DashboardOptions): Router {
     res.sendFile(asset.file, (err) => err && next(err));
   });
 
-  router.get('/dashboard/data', authenticate(options.apiKeys), async (_req: Request, res: Response) => {
+  router.get(SNAPSHOT_PATH, async (_req: Request, res: Response) => {
     res.set('Cache-Control', 'no-store');
     res.json(await source.snapshot());
   });

@@ -29,6 +29,8 @@ export interface DashboardSources {
   ledger?: Ledger;
   /** "provider:model" ids to compare against (default: /v1/cost's default list). */
   apiModels?: string[];
+  /** The latest device telemetry sample, as /v1/cost is given it. */
+  telemetry?: () => unknown;
   /** ms since epoch (default Date.now); must be the meter's clock. */
   clock?: () => number;
   ledgerWindowMs?: number;
@@ -80,8 +82,8 @@ export interface BreakEvenPlot {
   /** Monthly cost of self-hosting against monthly tokens: the configured devices, then one more per capacity step. */
   self_hosted: [number, number][];
   apis: BreakEvenApi[];
-  /** The window's token rate extrapolated to a month (the report's monthly.target_tokens), if any. */
-  current_tokens_per_month: number | null;
+  /** The window's token rate extrapolated to a month (the report's monthly.target_tokens) and its self-hosted cost; null without traffic. */
+  current: { tokens_per_month: number; usd_per_month: number } | null;
 }
 
 export interface DashboardSnapshot {
@@ -105,7 +107,7 @@ export interface DashboardSnapshot {
     utilization: number;
   };
   /** Exactly GET /v1/cost?window=<meter's allocation window> at `generated_at`. */
-  cost: CostWindowReport;
+  cost: CostWindowReport & { per_device_busy_seconds_since_start?: Record<string, number> };
   charts: { prices: PriceBars; break_even: BreakEvenPlot | null };
   ledger: LedgerTables | null;
 }
@@ -195,7 +197,7 @@ export function breakEvenPlot(cost: CostWindowReport): BreakEvenPlot | null {
         crossing: a.break_even ? { tokens_per_month: a.break_even.tokens_per_month, usd_per_month: a.break_even.api_usd_per_month } : null,
       };
     }),
-    current_tokens_per_month: target,
+    current: target === null ? null : { tokens_per_month: target, usd_per_month: Math.max(cost.devices, Math.ceil(target / perDevice)) * perDeviceUsd },
   };
 }
 
@@ -243,7 +245,9 @@ export class SnapshotSource {
     ]);
     const now = this.clock();
     const pricing: Pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
-    const cost = buildCostReport(meter.window(meter.allocationWindowMs, now), pricing, { apiModels: this.sources.apiModels });
+    // As costRouter builds GET /v1/cost's body.
+    const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
+    const cost = { ...buildCostReport(meter.window(meter.allocationWindowMs, now), pricing, { apiModels: this.sources.apiModels, telemetry: this.sources.telemetry }), ...perDevice };
     const recent = buildCostReport(meter.window(RECENT_WINDOW_MS, now), pricing, { apiModels: [] });
     return {
       object: 'dashboard_snapshot',

@@ -46,9 +46,12 @@ function compact(v) {
  *   tokens   compact "15.2M"
  *   seconds  "12.3 s" (3 significant digits)
  *   number   3 significant digits
+ *   time     an ISO timestamp's time of day, "22:50:29 UTC"
+ *   text     as it is
  */
 export function format(kind, value) {
   if (value === null || value === undefined || (typeof value === 'number' && !Number.isFinite(value))) return DASH;
+  if (kind === 'time') return typeof value === 'string' && /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d/.test(value) ? value.slice(11, 19) + ' UTC' : String(value);
   if (typeof value !== 'number') return String(value);
   switch (kind) {
     case 'usd': {
