@@ -7,6 +7,7 @@ Usage:
   tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf]
   tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE]
   tally bench   --url URL --model NAME [--concurrency 1,8,32 | --rate 1,2,4] ...
+  tally keys    add NAME [--rpm N] [--tpm N] [--budget-usd X] | list | revoke NAME  [--file FILE]
   tally cost    [--data-dir DIR] [--by tenant|model|day] [--since 24h|2026-11-01] [--format table|json]
 
 Run \`tally <command> --help\` for a command's options.`;
@@ -52,6 +53,12 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --max-queue N                waiting requests before 429 (default 256)
   --request-timeout SECONDS    default 600
   --api-key [NAME:]KEY         require this bearer key (repeatable; also TALLY_API_KEYS=name:key,...)
+  --api-keys-file FILE         hashed keys with per-key rpm / tpm / budget_usd, made by \`tally keys\`
+                               (also TALLY_API_KEYS_FILE); re-read when it changes
+  --idle-timeout SECONDS       a request must arrive, and a streaming client must read, within this (default 60)
+  --shutdown-grace SECONDS     SIGTERM waits this long for requests in flight, then cancels them (default 30)
+  --max-body-bytes N           larger request bodies get 413 (default 4194304)
+  --max-connections N          default 1024
   --device-price USD_PER_HOUR  price of one device, or a preset name (default: cpu preset)
   --power-price USD_PER_KWH    electricity price, used where power is measured
   --data-dir DIR               ledger location (default $TALLY_DATA_DIR or ./.tally)
@@ -76,6 +83,11 @@ async function serve(argv: string[]): Promise<void> {
       'max-queue': { type: 'string' },
       'request-timeout': { type: 'string' },
       'api-key': { type: 'string', multiple: true },
+      'api-keys-file': { type: 'string' },
+      'idle-timeout': { type: 'string' },
+      'shutdown-grace': { type: 'string' },
+      'max-body-bytes': { type: 'string' },
+      'max-connections': { type: 'string' },
       'device-price': { type: 'string' },
       'power-price': { type: 'string' },
       'data-dir': { type: 'string' },
@@ -100,6 +112,11 @@ async function serve(argv: string[]): Promise<void> {
     maxQueue: number(values['max-queue'], '--max-queue'),
     requestTimeoutSeconds: number(values['request-timeout'], '--request-timeout'),
     apiKeys: values['api-key'],
+    apiKeysFile: values['api-keys-file'],
+    idleTimeoutSeconds: number(values['idle-timeout'], '--idle-timeout'),
+    shutdownGraceSeconds: number(values['shutdown-grace'], '--shutdown-grace'),
+    maxBodyBytes: number(values['max-body-bytes'], '--max-body-bytes'),
+    maxConnections: number(values['max-connections'], '--max-connections'),
     devicePrice: values['device-price'],
     powerPrice: number(values['power-price'], '--power-price'),
     dataDir: values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally',
@@ -165,6 +182,11 @@ async function main(): Promise<void> {
     case 'bench': {
       const { runBenchCommand } = await import('./bench/bench-cli.ts');
       process.exitCode = await runBenchCommand(rest);
+      return;
+    }
+    case 'keys': {
+      const { runKeysCommand } = await import('./server/keys-cli.ts');
+      process.exitCode = await runKeysCommand(rest);
       return;
     }
     case 'cost': {

@@ -3,21 +3,35 @@ import { EventEmitter } from 'node:events';
 import type { EngineOptions } from './engine-options.ts';
 import type { EngineInfo } from './engine.ts';
 import type { GenerationRequest, RequestEvent, StepRecord } from './scheduler.ts';
-import type { FromWorker, ToWorker } from './worker.ts';
+import type { FromWorker, ToWorker, WorkerFault } from './worker.ts';
 
 const WORKER_URL = new URL('./worker-entry.js', import.meta.url);
 
 type Listener = (event: RequestEvent) => void;
 
+/** Restart back-off after a failed restart: 1 s, 2 s, 4 s, … at most 30 s. */
+const RESTART_BACKOFF_MS = [1000, 2000, 4000, 8000, 16_000, 30_000];
+
 /**
  * The main thread's handle on the engine worker. ONNX Runtime's run() blocks its thread for the
  * whole forward pass, so the engine lives in a worker and HTTP stays responsive. A worker that dies
- * fails its requests in flight and is started again.
+ * fails its requests in flight (each gets a finish 'error' event saying so) and is started again;
+ * requests submitted while it restarts wait and go to the new worker. While a restart keeps failing,
+ * new requests fail at once.
  */
 export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [string]; event: [RequestEvent] }> {
   private worker!: Worker;
   private pending = new Map<string, Listener>();
   private closing = false;
+  /** Whether the current worker is up (ready, not exited). */
+  private up = false;
+  /** Messages for a worker that is (re)starting. */
+  private backlog: ToWorker[] = [];
+  /** Why the engine cannot take requests (its restart failed). */
+  private broken?: string;
+  private failedRestarts = 0;
+  private retryTimer?: NodeJS.Timeout;
+  private exited: Promise<void> = Promise.resolve();
   info!: EngineInfo;
   restarts = 0;
 
@@ -25,9 +39,14 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
     super();
   }
 
+  /** Starts the worker and loads the model; rejects with a message that names the model folder if it cannot. */
   static async start(options: EngineOptions): Promise<EngineClient> {
     const client = new EngineClient(options);
-    await client.spawn();
+    try {
+      await client.spawn();
+    } catch (err) {
+      throw new Error(`could not load the model in ${options.modelDir}: ${(err as Error).message}`, { cause: err });
+    }
     return client;
   }
 
@@ -35,6 +54,7 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
     return new Promise((resolve, reject) => {
       const worker = new Worker(WORKER_URL, { workerData: this.options });
       this.worker = worker;
+      this.exited = new Promise((r) => worker.once('exit', () => r()));
       let ready = false;
       worker.on('message', (m: FromWorker) => {
         if (m.type === 'events') {
@@ -44,25 +64,49 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
         } else if (m.type === 'ready') {
           ready = true;
           this.info = m.info;
+          this.up = true;
+          for (const queued of this.backlog.splice(0)) worker.postMessage(queued);
+          if (this.closing) worker.postMessage({ type: 'stop' } satisfies ToWorker);
           resolve();
         } else if (m.type === 'fatal') {
           if (!ready) reject(new Error(m.message));
-          else this.failAll(`engine failed: ${m.message}`);
+          else this.failAll(`the engine failed (${m.message}); it is restarting`);
         }
       });
       worker.on('error', (err) => {
         if (!ready) reject(err);
-        else this.failAll(`engine worker crashed: ${err.message}`);
+        else this.failAll(`the engine worker crashed (${err.message}); it is restarting`);
       });
       worker.on('exit', (code) => {
-        if (!ready) return reject(new Error(`engine worker exited with code ${code} before it was ready`));
-        if (this.closing) return;
-        this.failAll(`engine worker exited with code ${code}`);
+        this.up = false;
+        if (!ready) return reject(new Error(`the engine worker exited with code ${code} before it was ready`));
+        if (this.closing) return this.failAll('the server is shutting down');
+        this.failAll(`the engine worker exited (code ${code}) while running this request; it is restarting`);
         this.restarts++;
         this.emit('restart', `exit code ${code}`);
-        this.spawn().catch((err) => this.emit('restart', `restart failed: ${(err as Error).message}`));
+        this.restart();
       });
     });
+  }
+
+  private restart(): void {
+    this.spawn().then(
+      () => {
+        this.broken = undefined;
+        this.failedRestarts = 0;
+      },
+      (err: Error) => {
+        if (this.closing) return;
+        this.broken = `the engine is down: its worker could not restart (${err.message})`;
+        // Whatever waited for the new worker fails now; later submissions fail at once until it is back.
+        this.backlog = [];
+        this.failAll(this.broken);
+        this.emit('restart', `restart failed: ${err.message}`);
+        const delay = RESTART_BACKOFF_MS[Math.min(this.failedRestarts++, RESTART_BACKOFF_MS.length - 1)];
+        this.retryTimer = setTimeout(() => this.restart(), delay);
+        this.retryTimer.unref();
+      },
+    );
   }
 
   private dispatch(e: RequestEvent): void {
@@ -79,7 +123,8 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
   }
 
   private post(m: ToWorker): void {
-    this.worker.postMessage(m);
+    if (this.up) this.worker.postMessage(m);
+    else this.backlog.push(m);
   }
 
   /** Requests submitted and not yet finished. */
@@ -87,8 +132,18 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
     return this.pending.size;
   }
 
+  /** Whether the engine takes requests (false while its restart keeps failing, and once closed). */
+  get available(): boolean {
+    return this.broken === undefined && !this.closing;
+  }
+
   submit(request: GenerationRequest, listener: Listener): void {
     this.pending.set(request.id, listener);
+    const refusal = this.closing ? 'the server is shutting down' : this.broken;
+    if (refusal !== undefined) {
+      queueMicrotask(() => this.dispatch({ id: request.id, tokens: [], text: '', finish: 'error', error: refusal }));
+      return;
+    }
     this.post({ type: 'submit', request });
   }
 
@@ -96,17 +151,36 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
     if (this.pending.has(id)) this.post({ type: 'cancel', id });
   }
 
-  /** Kills the worker (for fault tests and last-resort shutdown). */
+  /** Cancels every request in flight; each ends with a 'cancelled' event at the engine's next step. */
+  cancelAll(): void {
+    for (const id of this.pending.keys()) this.post({ type: 'cancel', id });
+  }
+
+  /** Fault injection for tests (see WorkerFault); crashes happen between steps, never mid forward pass. */
+  injectFault(fault: WorkerFault): void {
+    this.post({ type: 'fault', fault });
+  }
+
+  /**
+   * Kills the worker thread outright. Only safe while it is idle: terminating it during a forward pass can
+   * abort the whole process (ONNX Runtime's N-API binding). Prefer injectFault('exit').
+   */
   async terminateWorker(): Promise<void> {
     await this.worker.terminate();
   }
 
+  /**
+   * Stops the worker after its current step; requests still in flight then end with an error event (so that
+   * they reach the meter). Terminates it if it has not stopped within 5 s.
+   */
   async close(): Promise<void> {
     this.closing = true;
-    this.post({ type: 'stop' });
-    const exited = new Promise<void>((resolve) => this.worker.once('exit', () => resolve()));
-    const timeout = new Promise<void>((resolve) => setTimeout(resolve, 5000).unref());
-    await Promise.race([exited, timeout]);
-    await this.worker.terminate();
+    clearTimeout(this.retryTimer);
+    if (this.up) this.worker.postMessage({ type: 'stop' } satisfies ToWorker);
+    const timeout = new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 5000).unref());
+    const stopped = await Promise.race([this.exited.then(() => true), timeout]);
+    if (!stopped) await this.worker.terminate();
+    this.up = false;
+    this.failAll('the server is shutting down');
   }
 }

@@ -100,6 +100,7 @@ export class Scheduler {
   private reservedTokens = 0;
   private wake?: () => void;
   private stopped = false;
+  private forwardFault?: string;
 
   constructor(
     private readonly runner: ModelRunner,
@@ -130,6 +131,11 @@ export class Scheduler {
   stop(): void {
     this.stopped = true;
     this.wake?.();
+  }
+
+  /** Fault injection for tests: the next forward pass fails as an ONNX Runtime error would. */
+  injectForwardError(message: string): void {
+    this.forwardFault = message;
   }
 
   counts(): { running: number; waiting: number } {
@@ -285,6 +291,11 @@ export class Scheduler {
 
   private async forward(rows: ForwardRow[], seqs: Sequence[], events: RequestEvent[]) {
     try {
+      if (this.forwardFault !== undefined) {
+        const message = this.forwardFault;
+        this.forwardFault = undefined;
+        throw new Error(message);
+      }
       return await this.runner.forward(rows);
     } catch (err) {
       const message = `engine error: ${(err as Error).message}`;

@@ -4,6 +4,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import express, { type Express, type NextFunction, type Request, type Response } from 'express';
+import { KeyStore } from './api-keys.ts';
 import { ANONYMOUS, authenticate } from './auth.ts';
 import { chatHandler } from './chat.ts';
 import { ChatTemplate } from './chat-template.ts';
@@ -12,6 +13,8 @@ import type { RequestLocals, ServerContext, ServerState } from './context.ts';
 import { ApiError, badRequest, fromBodyParser, serverError } from './errors.ts';
 import { TokenText } from './logprobs.ts';
 import { makeSchemas } from './schemas.ts';
+import { checkCapacity } from './serve.ts';
+import { TenantLimiter } from './tenant-limits.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
 
 export type { ServerContext, ServerLimits } from './context.ts';
@@ -43,15 +46,20 @@ function verifyUtf8(_req: unknown, _res: unknown, buf: Buffer): void {
   }
 }
 
-function depthExceeds(value: unknown, limit: number): boolean {
-  const stack: [unknown, number][] = [[value, 1]];
+/**
+ * What is wrong with the shape of a parsed body, if anything: nesting deeper than `depthLimit` or an array
+ * longer than `arrayLimit` (more than any valid field can hold; validating it would cost the main thread).
+ */
+function shapeProblem(value: unknown, depthLimit: number, arrayLimit: number): string | undefined {
+  const stack: [object, number][] = typeof value === 'object' && value !== null ? [[value, 1]] : [];
   while (stack.length > 0) {
     const [v, depth] = stack.pop()!;
-    if (typeof v !== 'object' || v === null) continue;
-    if (depth > limit) return true;
-    for (const child of Object.values(v)) stack.push([child, depth + 1]);
+    if (depth > depthLimit) return `The JSON body nests deeper than ${depthLimit} levels.`;
+    const children = Array.isArray(v) ? v : Object.values(v);
+    if (Array.isArray(v) && v.length > arrayLimit) return `The JSON body holds an array of ${v.length} elements; at most ${arrayLimit} are accepted.`;
+    for (const child of children) if (typeof child === 'object' && child !== null) stack.push([child, depth + 1]);
   }
-  return false;
+  return undefined;
 }
 
 /** Request id, arrival time, and one log line per request when it ends. */
@@ -92,7 +100,15 @@ function loadChatTemplate(ctx: ServerContext): ChatTemplate | undefined {
   }
 }
 
+/** More characters than any prompt that fits the context can have (see ServerLimits.maxPromptChars). */
+function defaultMaxPromptChars(ctx: ServerContext): number {
+  let longest = 1;
+  for (let id = 0; id < ctx.tokenizer.vocabSize; id++) longest = Math.max(longest, ctx.tokenizer.idToToken(id)?.length ?? 0);
+  return ctx.engine.info.limits.maxModelLen * longest * 4;
+}
+
 export function createApp(ctx: ServerContext): Express {
+  const keys = ctx.keys ?? new KeyStore(ctx.apiKeys);
   const state: ServerState = {
     ctx,
     schemas: makeSchemas({ ...ctx.limits, maxLogprobs: Math.min(ctx.limits.maxLogprobs, SAMPLER_MAX_LOGPROBS) }),
@@ -100,6 +116,8 @@ export function createApp(ctx: ServerContext): Express {
     tokenText: new TokenText(ctx.tokenizer),
     created: Math.floor(Date.now() / 1000),
     draining: false,
+    limiter: ctx.tenantLimiter ?? new TenantLimiter((tenant) => keys.policy(tenant)),
+    maxPromptChars: ctx.limits.maxPromptChars ?? defaultMaxPromptChars(ctx),
   };
   const app = express();
   app.disable('x-powered-by');
@@ -114,10 +132,18 @@ export function createApp(ctx: ServerContext): Express {
     if (state.draining) res.status(503).json({ status: 'draining' });
     else res.json({ status: 'ok' });
   });
-  app.use(['/v1', '/tokenize', '/detokenize'], authenticate(ctx.apiKeys));
-  app.use(express.json({ limit: ctx.limits.maxBodyBytes, type: () => true, verify: verifyUtf8 }));
+  app.use(['/v1', '/tokenize', '/detokenize'], authenticate(keys));
+  // Under overload, refuse generations before reading and tokenizing their bodies.
   app.use((req, _res, next) => {
-    if (depthExceeds(req.body, MAX_JSON_DEPTH)) throw badRequest(`The JSON body nests deeper than ${MAX_JSON_DEPTH} levels.`, null, 'invalid_body');
+    if (req.method === 'POST' && GENERATION_PATHS.has(req.path)) checkCapacity(state, 1);
+    next();
+  });
+  app.use(express.json({ limit: ctx.limits.maxBodyBytes, type: () => true, verify: verifyUtf8 }));
+  const { maxModelLen } = ctx.engine.info.limits;
+  const arrayLimit = Math.max(2 * maxModelLen, 2 * (ctx.engine.info.limits.maxNumSeqs + ctx.limits.maxQueue), 4096);
+  app.use((req, _res, next) => {
+    const problem = shapeProblem(req.body, MAX_JSON_DEPTH, arrayLimit);
+    if (problem) throw badRequest(problem, null, 'invalid_body');
     next();
   });
 

@@ -1,19 +1,21 @@
 /** Bearer API keys, compared in constant time; the request carries the key's tenant name, never the key. */
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { timingSafeEqual } from 'node:crypto';
 import type { NextFunction, Request, Response } from 'express';
+import { keyDigest, KeyStore } from './api-keys.ts';
 import type { RequestLocals } from './context.ts';
 import { ApiError } from './errors.ts';
 
 export const ANONYMOUS = 'anonymous';
 
-const digest = (key: string): Buffer => createHash('sha256').update(key, 'utf8').digest();
-
-/** Middleware that resolves res.locals.tenant; with no keys configured every request is anonymous. */
-export function authenticate(apiKeys: Map<string, string> | undefined) {
-  const keys = [...(apiKeys ?? new Map<string, string>())].map(([key, tenant]) => ({ digest: digest(key), tenant }));
+/**
+ * Middleware that resolves res.locals.tenant; with no keys configured every request is anonymous. Takes the
+ * server's KeyStore, or plain keys (key → tenant name).
+ */
+export function authenticate(keys: KeyStore | Map<string, string> | undefined) {
+  const store = keys instanceof KeyStore ? keys : new KeyStore(keys);
   return (req: Request, res: Response, next: NextFunction): void => {
     const locals = res.locals as RequestLocals;
-    if (keys.length === 0) {
+    if (!store.enabled) {
       locals.tenant = ANONYMOUS;
       return next();
     }
@@ -21,10 +23,11 @@ export function authenticate(apiKeys: Map<string, string> | undefined) {
     if (!match) {
       throw new ApiError(401, 'You didn\'t provide an API key. Send it as "Authorization: Bearer KEY".', 'invalid_request_error', null, 'invalid_api_key');
     }
-    const given = digest(match[1]);
+    // Only the key's digest is compared, against every stored digest, so that neither the key's length nor
+    // which entry was close shows in the time taken.
+    const given = keyDigest(match[1]);
     let tenant: string | undefined;
-    // Every key is compared, so that the time taken does not tell which one was close.
-    for (const k of keys) if (timingSafeEqual(given, k.digest)) tenant ??= k.tenant;
+    for (const k of store.entries()) if (timingSafeEqual(given, k.digest)) tenant ??= k.name;
     if (tenant === undefined) throw new ApiError(401, 'Incorrect API key provided.', 'invalid_request_error', null, 'invalid_api_key');
     locals.tenant = tenant;
     next();

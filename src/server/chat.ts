@@ -4,7 +4,7 @@ import { NO_TEMPLATE_MESSAGE } from './chat-template.ts';
 import type { RequestLocals, ServerState } from './context.ts';
 import { badRequest } from './errors.ts';
 import { chatLogprobs } from './logprobs.ts';
-import { checkModel, engineRequest, resolveMaxTokens } from './params.ts';
+import { checkModel, checkPromptChars, engineRequest, messageChars, resolveMaxTokens } from './params.ts';
 import { parse } from './schemas.ts';
 import { finishReason, type ResponseFormat, serveGeneration } from './serve.ts';
 
@@ -15,7 +15,10 @@ export function chatHandler(state: ServerState) {
     const template = state.chatTemplate;
     if (!template) throw badRequest(NO_TEMPLATE_MESSAGE, 'messages', 'no_chat_template');
     const locals = res.locals as RequestLocals;
-    const ids = template.encode(template.render(body.messages, { tools: body.tools }), body.add_special_tokens ?? undefined);
+    checkPromptChars(state, messageChars(body.messages) + JSON.stringify(body.tools ?? []).length, 'messages');
+    const rendered = template.render(body.messages, { tools: body.tools });
+    checkPromptChars(state, rendered.length, 'messages');
+    const ids = template.encode(rendered, body.add_special_tokens ?? undefined);
     const maxTokens = resolveMaxTokens(state, ids.length, body.max_completion_tokens ?? body.max_tokens, state.ctx.limits.maxTokensDefault, 'messages');
     const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : undefined;
     const n = body.n ?? 1;

@@ -3,9 +3,9 @@ import type { Request, Response } from 'express';
 import type { RequestLocals, ServerState } from './context.ts';
 import type { Choice } from './generation.ts';
 import { type CompletionLogprobs, completionLogprobs, concatLogprobs, echoLogprobs } from './logprobs.ts';
-import { checkModel, checkTokenIds, engineRequest, resolveMaxTokens } from './params.ts';
+import { checkModel, checkPromptChars, checkTokenIds, engineRequest, resolveMaxTokens } from './params.ts';
 import { type CompletionBody, parse } from './schemas.ts';
-import { finishReason, type ResponseFormat, serveGeneration } from './serve.ts';
+import { checkCapacity, finishReason, type ResponseFormat, serveGeneration } from './serve.ts';
 
 /** OpenAI's default max_tokens for completions. */
 const COMPLETIONS_MAX_TOKENS = 16;
@@ -16,9 +16,12 @@ interface Prompt {
   text: string;
 }
 
-function prompts(state: ServerState, prompt: CompletionBody['prompt']): Prompt[] {
+function prompts(state: ServerState, prompt: CompletionBody['prompt'], n: number): Prompt[] {
   const { tokenizer } = state.ctx;
   const list: (string | number[])[] = typeof prompt === 'string' ? [prompt] : typeof prompt[0] === 'number' ? [prompt as number[]] : (prompt as (string | number[])[]);
+  // Counted before anything is tokenized.
+  checkCapacity(state, list.length * n);
+  for (const p of list) if (typeof p === 'string') checkPromptChars(state, p.length, 'prompt');
   return list.map((p) => {
     if (typeof p === 'string') return { ids: tokenizer.encode(p), text: p };
     checkTokenIds(state, p, 'prompt');
@@ -31,8 +34,8 @@ export function completionsHandler(state: ServerState) {
     const body = parse(state.schemas.completion, req.body);
     checkModel(state, body.model);
     const locals = res.locals as RequestLocals;
-    const list = prompts(state, body.prompt);
     const n = body.n ?? 1;
+    const list = prompts(state, body.prompt, n);
     const logprobs = body.logprobs ?? undefined;
     const withTop = (logprobs ?? 0) > 0;
     const echo = body.echo ?? false;

@@ -7,6 +7,8 @@ import type { RequestMeter } from '../meter/types.ts';
 import type { ChatTemplate } from './chat-template.ts';
 import type { TokenText } from './logprobs.ts';
 import type { Schemas } from './schemas.ts';
+import type { KeyStore } from './api-keys.ts';
+import type { TenantLimiter } from './tenant-limits.ts';
 
 export interface ServerLimits {
   /** Choices that may wait beyond the engine's maxNumSeqs before requests get 429. */
@@ -20,6 +22,20 @@ export interface ServerLimits {
   maxStop: number;
   /** At most 20 (the sampler's limit). */
   maxLogprobs: number;
+  /**
+   * Longer prompts (characters, each string of a request) are refused before they are tokenized, which
+   * runs on the main thread. Default: maxModelLen × the longest vocabulary piece × 4, more than any prompt
+   * that fits the context can have.
+   */
+  maxPromptChars?: number;
+  /**
+   * A stream whose client stops reading: events that the socket does not take are held up to this many
+   * bytes (default 256 KiB); past it, or when the socket takes nothing for streamStallTimeoutMs, the
+   * generation is cancelled and the connection closed.
+   */
+  streamBufferBytes?: number;
+  /** Default 30 000 ms. */
+  streamStallTimeoutMs?: number;
 }
 
 export interface ServerContext {
@@ -30,8 +46,12 @@ export interface ServerContext {
   modelName: string;
   meter: RequestMeter;
   logger: Logger;
-  /** key → tenant name; undefined or empty: authentication off. */
+  /** Plain keys, key → tenant name; undefined or empty (and no `keys`): authentication off. */
   apiKeys?: Map<string, string>;
+  /** Hashed keys with tenant limits (a keys file); when given, `apiKeys` is ignored. */
+  keys?: KeyStore;
+  /** Per-tenant rate limits and budgets; default: from `keys`' policies, spend counted from zero. */
+  tenantLimiter?: TenantLimiter;
   limits: ServerLimits;
   /** Mounts more routes (metrics, cost, dashboard) after the API's and before the 404 handler. */
   mount?: (app: Express) => void;
@@ -46,6 +66,9 @@ export interface ServerState {
   /** Unix seconds when the app was created (the model's `created`). */
   created: number;
   draining: boolean;
+  limiter: TenantLimiter;
+  /** Prompt strings longer than this are refused untokenized. */
+  maxPromptChars: number;
 }
 
 /** Per-request values kept on res.locals for the log line and the meter. */

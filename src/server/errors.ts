@@ -43,7 +43,7 @@ export function fromZod(error: ZodError): ApiError {
 }
 
 /** Maps body-parser's errors (they carry `type` and `status`) to API errors. */
-export function fromBodyParser(err: { type?: unknown; status?: unknown; message?: string; limit?: unknown }): ApiError | undefined {
+export function fromBodyParser(err: { type?: unknown; status?: unknown; message?: string; limit?: unknown; code?: unknown; expose?: unknown }): ApiError | undefined {
   switch (err.type) {
     case 'entity.too.large':
       return new ApiError(413, `The request body exceeds the limit of ${err.limit} bytes.`, 'invalid_request_error', null, 'request_too_large');
@@ -58,6 +58,14 @@ export function fromBodyParser(err: { type?: unknown; status?: unknown; message?
     case 'request.size.invalid':
       return badRequest(err.message ?? 'the request body was incomplete', null, 'invalid_body');
     default:
+      // zlib / brotli errors while inflating a Content-Encoding body, and other client errors Express marks
+      // as safe to show (http-errors' `expose`: a URI that does not decode, for instance).
+      if (typeof err.code === 'string' && (err.code.startsWith('Z_') || err.code.startsWith('ERR__ERROR_'))) {
+        return badRequest('The request body could not be decompressed as its Content-Encoding says.', null, 'invalid_encoding');
+      }
+      if (typeof err.status === 'number' && err.status >= 400 && err.status < 500 && (err as { expose?: unknown }).expose === true) {
+        return new ApiError(err.status, err.message || 'bad request', 'invalid_request_error', null, 'invalid_request');
+      }
       return undefined;
   }
 }

@@ -2,7 +2,7 @@
 import type { GenerationRequest } from '../engine/scheduler.ts';
 import type { SamplingParams } from '../engine/sampler.ts';
 import { ApiError, badRequest } from './errors.ts';
-import type { SamplingBody } from './schemas.ts';
+import type { ChatMessage, SamplingBody } from './schemas.ts';
 import type { ServerState } from './context.ts';
 
 export function checkModel(state: ServerState, model: string | null | undefined): void {
@@ -40,6 +40,34 @@ export function resolveMaxTokens(state: ServerState, promptTokens: number, reque
     throw badRequest(`The request needs ${promptTokens + maxTokens} KV-cache tokens; this server's cache holds ${kvCapacityTokens}.`, 'max_tokens', 'context_length_exceeded');
   }
   return maxTokens;
+}
+
+/**
+ * Refuses text too long for the context before it is tokenized (tokenizing runs on the main thread, and a
+ * body of megabytes would hold it for seconds).
+ */
+export function checkPromptChars(state: ServerState, chars: number, param: string): void {
+  if (chars > state.maxPromptChars) {
+    throw badRequest(
+      `The ${param} has ${chars} characters, more than this model's context of ${state.ctx.engine.info.limits.maxModelLen} tokens can hold ` +
+        `(this server tokenizes at most ${state.maxPromptChars} characters). Please reduce the length of the ${param}.`,
+      param,
+      'context_length_exceeded',
+    );
+  }
+}
+
+/** Characters of a conversation's contents and names, before the template adds its own. */
+export function messageChars(messages: ChatMessage[]): number {
+  let n = 0;
+  for (const m of messages) {
+    const c = m.content;
+    if (typeof c === 'string') n += c.length;
+    else if (Array.isArray(c)) for (const part of c) n += part.text.length;
+    if ('name' in m && typeof m.name === 'string') n += m.name.length;
+    if ('tool_calls' in m && m.tool_calls) n += JSON.stringify(m.tool_calls).length;
+  }
+  return n;
 }
 
 export function stopStrings(stop: string | string[] | null | undefined): string[] {

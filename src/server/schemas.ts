@@ -11,7 +11,45 @@ export interface SchemaLimits {
   maxLogprobs: number;
 }
 
-const tokenIds = z.array(z.int().min(0)).min(1);
+/**
+ * Prompts and token lists are validated by hand: zod's union would try every alternative on every element,
+ * building an issue per element, and a few MB of numbers would hold the main thread for seconds.
+ */
+const isTokenIds = (v: unknown): v is number[] => {
+  if (!Array.isArray(v) || v.length === 0) return false;
+  for (const x of v) if (!Number.isSafeInteger(x) || (x as number) < 0) return false;
+  return true;
+};
+const PROMPT_ERROR = 'prompt must be a string, an array of strings, an array of token ids, or an array of token-id arrays';
+
+/** Where a prompt goes wrong: the path inside it and what is wrong, or undefined when it is valid. */
+function promptIssue(v: unknown): { path: number[]; message: string } | undefined {
+  const badId = (a: unknown[]) => a.findIndex((x) => !Number.isSafeInteger(x) || (x as number) < 0);
+  const idMessage = (x: unknown) => `token ids must be non-negative integers (got ${JSON.stringify(x)?.slice(0, 40)})`;
+  if (v === undefined) return { path: [], message: 'prompt is required' };
+  if (typeof v === 'string') return undefined;
+  if (!Array.isArray(v) || v.length === 0) return { path: [], message: PROMPT_ERROR };
+  if (typeof v[0] === 'number') {
+    const i = badId(v);
+    return i < 0 ? undefined : { path: [i], message: idMessage(v[i]) };
+  }
+  if (typeof v[0] === 'string') {
+    const i = v.findIndex((x) => typeof x !== 'string');
+    return i < 0 ? undefined : { path: [i], message: PROMPT_ERROR };
+  }
+  for (let j = 0; j < v.length; j++) {
+    const ids = v[j];
+    if (!Array.isArray(ids) || ids.length === 0) return { path: [j], message: PROMPT_ERROR };
+    const i = badId(ids);
+    if (i >= 0) return { path: [j, i], message: idMessage(ids[i]) };
+  }
+  return undefined;
+}
+const prompt = z.custom<string | string[] | number[] | number[][]>().superRefine((v, ctx) => {
+  const issue = promptIssue(v);
+  if (issue) ctx.addIssue({ code: 'custom', message: issue.message, path: issue.path });
+});
+const tokenList = z.custom<number[]>((v) => Array.isArray(v) && (v.length === 0 || isTokenIds(v)), { error: 'tokens must be an array of non-negative integers' });
 /** The engine scans held-back text against every stop string at each token; long ones cost quadratically. */
 const MAX_STOP_LENGTH = 1024;
 const stopString = z.string().max(MAX_STOP_LENGTH);
@@ -73,10 +111,7 @@ export function makeSchemas(limits: SchemaLimits) {
 
   const completion = z.object({
     ...common,
-    prompt: z.union([z.string(), z.array(z.string()).min(1), tokenIds, z.array(tokenIds).min(1)], {
-      error: (issue) =>
-        issue.input === undefined ? 'prompt is required' : 'prompt must be a string, an array of strings, an array of token ids, or an array of token-id arrays',
-    }),
+    prompt,
     logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
     echo: z.boolean().nullish(),
   });
@@ -108,7 +143,7 @@ export function makeSchemas(limits: SchemaLimits) {
     })
     .refine((b) => (b.prompt == null) !== (b.messages == null), { message: 'give exactly one of prompt or messages', path: ['prompt'] });
 
-  const detokenize = z.object({ model: z.string().nullish(), tokens: z.array(z.int().min(0)) });
+  const detokenize = z.object({ model: z.string().nullish(), tokens: tokenList });
 
   return { completion, chat, tokenize, detokenize };
 }

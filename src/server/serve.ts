@@ -6,8 +6,11 @@ import type { Response } from 'express';
 import type { GenerationRequest, RequestEvent } from '../engine/scheduler.ts';
 import type { RequestLocals, ServerState } from './context.ts';
 import { ApiError, badRequest, serverError } from './errors.ts';
-import { type Choice, Generation, type Usage } from './generation.ts';
+import { type Choice, Generation, type Outcome, type Usage } from './generation.ts';
 import { SseStream } from './sse.ts';
+
+const DEFAULT_STREAM_BUFFER_BYTES = 256 * 1024;
+const DEFAULT_STREAM_STALL_MS = 30_000;
 
 type Part = Record<string, unknown>;
 
@@ -33,11 +36,19 @@ export interface GenerationPlan {
 
 export const finishReason = (c: Choice): 'stop' | 'length' => (c.finish === 'length' ? 'length' : 'stop');
 
-/** Refuses work the server cannot take now: 503 while draining, 429 past maxNumSeqs + maxQueue. */
-function admit(state: ServerState, choices: number): void {
+/** Choices (prompts × n) the server holds at most: running plus waiting. */
+export function choiceCapacity(state: ServerState): number {
+  return state.ctx.engine.info.limits.maxNumSeqs + state.ctx.limits.maxQueue;
+}
+
+/** Refuses work the server cannot take now: 503 while draining, 400 past what it can ever run, 429 past maxNumSeqs + maxQueue. */
+export function checkCapacity(state: ServerState, choices: number): void {
   const { ctx } = state;
   if (state.draining) throw new ApiError(503, 'The server is shutting down.', 'server_error', null, 'server_unavailable');
-  const capacity = ctx.engine.info.limits.maxNumSeqs + ctx.limits.maxQueue;
+  if (ctx.engine.available === false) {
+    throw new ApiError(503, 'The engine is down and restarting; please retry shortly.', 'server_error', null, 'engine_unavailable', { 'Retry-After': '5' });
+  }
+  const capacity = choiceCapacity(state);
   if (choices > capacity) {
     throw badRequest(`This request asks for ${choices} choices (prompts × n); this server runs at most ${capacity} at once.`, null, 'too_many_choices');
   }
@@ -60,14 +71,15 @@ export function costHeaders(usage: Usage): Record<string, string> {
 export async function serveGeneration(state: ServerState, res: Response, plan: GenerationPlan, format: ResponseFormat): Promise<void> {
   const { ctx } = state;
   const locals = res.locals as RequestLocals;
-  admit(state, plan.requests.length);
+  checkCapacity(state, plan.requests.length);
+  // Tokens a tenant's per-minute limit reserves: prompt + every choice's max_tokens, corrected at the end.
+  const reservation = state.limiter.admit(locals.tenant, plan.promptTokens + plan.requests.reduce((a, r) => a + r.request.maxTokens, 0));
   locals.submitted = true;
   locals.promptTokens = plan.promptTokens;
 
   const created = Math.floor(Date.now() / 1000);
   const envelope = (object: string, choices: Part[], extra: Part = {}) => ({ id: plan.id, object, created, model: ctx.modelName, choices, ...extra });
   const usageNull = plan.includeUsage ? { usage: null } : {};
-  const sse = plan.stream ? new SseStream(res) : undefined;
 
   let failed: ApiError | undefined;
   const fail = (error: ApiError): void => {
@@ -81,6 +93,21 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
       res.status(error.status).set(error.headers).json(error.body());
     }
   };
+  // A streaming client that stopped reading: nothing more can reach it, so cancel and close.
+  const stalled = (why: string, bufferedBytes: number): void => {
+    if (failed) return;
+    failed = new ApiError(408, why, 'timeout', null, 'client_not_reading');
+    ctx.logger.warn({ requestId: locals.requestId, bufferedBytes, reason: why }, 'stream stalled: cancelling');
+    gen.cancel();
+    res.destroy();
+  };
+  const sse = plan.stream
+    ? new SseStream(res, {
+        maxBufferedBytes: ctx.limits.streamBufferBytes ?? DEFAULT_STREAM_BUFFER_BYTES,
+        stallTimeoutMs: ctx.limits.streamStallTimeoutMs ?? DEFAULT_STREAM_STALL_MS,
+        onStall: stalled,
+      })
+    : undefined;
 
   sse?.open();
   const gen: Generation = new Generation(
@@ -91,7 +118,8 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
     plan.requests,
     (choice, event) => {
       if (event.finish === 'error') return fail(serverError(event.error ?? 'the engine failed'));
-      if (!sse || failed) return;
+      // A cancelled choice did not finish: no finish_reason chunk for it.
+      if (!sse || failed || event.finish === 'cancelled') return;
       const part = format.delta(choice, event);
       if (part) sse.send(envelope(format.chunkObject, [part], usageNull));
     },
@@ -114,11 +142,20 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
   res.on('close', clientGone);
   if (res.destroyed || !res.socket || res.socket.destroyed) clientGone();
 
-  const outcome = await gen.done;
-  clearTimeout(timer);
+  let outcome: Outcome;
+  try {
+    outcome = await gen.done;
+  } finally {
+    clearTimeout(timer);
+  }
+  state.limiter.settle(reservation, outcome.usage.total_tokens, outcome.usage.cost?.usd.usage ?? 0);
   locals.completionTokens = outcome.usage.completion_tokens;
   if (failed || res.writableEnded || res.destroyed) return;
   if (outcome.error !== undefined) return fail(serverError(outcome.error));
+  if (outcome.status === 'cancelled') {
+    // Neither the client nor a timeout: the server cancelled it (shutdown past its grace period).
+    return fail(new ApiError(503, 'The server cancelled this request before it finished (it is shutting down); please retry.', 'server_error', null, 'server_unavailable'));
+  }
 
   if (sse) {
     if (plan.includeUsage) sse.send(envelope(format.chunkObject, [], { usage: outcome.usage }));

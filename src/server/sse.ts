@@ -1,8 +1,38 @@
-/** Server-sent events as OpenAI streams them: `data: {json}\n\n` per chunk, then `data: [DONE]`. */
+/**
+ * Server-sent events as OpenAI streams them: `data: {json}\n\n` per chunk, then `data: [DONE]`.
+ *
+ * Backpressure: once the socket stops taking data (res.write returns false), events are held in a queue of
+ * at most `maxBufferedBytes` and written together on 'drain'. A client that does not read for
+ * `stallTimeoutMs`, or lets the queue grow past its bound, gets `onStall` (the caller cancels the generation
+ * and closes the connection), so a reader that never reads costs a bounded amount of memory.
+ */
 import type { Response } from 'express';
 
+export interface SseOptions {
+  maxBufferedBytes: number;
+  stallTimeoutMs: number;
+  onStall: (reason: string, bufferedBytes: number) => void;
+}
+
 export class SseStream {
-  constructor(private readonly res: Response) {}
+  private queue: string[] = [];
+  private queuedBytes = 0;
+  private blocked = false;
+  private ending = false;
+  private stalled = false;
+  private stallTimer?: NodeJS.Timeout;
+  /** Most bytes held at once, ours plus the socket's writable buffer. */
+  peakBufferedBytes = 0;
+
+  constructor(
+    private readonly res: Response,
+    private readonly options: SseOptions = { maxBufferedBytes: 256 * 1024, stallTimeoutMs: 30_000, onStall: () => res.destroy() },
+  ) {
+    res.once('close', () => {
+      clearTimeout(this.stallTimer);
+      this.stallTimer = undefined;
+    });
+  }
 
   open(): void {
     this.res.status(200).set({
@@ -15,17 +45,83 @@ export class SseStream {
   }
 
   get closed(): boolean {
-    return this.res.writableEnded || this.res.destroyed;
+    return this.ending || this.stalled || this.res.writableEnded || this.res.destroyed;
   }
 
-  /** Writes one event now (no buffering, no compression), unless the stream has ended. */
+  /** Bytes waiting: ours plus the socket's. */
+  get bufferedBytes(): number {
+    return this.queuedBytes + this.res.writableLength;
+  }
+
+  /** Writes one event now, or queues it while the client is not reading; nothing after the stream ended. */
   send(data: unknown): void {
-    if (!this.closed) this.res.write(`data: ${JSON.stringify(data)}\n\n`);
+    if (this.closed) return;
+    this.write(`data: ${JSON.stringify(data)}\n\n`);
+  }
+
+  private write(chunk: string): void {
+    if (this.blocked) {
+      this.queue.push(chunk);
+      this.queuedBytes += Buffer.byteLength(chunk);
+      this.track();
+      if (this.queuedBytes > this.options.maxBufferedBytes) {
+        this.stall(`the client is not reading: more than ${this.options.maxBufferedBytes} bytes of events are waiting`);
+      }
+      return;
+    }
+    const ok = this.res.write(chunk);
+    this.track();
+    if (!ok) this.block();
+  }
+
+  private track(): void {
+    this.peakBufferedBytes = Math.max(this.peakBufferedBytes, this.bufferedBytes);
+  }
+
+  private block(): void {
+    this.blocked = true;
+    this.res.once('drain', this.drained);
+    this.stallTimer ??= setTimeout(
+      () => this.stall(`the client read nothing for ${this.options.stallTimeoutMs} ms`),
+      this.options.stallTimeoutMs,
+    );
+  }
+
+  private readonly drained = (): void => {
+    clearTimeout(this.stallTimer);
+    this.stallTimer = undefined;
+    this.blocked = false;
+    if (this.res.destroyed) return;
+    const pending = this.queue.join('');
+    this.queue = [];
+    this.queuedBytes = 0;
+    if (this.ending) {
+      this.res.end(pending);
+      return;
+    }
+    if (pending && !this.res.write(pending)) this.block();
+  };
+
+  private stall(reason: string): void {
+    const bytes = this.bufferedBytes;
+    this.stalled = true;
+    clearTimeout(this.stallTimer);
+    this.stallTimer = undefined;
+    this.res.off('drain', this.drained);
+    this.queue = [];
+    this.queuedBytes = 0;
+    this.options.onStall(reason, bytes);
   }
 
   end(): void {
     if (this.closed) return;
-    this.res.write('data: [DONE]\n\n');
-    this.res.end();
+    if (this.blocked) {
+      // Written on 'drain'; the stall timer still runs.
+      this.queue.push('data: [DONE]\n\n');
+      this.ending = true;
+      return;
+    }
+    this.ending = true;
+    this.res.end('data: [DONE]\n\n');
   }
 }

@@ -11,11 +11,13 @@ import { Ledger } from '../meter/ledger.ts';
 import { CostMeter } from '../meter/meter.ts';
 import type { RequestMeter } from '../meter/types.ts';
 import { costRouter } from '../meter/cost-report.ts';
+import { dashboardRouter } from '../dashboard/router.ts';
 import { resolveDevicePrice } from '../meter/prices.ts';
 import { Metrics, metricsHandler } from '../telemetry/metrics.ts';
 import { DeviceTelemetry } from '../telemetry/device.ts';
 import { createApp } from './app.ts';
-import { loadApiKeys } from './api-keys.ts';
+import { KeyStore, loadApiKeys } from './api-keys.ts';
+import { TenantLimiter } from './tenant-limits.ts';
 
 export interface ServeOptions {
   model?: string;
@@ -32,6 +34,8 @@ export interface ServeOptions {
   maxQueue?: number;
   requestTimeoutSeconds?: number;
   apiKeys?: string[];
+  /** Hashed keys with per-tenant limits (see api-keys.ts); also TALLY_API_KEYS_FILE. */
+  apiKeysFile?: string;
   devicePrice?: string;
   powerPrice?: number;
   dataDir: string;
@@ -40,6 +44,16 @@ export interface ServeOptions {
   meter?: boolean;
   /** Seconds SIGTERM waits for requests in flight before cancelling them. */
   shutdownGraceSeconds?: number;
+  /**
+   * Seconds a connection may sit without progress (default 60): a request whose headers and body take longer
+   * to arrive gets 408, a stream whose client reads nothing for this long is cancelled, and a socket with no
+   * generation pending and no traffic is closed.
+   */
+  idleTimeoutSeconds?: number;
+  /** Request bodies larger than this get 413 (default 4 MiB). */
+  maxBodyBytes?: number;
+  /** Connections beyond this are refused at accept (default 1024). */
+  maxConnections?: number;
 }
 
 export interface RunningServer {
@@ -63,6 +77,10 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   const modelName = options.servedModelName ?? model.name;
   const price = resolveDevicePrice(options.devicePrice);
   const apiKeys = loadApiKeys(options.apiKeys, process.env.TALLY_API_KEYS);
+  const apiKeysFile = options.apiKeysFile ?? (process.env.TALLY_API_KEYS_FILE || undefined);
+  const keys = new KeyStore(apiKeys, apiKeysFile, (err) => logger.error({ err: err.message }, 'the API keys file no longer parses; keeping the keys loaded before'));
+  if (apiKeysFile) logger.info({ file: apiKeysFile, keys: keys.entries().length - apiKeys.size }, 'API keys file');
+  const idleMs = (options.idleTimeoutSeconds ?? 60) * 1000;
 
   const engine = await EngineClient.start({
     modelDir: folder.dir,
@@ -88,6 +106,11 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   const metering = options.meter !== false;
   if (metering) engine.on('step', (record) => meter.observeStep(record));
   engine.on('restart', (why) => logger.error({ why }, 'engine worker restarted'));
+  // Budgets count what each tenant has spent so far, on the usage basis, from the ledger.
+  const tenantLimiter = new TenantLimiter(
+    (tenant) => keys.policy(tenant),
+    ledger.query({ by: 'tenant' }).map((row) => [row.key, row.usdUsage] as [string, number]),
+  );
 
   const app = createApp({
     engine,
@@ -97,24 +120,25 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     meter: metering ? meter : UNMETERED,
     logger,
     apiKeys,
+    keys,
+    tenantLimiter,
     limits: {
       maxQueue: options.maxQueue ?? 256,
       requestTimeoutMs: (options.requestTimeoutSeconds ?? 600) * 1000,
-      maxBodyBytes: 4 * 2 ** 20,
+      maxBodyBytes: options.maxBodyBytes ?? 4 * 2 ** 20,
       maxN: 16,
       maxStop: 16,
       maxLogprobs: 20,
+      streamStallTimeoutMs: idleMs,
     },
     mount: (express) => {
       express.get('/metrics', metricsHandler(metrics));
       express.use(costRouter(meter, { telemetry: () => telemetry.latest() }));
+      express.use(dashboardRouter({ meter, metrics, ledger, telemetry: () => telemetry.latest() }));
     },
   });
 
-  const server = http.createServer(app);
-  server.keepAliveTimeout = 65_000;
-  server.headersTimeout = 66_000;
-  server.requestTimeout = 0;
+  const server = createHttpServer(app, { idleMs, maxConnections: options.maxConnections ?? 1024 });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(options.port, options.host, () => resolve());
@@ -130,10 +154,21 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     closed = true;
     app.locals.setDraining?.(true);
     server.close();
-    const deadline = Date.now() + graceSeconds * 1000;
-    while (engine.inFlight > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-    if (engine.inFlight > 0) logger.warn({ inFlight: engine.inFlight }, 'grace period over: cancelling requests in flight');
+    const waitIdle = async (ms: number) => {
+      const deadline = Date.now() + ms;
+      while (engine.inFlight > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    };
+    await waitIdle(graceSeconds * 1000);
+    if (engine.inFlight > 0) {
+      logger.warn({ inFlight: engine.inFlight }, 'grace period over: cancelling requests in flight');
+      // Cancelled at the engine's next step; each reaches the ledger as cancelled and its client gets a 503.
+      engine.cancelAll();
+      await waitIdle(5000);
+    }
+    // Whatever is still in flight ends with an error event (and its ledger row) here.
     await engine.close();
+    // Let the responses just finished reach their sockets before the connections go.
+    await new Promise((r) => setTimeout(r, 50));
     server.closeAllConnections();
     telemetry.stop();
     meter.flush();
@@ -141,6 +176,30 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     logger.info('stopped');
   };
   return { url, server, engine, meter, logger, shutdown };
+}
+
+/**
+ * The HTTP server and its timeouts. Node's own: headers and body must arrive within `idleMs` (408 otherwise;
+ * checked every second), idle keep-alive connections close after 65 s (more than the 60 s of common load
+ * balancers), TCP keep-alive probes find half-open peers. Socket inactivity past `idleMs` closes the
+ * connection unless a generation is still running on it (its own request timeout governs that; a stream whose
+ * client stops reading is handled by SseStream).
+ */
+export function createHttpServer(app: http.RequestListener, opts: { idleMs: number; maxConnections: number }): http.Server {
+  const server = http.createServer(
+    { keepAlive: true, keepAliveInitialDelay: 30_000, connectionsCheckingInterval: Math.min(1000, opts.idleMs), requestTimeout: opts.idleMs, headersTimeout: opts.idleMs },
+    app,
+  );
+  server.keepAliveTimeout = 65_000;
+  server.maxConnections = opts.maxConnections;
+  const responses = new WeakMap<object, http.ServerResponse>();
+  server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => responses.set(req.socket, res));
+  server.setTimeout(opts.idleMs, (socket) => {
+    const res = responses.get(socket);
+    if (res && !res.writableEnded && !res.destroyed) socket.setTimeout(opts.idleMs);
+    else socket.destroy();
+  });
+  return server;
 }
 
 /** `tally serve`: runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. */
