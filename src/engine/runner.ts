@@ -50,7 +50,7 @@ function logitsAsFloat32(t: ort.Tensor): Float32Array {
 /**
  * Runner for graphs that `tally convert` writes: the KV cache lives in per-layer slot buffers owned
  * here and goes into the graph as zero-copy input views; only new positions come back.
- * Layout per layer: K [slot, kvHeads, cap, headDim], V [slot, kvHeads, headDim, cap] (transposed).
+ * Layout per layer: K [slot, kvHeads, headDim, cap] (transposed), V [slot, kvHeads, cap, headDim].
  * Rows of one forward must sit in contiguous slots, so the runner moves sequences between slots when
  * the batch changes (copying only their cached positions).
  */
@@ -147,10 +147,10 @@ export class TallyRunner implements ModelRunner {
           for (let h = 0; h < this.kvh; h++) {
             for (let d = 0; d < this.hd; d++) {
               const src = slot * oldStride + (h * this.hd + d) * oldCap;
-              v.set(this.values[l].subarray(src, src + len), slot * newStride + (h * this.hd + d) * newCap);
+              k.set(this.keys[l].subarray(src, src + len), slot * newStride + (h * this.hd + d) * newCap);
             }
             const src = slot * oldStride + h * oldCap * this.hd;
-            k.set(this.keys[l].subarray(src, src + len * this.hd), slot * newStride + h * newCap * this.hd);
+            v.set(this.values[l].subarray(src, src + len * this.hd), slot * newStride + h * newCap * this.hd);
           }
         }
       }
@@ -171,10 +171,10 @@ export class TallyRunner implements ModelRunner {
       for (let h = 0; h < this.kvh; h++) {
         for (let d = 0; d < this.hd; d++) {
           const off = (h * this.hd + d) * this.cap;
-          v.copyWithin(to * stride + off, from * stride + off, from * stride + off + len);
+          k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len);
         }
         const off = h * this.cap * this.hd;
-        k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
+        v.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
       }
     }
     this.slotSeq[to] = seq;
@@ -255,29 +255,29 @@ export class TallyRunner implements ModelRunner {
         ids[b * T + t] = BigInt(t < n ? r.tokens[t] : 0);
         pos[b * T + t] = BigInt(t < n ? len + t : len);
         for (let j = 0; j < T; j++) {
-          if ((j <= t && j < n) || j === t) newMask[(b * T + j) * T + t] = 0;
+          if ((j <= t && j < n) || j === t) newMask[(b * T + t) * T + j] = 0;
         }
       }
-      if (!fresh) pastMask.fill(0, b * P * G, (b * P + len) * G);
+      if (!fresh) for (let c = 0; c < G; c++) pastMask.fill(0, (b * G + c) * P, (b * G + c) * P + len);
       logitsIndex[b] = BigInt(b * T + n - 1);
     });
 
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', ids, [B, T]),
       position_ids: new ort.Tensor('int64', pos, [B, T]),
-      past_mask: new ort.Tensor('float32', pastMask, [B, 1, P, G]),
-      new_mask: new ort.Tensor('float32', newMask, [B, 1, T, 1, T]),
+      past_mask: new ort.Tensor('float32', pastMask, [B, 1, G, P]),
+      new_mask: new ort.Tensor('float32', newMask, [B, 1, 1, T, T]),
       logits_index: new ort.Tensor('int64', logitsIndex, [B]),
     };
     const stride = this.slotStride();
     const dummy = fresh ? new Float32Array(B * this.kvh * this.hd) : undefined;
     for (let l = 0; l < this.layers; l++) {
       if (dummy) {
-        feeds[`past_key.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, 1, this.hd]);
-        feeds[`past_value.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, this.hd, 1]);
+        feeds[`past_key.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, this.hd, 1]);
+        feeds[`past_value.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, 1, this.hd]);
       } else {
-        feeds[`past_key.${l}`] = new ort.Tensor('float32', this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
-        feeds[`past_value.${l}`] = new ort.Tensor('float32', this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
+        feeds[`past_key.${l}`] = new ort.Tensor('float32', this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
+        feeds[`past_value.${l}`] = new ort.Tensor('float32', this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
       }
     }
     const started = performance.now();
@@ -296,11 +296,11 @@ export class TallyRunner implements ModelRunner {
         for (let h = 0; h < this.kvh; h++) {
           const kSrc = (((2 * l) * B + b) * this.kvh + h) * T * hd;
           const vSrc = (((2 * l + 1) * B + b) * this.kvh + h) * T * hd;
-          const vDst = slot * stride + h * hd * this.cap + len;
+          const kDst = slot * stride + h * hd * this.cap + len;
           for (let t = 0; t < n; t++) {
-            for (let d = 0; d < hd; d++) v[vDst + d * this.cap + t] = newKv[vSrc + t * hd + d];
+            for (let d = 0; d < hd; d++) k[kDst + d * this.cap + t] = newKv[kSrc + t * hd + d];
           }
-          k.set(newKv.subarray(kSrc, kSrc + n * hd), slot * stride + h * this.cap * hd + len * hd);
+          v.set(newKv.subarray(vSrc, vSrc + n * hd), slot * stride + h * this.cap * hd + len * hd);
         }
       }
       this.lengths.set(r.seq, len + n);

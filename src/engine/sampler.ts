@@ -140,6 +140,21 @@ function topIndices(row: Float32Array, n: number, k: number): Int32Array {
   return out;
 }
 
+/** Index of the largest logit in row[0, V), NaN never winning; throws when none is finite or +Infinity. */
+function argmaxOf(row: Float32Array, V: number): number {
+  let m = -Infinity;
+  let argmax = -1;
+  for (let i = 0; i < V; i++) {
+    const x = row[i];
+    if (x > m) {
+      m = x;
+      argmax = i;
+    }
+  }
+  if (argmax < 0) throw new Error('sampler: every logit is -Infinity or NaN');
+  return argmax;
+}
+
 export class SequenceSampler {
   private readonly params: SamplingParams;
   private readonly vocabSize: number;
@@ -183,6 +198,11 @@ export class SequenceSampler {
     const p = this.params;
     // Exactly one uniform per call, drawn first, so a seeded stream depends only on the step count.
     const u = this.rng.nextFloat();
+
+    // Plain greedy: one pass, nothing else to apply.
+    if (p.temperature < GREEDY_TEMPERATURE && p.logprobs === undefined && this.seen === null && p.frequencyPenalty === 0 && p.presencePenalty === 0 && (banned === undefined || banned.length === 0)) {
+      return { token: this.accept(argmaxOf(row, V)) };
+    }
 
     for (let i = 0; i < V; i++) if (row[i] !== row[i]) row[i] = -Infinity;
 
@@ -238,14 +258,20 @@ export class SequenceSampler {
 
     const token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, u);
 
-    this.generated.set(token, (this.generated.get(token) ?? 0) + 1);
-    this.seen?.add(token);
+    this.accept(token);
 
     if (!wantLogprobs) return { token };
     const raw = saved!.has(token) ? saved!.get(token)! : row[token];
     const result: SampleResult = { token, logprob: raw - rawLse };
     if (topLogprobs !== undefined) result.topLogprobs = topLogprobs;
     return result;
+  }
+
+  /** Records a sampled token for the penalties of later steps. */
+  private accept(token: number): number {
+    this.generated.set(token, (this.generated.get(token) ?? 0) + 1);
+    this.seen?.add(token);
+    return token;
   }
 
   /** Temperature → top_k → top_p → min_p → inverse-CDF draw with `u`. `m` is the max of row[0, V). */

@@ -11,7 +11,7 @@ import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.t
  */
 export type GraphInterface = 'tally' | 'hf';
 
-export const TALLY_GRAPH_VERSION = '4';
+export const TALLY_GRAPH_VERSION = '5';
 
 class GraphBuilder {
   nodes: NodeSpec[] = [];
@@ -137,10 +137,10 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
   if (tally) {
     g.inputs.push({ name: 'position_ids', type: DataType.INT64, dims: ['batch', 'new'] });
-    // [batch, 1, past, heads/kv_heads × new], expanded so that adding it broadcasts over KV heads only.
-    g.inputs.push({ name: 'past_mask', type: DataType.FLOAT, dims: ['batch', 1, 'past', 'group_new'] });
-    // [batch, 1, key, 1, query]: additive, as the scores are laid out keys-first.
-    g.inputs.push({ name: 'new_mask', type: DataType.FLOAT, dims: ['batch', 1, 'new', 1, 'new'] });
+    // [batch, 1, heads/kv_heads × new, past], expanded so that adding it broadcasts over KV heads only.
+    g.inputs.push({ name: 'past_mask', type: DataType.FLOAT, dims: ['batch', 1, 'group_new', 'past'] });
+    // [batch, 1, 1, query, key]: additive, causal within the new tokens and padding.
+    g.inputs.push({ name: 'new_mask', type: DataType.FLOAT, dims: ['batch', 1, 1, 'new', 'new'] });
     g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
   } else {
     g.inputs.push({ name: 'attention_mask', type: DataType.INT64, dims: ['batch', 'total'] });
@@ -148,10 +148,9 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   }
   for (let l = 0; l < L; l++) {
     if (tally) {
-      // The cache is always the left operand of its MatMul (K as [past, hd], V transposed as [hd, past]),
-      // so that ONNX Runtime streams it once instead of packing it as a right operand every step.
-      g.inputs.push({ name: `past_key.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
-      g.inputs.push({ name: `past_value.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, hd, 'past'] });
+      // K is cached transposed ([hd, past]) so that scores need no Transpose of the cache.
+      g.inputs.push({ name: `past_key.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, hd, 'past'] });
+      g.inputs.push({ name: `past_value.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
     } else {
       g.inputs.push({ name: `past_key_values.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
       g.inputs.push({ name: `past_key_values.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
@@ -209,10 +208,10 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const qShape = shape(batchDim, newDim, [nh, hd]);
   const kvShape = shape(batchDim, newDim, [kvh, hd]);
   const groupedShape5 = shape(batchDim, newDim, [kvh, group, hd]); // [B, T, kvh, g, hd]
-  const qTShape = shape(batchDim, [kvh, hd, -1]); // [B, kvh, hd, g*T]
-  const scoresNewShape5 = shape(batchDim, [kvh], newDim, [group], newDim); // [B, kvh, T(key), g, T(query)]
-  const scoresNewShape4 = shape(batchDim, [kvh], newDim, [-1]);
-  const attnTShape5 = shape(batchDim, [kvh, hd, group], newDim); // [B, kvh, hd, g, T]
+  const qRowsShape = shape(batchDim, [kvh, -1, hd]); // [B, kvh, g*T, hd]
+  const scoresNewShape5 = shape(batchDim, [kvh, group], newDim, newDim); // [B, kvh, g, T(query), T(key)]
+  const scoresNewShape4 = shape(batchDim, [kvh, -1], newDim);
+  const attnShape5 = shape(batchDim, [kvh, group], newDim, [hd]); // [B, kvh, g, T, hd]
   const scale = g.scalar(1 / Math.sqrt(hd));
   const qkvBias = hasQkvBias(config);
   const newKv: string[] = [];
@@ -240,19 +239,18 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
 
     let attnFlat: string;
     if (tally) {
-      // Scores are computed transposed ([.., key position, query]) with the cache as the left MatMul
-      // operand, so the cache is streamed once and never transposed or packed.
-      const qT = g.op1('Reshape', [g.op1('Transpose', [g.op1('Reshape', [q, groupedShape5])], { perm: [0, 2, 4, 3, 1] }), qTShape]); // [B, kvh, hd, g*T]
-      const scoresPast = g.op1('Add', [g.op1('MatMul', [`past_key.${l}`, qT]), 'past_mask']); // [B, kvh, past, g*T]
-      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.op1('MatMul', [k, qT]), scoresNewShape5]), 'new_mask']);
-      const scoresNew = g.op1('Reshape', [scoresNew5, scoresNewShape4]); // [B, kvh, T, g*T]
-      const probs = g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: 2 })], { axis: 2 });
-      const pastLen = g.op1('Slice', [g.op1('Shape', [`past_key.${l}`]), g.ints([2]), g.ints([3])]);
-      const probsPast = g.op1('Slice', [probs, g.ints([0]), pastLen, g.ints([2])]);
-      const probsNew = g.op1('Slice', [probs, pastLen, g.ints([2 ** 62]), g.ints([2])]);
-      const vT = g.op1('Transpose', [vRows], { perm: [0, 2, 3, 1] }); // [B, kvh, hd, T]
-      const attnT = g.op1('Add', [g.op1('MatMul', [`past_value.${l}`, probsPast]), g.op1('MatMul', [vT, probsNew])]); // [B, kvh, hd, g*T]
-      const attnRows = g.op1('Transpose', [g.op1('Reshape', [attnT, attnTShape5])], { perm: [0, 4, 1, 3, 2] }); // [B, T, kvh, g, hd]
+      // Query rows ordered (group, token) per KV head: [B, kvh, g*T, hd].
+      const qG = g.op1('Reshape', [g.op1('Transpose', [g.op1('Reshape', [q, groupedShape5])], { perm: [0, 2, 3, 1, 4] }), qRowsShape]);
+      const kT = g.op1('Transpose', [kRows], { perm: [0, 2, 3, 1] }); // [B, kvh, hd, T]
+      const scoresPast = g.op1('Add', [g.op1('MatMul', [qG, `past_key.${l}`]), 'past_mask']); // [B, kvh, g*T, past]
+      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.op1('MatMul', [qG, kT]), scoresNewShape5]), 'new_mask']);
+      const scoresNew = g.op1('Reshape', [scoresNew5, scoresNewShape4]); // [B, kvh, g*T, T]
+      const probs = g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: -1 })], { axis: -1 });
+      const pastLen = g.op1('Slice', [g.op1('Shape', [`past_value.${l}`]), g.ints([2]), g.ints([3])]);
+      const probsPast = g.op1('Slice', [probs, g.ints([0]), pastLen, g.ints([-1])]);
+      const probsNew = g.op1('Slice', [probs, pastLen, g.ints([2 ** 62]), g.ints([-1])]);
+      const attn = g.op1('Add', [g.op1('MatMul', [probsPast, `past_value.${l}`]), g.op1('MatMul', [probsNew, v])]); // [B, kvh, g*T, hd]
+      const attnRows = g.op1('Transpose', [g.op1('Reshape', [attn, attnShape5])], { perm: [0, 3, 1, 2, 4] }); // [B, T, kvh, g, hd]
       attnFlat = g.op1('Reshape', [attnRows, g.ints([-1, nh * hd])]);
       newKv.push(g.op1('Unsqueeze', [k, g.ints([0])]), g.op1('Unsqueeze', [v, g.ints([0])]));
     } else {
