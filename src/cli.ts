@@ -44,7 +44,9 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --host HOST                  default 127.0.0.1
   --port PORT                  default $PORT or 8000
   --device cpu|cuda[:N]|auto   default cpu
-  --threads N                  ONNX Runtime intra-op threads (default: all cores)
+  --devices LIST               one engine worker per device, e.g. 0,1 (with --device cuda) or cpu,cpu;
+                               requests go to the worker with the fewest outstanding tokens
+  --threads N                  ONNX Runtime intra-op threads per worker (default: all cores)
   --max-num-seqs N             sequences decoded together (default 64)
   --max-num-batched-tokens N   tokens per engine step, decode + prefill chunks (default 2048)
   --max-model-len N            context limit (default: the model's)
@@ -74,6 +76,7 @@ async function serve(argv: string[]): Promise<void> {
       host: { type: 'string' },
       port: { type: 'string' },
       device: { type: 'string' },
+      devices: { type: 'string' },
       threads: { type: 'string' },
       'max-num-seqs': { type: 'string' },
       'max-num-batched-tokens': { type: 'string' },
@@ -103,6 +106,7 @@ async function serve(argv: string[]): Promise<void> {
     host: values.host ?? '127.0.0.1',
     port: number(values.port ?? process.env.PORT, '--port') ?? 8000,
     device: values.device ?? 'cpu',
+    devices: values.devices,
     threads: number(values.threads, '--threads'),
     maxNumSeqs: number(values['max-num-seqs'], '--max-num-seqs'),
     maxNumBatchedTokens: number(values['max-num-batched-tokens'], '--max-num-batched-tokens'),

@@ -72,3 +72,36 @@ describe('several engine workers in one server (--devices)', () => {
     }
   });
 });
+
+describe('tally serve --devices', () => {
+  it('runs one worker per device behind one endpoint and reports busy time per device', async () => {
+    const { startServer, parseDeviceList } = await import('../src/server/start.ts');
+    expect(parseDeviceList('cuda', '0,1')).toEqual([{ kind: 'cuda', index: 0 }, { kind: 'cuda', index: 1 }]);
+    expect(parseDeviceList('cpu', 'cpu,cpu')).toEqual([{ kind: 'cpu' }, { kind: 'cpu' }]);
+    expect(() => parseDeviceList('cpu', 'gpu7')).toThrow(/--device must be/);
+    const fs = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const pino = (await import('pino')).pino;
+    const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-devices-'));
+    const server = await startServer(
+      { model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', devices: 'cpu,cpu', threads: 1, dataDir, logLevel: 'silent', maxNumSeqs: 4 },
+      pino({ level: 'silent' }),
+    );
+    try {
+      expect(server.engine.info.device).toBe('cpu#0,cpu#1');
+      const post = (i: number) =>
+        fetch(`${server.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: `Once upon a time ${i}`, max_tokens: 40, ignore_eos: true }) }).then((r) => r.json());
+      const replies = await Promise.all([0, 1, 2, 3, 4, 5].map(post));
+      for (const r of replies) expect(r.usage.completion_tokens).toBe(40);
+      const cost = await (await fetch(`${server.url}/v1/cost`)).json();
+      expect(cost.devices).toBe(2);
+      expect(Object.keys(cost.per_device_busy_seconds_since_start).sort()).toEqual(['cpu#0', 'cpu#1']);
+      const perDevice = Object.values(cost.per_device_busy_seconds_since_start) as number[];
+      expect(perDevice.every((s) => s > 0)).toBe(true);
+      expect(perDevice.reduce((a, b) => a + b, 0)).toBeCloseTo(cost.device_seconds.busy, 6);
+    } finally {
+      await server.shutdown(5);
+    }
+  });
+});

@@ -1,18 +1,23 @@
 import { EventEmitter } from 'node:events';
 import { EngineClient } from './engine-client.ts';
+import type { WorkerFault } from './worker.ts';
 import type { EngineOptions } from './engine-options.ts';
 import type { EngineInfo } from './engine.ts';
 import type { DeviceSpec } from './session.ts';
 import type { GenerationRequest, RequestEvent, StepRecord } from './scheduler.ts';
 
 /** What the server needs of an engine: one worker (EngineClient) or several (EnginePool). */
-export interface Engine {
+export interface Engine extends EventEmitter {
   readonly info: EngineInfo;
+  /** Worker restarts since start. */
+  readonly restarts: number;
   readonly inFlight: number;
+  /** false while a worker is restarting and cannot take requests. */
+  readonly available: boolean;
   submit(request: GenerationRequest, listener: (event: RequestEvent) => void): void;
   cancel(id: string): void;
-  on(event: 'step', listener: (record: StepRecord) => void): unknown;
-  on(event: 'restart', listener: (why: string) => void): unknown;
+  cancelAll(): void;
+  injectFault(fault: WorkerFault): void;
   close(): Promise<void>;
 }
 
@@ -58,14 +63,25 @@ export class EnginePool extends EventEmitter<{ step: [StepRecord]; restart: [str
     return this.workers.reduce((n, w) => n + w.inFlight, 0);
   }
 
+  get restarts(): number {
+    return this.workers.reduce((n, w) => n + w.restarts, 0);
+  }
+
+  get available(): boolean {
+    return this.workers.some((w) => w.available);
+  }
+
   /** Outstanding tokens per worker, for tests and the log. */
   load(): number[] {
     return [...this.outstanding];
   }
 
   submit(request: GenerationRequest, listener: (event: RequestEvent) => void): void {
-    let worker = 0;
-    for (let i = 1; i < this.workers.length; i++) if (this.outstanding[i] < this.outstanding[worker]) worker = i;
+    let worker = -1;
+    for (let i = 0; i < this.workers.length; i++) {
+      if (this.workers[i].available && (worker < 0 || this.outstanding[i] < this.outstanding[worker])) worker = i;
+    }
+    if (worker < 0) worker = 0;
     const tokens = request.promptIds.length + request.maxTokens;
     this.outstanding[worker] += tokens;
     this.owner.set(request.id, { worker, tokens });
@@ -81,6 +97,15 @@ export class EnginePool extends EventEmitter<{ step: [StepRecord]; restart: [str
   cancel(id: string): void {
     const owner = this.owner.get(id);
     if (owner) this.workers[owner.worker].cancel(id);
+  }
+
+  cancelAll(): void {
+    for (const w of this.workers) w.cancelAll();
+  }
+
+  /** Fault injection for tests: on the first worker. */
+  injectFault(fault: WorkerFault): void {
+    this.workers[0].injectFault(fault);
   }
 
   async close(): Promise<void> {

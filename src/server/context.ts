@@ -1,6 +1,6 @@
 import type { Express } from 'express';
 import type { Logger } from 'pino';
-import type { EngineClient } from '../engine/engine-client.ts';
+import type { Engine } from '../engine/engine-pool.ts';
 import type { ModelFolder } from '../model/folder.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
 import type { RequestMeter } from '../meter/types.ts';
@@ -39,7 +39,7 @@ export interface ServerLimits {
 }
 
 export interface ServerContext {
-  engine: EngineClient;
+  engine: Engine;
   tokenizer: TextTokenizer;
   folder: ModelFolder;
   /** The served model id (the folder name by default). */

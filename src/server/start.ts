@@ -3,7 +3,8 @@ import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
 import { EngineClient } from '../engine/engine-client.ts';
 import { DEFAULT_ENGINE_OPTIONS } from '../engine/engine-options.ts';
-import { parseDevice } from '../engine/session.ts';
+import { parseDevice, type DeviceSpec } from '../engine/session.ts';
+import { EnginePool, type Engine } from '../engine/engine-pool.ts';
 import { loadModelFolder } from '../model/folder.ts';
 import { resolveModel } from '../model/resolve.ts';
 import { TextTokenizer } from '../model/tokenizer.ts';
@@ -25,6 +26,8 @@ export interface ServeOptions {
   host: string;
   port: number;
   device: string;
+  /** One engine worker per device: a comma-separated list (see parseDeviceList). */
+  devices?: string;
   threads?: number;
   maxNumSeqs?: number;
   maxNumBatchedTokens?: number;
@@ -56,10 +59,24 @@ export interface ServeOptions {
   maxConnections?: number;
 }
 
+/**
+ * `--devices`: one engine worker per entry, each a device (`cuda:1`, `cpu`) or a bare index of
+ * --device's kind (`--device cuda --devices 0,1`); for the CPU, N entries are N CPU workers.
+ */
+export function parseDeviceList(device: string, devices: string | undefined): DeviceSpec[] {
+  const base = parseDevice(device);
+  if (!devices) return [base];
+  return devices.split(',').map((item) => {
+    const entry = item.trim();
+    if (/^\d+$/.test(entry)) return base.kind === 'cuda' || base.kind === 'auto' ? parseDevice(`cuda:${entry}`) : base;
+    return parseDevice(entry);
+  });
+}
+
 export interface RunningServer {
   url: string;
   server: http.Server;
-  engine: EngineClient;
+  engine: Engine;
   meter: CostMeter;
   logger: Logger;
   /** Stops admitting, lets requests in flight finish (up to the grace period), flushes the ledger. */
@@ -82,22 +99,24 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   if (apiKeysFile) logger.info({ file: apiKeysFile, keys: keys.entries().length - apiKeys.size }, 'API keys file');
   const idleMs = (options.idleTimeoutSeconds ?? 60) * 1000;
 
-  const engine = await EngineClient.start({
+  const devices = parseDeviceList(options.device, options.devices);
+  const engineOptions = {
     modelDir: folder.dir,
-    device: parseDevice(options.device),
+    device: devices[0],
     threads: options.threads,
     maxNumSeqs: options.maxNumSeqs ?? DEFAULT_ENGINE_OPTIONS.maxNumSeqs,
     maxNumBatchedTokens: options.maxNumBatchedTokens ?? DEFAULT_ENGINE_OPTIONS.maxNumBatchedTokens,
     maxModelLen: options.maxModelLen,
     kvCacheTokens: options.kvCacheTokens,
     kvCacheBytes: options.kvCacheGb !== undefined ? options.kvCacheGb * 2 ** 30 : DEFAULT_ENGINE_OPTIONS.kvCacheBytes,
-  });
+  };
+  const engine: Engine = devices.length > 1 ? await EnginePool.start(engineOptions, devices) : await EngineClient.start(engineOptions);
   if (engine.info.deviceNote) logger.warn(engine.info.deviceNote);
   logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, limits: engine.info.limits }, 'model loaded');
 
   const ledger = new Ledger(options.dataDir);
   const metrics = new Metrics();
-  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
+  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
   const telemetry = new DeviceTelemetry({ engineDevice: engine.info.device });
   if (options.meter !== false) telemetry.onPower((watts) => meter.observePower(watts));
   const firstSample = await telemetry.start();
