@@ -28,7 +28,7 @@ const prompt16 = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 3 + 
 
 async function storiesSweep() {
   const { dir } = resolveModel('stories260K', (m) => console.log(m));
-  const server = await startServerProcess(dir);
+  const server = await startServerProcess(dir, ['--served-model-name', 'stories260K']);
   const levels = quick ? [1, 32] : [1, 4, 16, 32, 64];
   const rounds = quick ? 1 : 2;
   const rows: { c: number; http: number; engine: number }[] = [];
@@ -156,6 +156,15 @@ async function smolBench() {
   console.log(`decode at 128-token contexts:  ${short.toFixed(1)} tok/s = ${((short * 2 * params) / 1e9).toFixed(1)} GFLOP/s`);
   console.log(`decode at 1024-token contexts: ${long.toFixed(1)} tok/s = ${((long * 2 * params) / 1e9).toFixed(1)} GFLOP/s`);
   console.log(`bar 3: decode FLOP rate / MatMul rate = ${((short * 2 * params) / rate).toFixed(3)} (≥ 0.5)   bar 4: 1024-token / 128-token = ${(long / short).toFixed(3)} (≥ 0.65)`);
+
+  // Bar 2's comparison on this model: HTTP overhead is per token, so it shrinks as the model grows.
+  const server = await startServerProcess(dir, ['--served-model-name', 'smol']);
+  const promptIds = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 2 + ((i * 131 + j * 7) % 40000))];
+  const body = (i: number) => ({ model: 'smol', prompt: promptIds(i), max_tokens: newTokens, ignore_eos: true, temperature: 0 });
+  const httpResult = await streamLoad(server.url, body, batch, batch);
+  await server.stop();
+  const engineResult = await engineLoop(engineOptions(dir), promptIds, batch, batch, newTokens);
+  console.log(`same model, concurrency ${batch}, 16-token prompts, ${newTokens} tokens: HTTP ${httpResult.tokensPerSecond.toFixed(1)} tok/s, engine loop ${engineResult.tokensPerSecond.toFixed(1)} tok/s, HTTP / engine = ${(httpResult.tokensPerSecond / engineResult.tokensPerSecond).toFixed(3)}`);
 }
 
 const only = process.argv.find((a) => a.startsWith('--only='))?.slice(7);

@@ -58,7 +58,7 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
       let ready = false;
       worker.on('message', (m: FromWorker) => {
         if (m.type === 'events') {
-          for (const e of m.events) this.dispatch(e);
+          for (const e of JSON.parse(m.json) as RequestEvent[]) this.dispatch(e);
         } else if (m.type === 'step') {
           this.emit('step', m.record);
         } else if (m.type === 'ready') {

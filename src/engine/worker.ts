@@ -1,7 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { createEngine } from './engine.ts';
 import type { EngineOptions } from './engine-options.ts';
-import type { GenerationRequest, RequestEvent, StepRecord } from './scheduler.ts';
+import type { GenerationRequest, StepRecord } from './scheduler.ts';
 
 /**
  * Faults tests inject: `exit` ends the worker thread with code 1, `throw` raises an uncaught exception in it
@@ -17,7 +17,8 @@ export type ToWorker =
   | { type: 'fault'; fault: WorkerFault };
 export type FromWorker =
   | { type: 'ready'; info: import('./engine.ts').EngineInfo }
-  | { type: 'events'; events: RequestEvent[] }
+  /** JSON of RequestEvent[]: a string crosses threads as one copy, many small objects clone slowly. */
+  | { type: 'events'; json: string }
   | { type: 'step'; record: StepRecord }
   | { type: 'fatal'; message: string };
 
@@ -36,7 +37,7 @@ const crashNow = (fault: WorkerFault): void => {
 try {
   const engine = await createEngine(
     workerData as EngineOptions,
-    (events) => post({ type: 'events', events }),
+    (events) => post({ type: 'events', json: JSON.stringify(events) }),
     (record) => {
       post({ type: 'step', record });
       // The end of a step: no forward pass is running.
