@@ -71,6 +71,15 @@ describe.each([
     out = await step([{ seq: 4, tokens: seqC }]);
     expect(maxDiff(out[0], refs[2][1])).toBeLessThan(1e-3);
     expect(runner.cachedLength(2)).toBe(9);
+    // A long sequence grows the cache's capacity; once it leaves, the capacity comes back down and the
+    // others' caches survive the move.
+    runner.open(5);
+    await step([{ seq: 5, tokens: Array.from({ length: 130 }, (_, i) => (i * 7) % 80) }]);
+    const grown = runner.kvBytes();
+    runner.close(5);
+    out = await step([{ seq: 2, tokens: [5] }]);
+    expect(runner.kvBytes()).toBeLessThan(grown / 2);
+    expect(maxDiff(out[0], referenceLogits(config as LlamaConfig, weights, [...seqB, 5])[9])).toBeLessThan(1e-3);
     await runner.release();
   });
 });

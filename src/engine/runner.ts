@@ -123,8 +123,10 @@ export class TallyRunner implements ModelRunner {
   }
 
   /** Grows the buffers to hold `slots` slots of `cap` positions, re-laying out what is cached. */
-  private ensureCapacity(slots: number, positions: number): void {
-    const newCap = Math.max(this.cap, Math.min(this.maxLen, Math.ceil(positions / this.capStep) * this.capStep));
+  private ensureCapacity(slots: number, positions: number, allowShrink = false): void {
+    const wanted = Math.min(this.maxLen, Math.ceil(positions / this.capStep) * this.capStep);
+    // Attention runs over the whole capacity, so after long sequences leave it comes back down.
+    const newCap = allowShrink && wanted * 2 <= this.cap ? wanted : Math.max(this.cap, wanted);
     // One slot beyond maxSlots may be needed: swapSlots parks a sequence there while two occupied slots trade places.
     const slotLimit = this.maxSlots + 1;
     if (slots > slotLimit) throw new Error(`${slots} KV slots requested, more than ${slotLimit}`);
@@ -234,7 +236,9 @@ export class TallyRunner implements ModelRunner {
       if (end > this.maxLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.maxLen}`);
       maxEnd = Math.max(maxEnd, end);
     }
-    this.ensureCapacity(Math.max(this.slotSeq.length, 1), maxEnd);
+    let longest = maxEnd;
+    for (const len of this.lengths.values()) longest = Math.max(longest, len);
+    this.ensureCapacity(Math.max(this.slotSeq.length, 1), longest, true);
     const base = this.arrange(rows.map((r) => r.seq));
     const ordered = [...rows].sort((a, b) => this.seqSlot.get(a.seq)! - this.seqSlot.get(b.seq)!);
     const B = ordered.length;
