@@ -117,6 +117,11 @@ export class Scheduler {
     if (req.promptIds.length === 0) return this.fail(req, 'the prompt is empty');
     if (req.promptIds.length >= this.limits.maxModelLen) return this.fail(req, `the prompt has ${req.promptIds.length} tokens; the model's limit is ${this.limits.maxModelLen}`);
     if (need > this.limits.kvCapacityTokens) return this.fail(req, `the request needs ${need} KV tokens; the cache holds ${this.limits.kvCapacityTokens}`);
+    try {
+      new SequenceSampler(req.sampling, [], this.runner.vocabSize);
+    } catch (err) {
+      return this.fail(req, `invalid sampling parameters: ${(err as Error).message}`);
+    }
     this.waiting.push(req);
     this.wake?.();
   }
