@@ -294,6 +294,12 @@ describe('continuous batching', () => {
     const empty = await e.submit(request('empty', [], 10));
     expect(empty.final!.finish).toBe('error');
     expect(empty.final!.error).toMatch(/empty/);
+    // Out-of-range sampling parameters fail that request alone; the engine goes on.
+    const bad = request('bad', storyPrompt(8), 10);
+    const refused = await e.submit({ ...bad, sampling: { ...bad.sampling, topP: 0 } });
+    expect(refused.final!.finish).toBe('error');
+    expect(refused.final!.error).toMatch(/invalid sampling parameters: topP/);
+    expect((await e.submit(request('after', storyPrompt(8), 3))).tokens).toHaveLength(3);
   });
 
   it('the runner regroups sequences when every slot is taken (two occupied slots swap places)', async () => {
