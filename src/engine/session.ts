@@ -61,9 +61,6 @@ export async function createSession(onnxPath: string, options: SessionOptions): 
     interOpNumThreads: 1,
     executionMode: 'sequential',
     logSeverityLevel: 3,
-    // Idle intra-op threads sleep instead of spinning: on a few cores, spinning threads take the CPU that
-    // sampling, the HTTP thread and other workers need (measured: more throughput over HTTP without it).
-    extra: { session: { intra_op: { allow_spinning: process.env.TALLY_ORT_SPINNING === '1' ? '1' : '0' } } },
   };
   const cpu = async (note?: string): Promise<LoadedSession> => ({
     session: await ort.InferenceSession.create(onnxPath, { ...base, executionProviders: ['cpu'] }),
