@@ -4,8 +4,8 @@ const USAGE = `tally — OpenAI-compatible inference on ONNX Runtime, with the c
 
 Usage:
   tally serve   [--model NAME|DIR|FILE] [--port 8000] [--host 127.0.0.1] [--device cpu|cuda[:N]|auto] ...
-  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf]
-  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE]
+  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf] [--dtype fp32|fp16]
+  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE] [--dtype fp32|fp16]
   tally bench   --url URL --model NAME [--concurrency 1,8,32 | --rate 1,2,4] ...
   tally keys    add NAME [--rpm N] [--tpm N] [--budget-usd X] | list | revoke NAME  [--file FILE]
   tally cost    [--data-dir DIR] [--by tenant|model|day] [--since 24h|2026-11-01] [--format table|json]
@@ -136,6 +136,8 @@ const CONVERT_HELP = `tally convert — write a model folder in the onnx-communi
     --chat-template FILE                a Jinja chat template to store in tokenizer_config.json
     --format tally|hf                   tally (default): KV cache in slots, only new positions returned;
                                         hf: the onnx-community interface (past_key_values / present)
+    --dtype fp32|fp16                   weights, activations and KV cache (default fp32); fp16 is for CUDA
+                                        (attention scores, softmax and logits stay fp32)
   tally convert --random --like DIR OUT_DIR
                                         random weights of DIR's config.json architecture with DIR's tokenizer
     --seed N                            default 0
@@ -148,6 +150,7 @@ async function convert(argv: string[]): Promise<void> {
       tokenizer: { type: 'string' },
       'chat-template': { type: 'string' },
       format: { type: 'string' },
+      dtype: { type: 'string' },
       random: { type: 'boolean' },
       like: { type: 'string' },
       seed: { type: 'string' },
@@ -157,6 +160,9 @@ async function convert(argv: string[]): Promise<void> {
   );
   const format = (values.format ?? 'tally') as 'tally' | 'hf';
   if (format !== 'tally' && format !== 'hf') throw new Error('--format must be tally or hf');
+  const dtypes: Record<string, 'float32' | 'float16'> = { fp32: 'float32', float32: 'float32', fp16: 'float16', float16: 'float16' };
+  const dtype = dtypes[values.dtype ?? 'fp32'];
+  if (!dtype) throw new Error('--dtype must be fp32 or fp16');
   const { convertCheckpoint, convertRandomLike } = await import('./model/convert.ts');
   const started = Date.now();
   if (values.random) {
@@ -168,10 +174,10 @@ async function convert(argv: string[]): Promise<void> {
       const raw = kv.slice(at + 1);
       overrides[kv.slice(0, at)] = raw === 'true' ? true : raw === 'false' ? false : Number.isFinite(Number(raw)) ? Number(raw) : raw;
     }
-    convertRandomLike(values.like, positionals[0], { seed: number(values.seed, '--seed') ?? 0, overrides, chatTemplate: values['chat-template'], interface: format });
+    convertRandomLike(values.like, positionals[0], { seed: number(values.seed, '--seed') ?? 0, overrides, chatTemplate: values['chat-template'], interface: format, dtype });
   } else {
     if (positionals.length !== 2) throw new Error('usage: tally convert CHECKPOINT OUT_DIR');
-    convertCheckpoint(positionals[0], positionals[1], { tokenizer: values.tokenizer, chatTemplate: values['chat-template'], interface: format });
+    convertCheckpoint(positionals[0], positionals[1], { tokenizer: values.tokenizer, chatTemplate: values['chat-template'], interface: format, dtype });
   }
   console.log(`wrote ${positionals[positionals.length - 1]} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 }

@@ -195,6 +195,26 @@ describe('continuous batching', () => {
     }
   });
 
+  it('on a float16 conversion too, concurrent requests each match their solo run', async () => {
+    const options = { modelDir: storiesModel('float16') };
+    const reqs = [
+      request('g', [1], 50),
+      request('t', tokenizer.encode('Once upon a time'), 60, { temperature: 0.8, seed: 21 }),
+      request('p', storyPrompt(90), 30, { temperature: 1, topK: 10, seed: 22 }),
+      request('q', tokenizer.encode('The dog ran'), 40, { repetitionPenalty: 1.2 }),
+      request('r', storyPrompt(20), 45, { temperature: 0.9, topP: 0.9, seed: 23 }, { ignoreEos: true }),
+    ];
+    const alone: Outcome[] = [];
+    for (const r of reqs) alone.push(await solo(r, options));
+    const e = await engineFor(options);
+    const together = await Promise.all(reqs.map((r) => e.submit(r)));
+    together.forEach((r, i) => expect(r.tokens, reqs[i].id).toEqual(alone[i].tokens));
+    expect(Math.max(...e.steps.map((s) => s.running))).toBe(reqs.length);
+    // 2^26 bytes of KV at 5 layers × K,V × 4 KV heads × 8 dims: 1,280 bytes a token in float32, 640 in float16.
+    expect((await engineFor()).info.limits.kvCapacityTokens).toBe(52428);
+    expect(e.info.limits.kvCapacityTokens).toBe(104857);
+  });
+
   it('admits FCFS when maxNumSeqs is reached: the 9th request waits for a slot, then runs', async () => {
     const e = await engineFor();
     const prompts = ['Once', 'The dog', 'A big red', 'Tim', 'Sue said', 'The sun', 'Ben and', 'Mom', 'Lily', 'The bird'].map((t) => tokenizer.encode(t));

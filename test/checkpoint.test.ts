@@ -3,8 +3,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
-  GgmlType, GgufValueType, f16ToF32, f32ToF16, ggufToCheckpoint, parseGguf, readGguf, writeGguf, type GgufMeta,
+  GgmlType, GgufValueType, ggufToCheckpoint, parseGguf, readGguf, writeGguf, type GgufMeta,
 } from '../src/model/gguf.ts';
+import { f16ToF32, f32ToF16 } from '../src/model/half.ts';
 import { readLlama2c } from '../src/model/llama2c.ts';
 import { PieceType, type Checkpoint } from '../src/model/types.ts';
 

@@ -3,9 +3,11 @@
  * conversions of stories260K, random-weight models with published architectures (shapes, biases, tied
  * embeddings, tokenizer and chat template kept), seed determinism, and clear errors on bad inputs.
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import ort from 'onnxruntime-node';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createRunner } from '../src/engine/session.ts';
 import { convertCheckpoint, convertRandomLike, readCheckpoint } from '../src/model/convert.ts';
@@ -88,6 +90,72 @@ describe('tally convert on stories260K', () => {
     a.forEach((row, i) => expect(maxDiff(row, b[i]), `chunk ${i}`).toBeLessThan(1e-5));
     // …and they are real predictions, not constants.
     expect(maxDiff(a[0], a[1])).toBeGreaterThan(0.1);
+  });
+});
+
+describe('tally convert --dtype fp16', () => {
+  const run = (args: string[]) => spawnSync(process.execPath, ['bin/tally.js', 'convert', ...args], { encoding: 'utf8' });
+
+  it('writes onnx/model_fp16.onnx with float16 weights and KV cache, float32 logits, close to the float32 model', async () => {
+    const fp32 = out('stories-fp32');
+    const fp16 = out('stories-fp16');
+    convertCheckpoint(GGUF, fp32);
+    const r = run([GGUF, fp16, '--dtype', 'fp16']);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(fs.existsSync(path.join(fp16, 'onnx/model.onnx'))).toBe(false);
+    expect(readJson(fp16, 'config.json').torch_dtype).toBe('float16');
+    expect(readJson(fp32, 'config.json').torch_dtype).toBe('float32');
+    // Half the weight bytes (a few int64 constants aside).
+    const bytes16 = fs.statSync(path.join(fp16, 'onnx/model_fp16.onnx_data')).size;
+    const bytes32 = fs.statSync(path.join(fp32, 'onnx/model.onnx_data')).size;
+    expect(bytes16 / bytes32).toBeGreaterThan(0.45);
+    expect(bytes16 / bytes32).toBeLessThan(0.55);
+    const folder = loadModelFolder(fp16);
+    expect(folder.onnxPath).toBe(path.join(fp16, 'onnx/model_fp16.onnx'));
+    const session = await ort.InferenceSession.create(folder.onnxPath);
+    const typeOf = (list: readonly ort.InferenceSession.ValueMetadata[], name: string) => {
+      const m = list.find((x) => x.name === name);
+      return m && m.isTensor ? m.type : undefined;
+    };
+    expect(typeOf(session.inputMetadata, 'past_key.0')).toBe('float16');
+    expect(typeOf(session.inputMetadata, 'past_value.4')).toBe('float16');
+    expect(typeOf(session.outputMetadata, 'new_kv')).toBe('float16');
+    expect(typeOf(session.outputMetadata, 'logits')).toBe('float32');
+    await session.release();
+
+    const ids = TextTokenizer.load(fp16).encode('Once upon a time, there was a little girl named Lily. She loved to play outside.');
+    const chunks = [ids.slice(0, 9), [ids[9]], ids.slice(10)];
+    const [a, b] = [await logitsOf(fp32, chunks), await logitsOf(fp16, chunks)];
+    a.forEach((row, i) => {
+      const d = maxDiff(row, b[i]);
+      expect(d, `chunk ${i}`).toBeGreaterThan(0); // really computed in fp16
+      expect(d, `chunk ${i}`).toBeLessThan(0.1);
+    });
+    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
+    expect(runner.kvElementBytes).toBe(2);
+    await runner.release();
+  });
+
+  it('the onnx-community interface in fp16 runs on the plain path and agrees with Tally\'s fp16 graph', async () => {
+    const hf = out('stories-fp16-hf');
+    const r = run([GGUF, hf, '--dtype', 'fp16', '--format', 'hf']);
+    expect(r.status, r.stderr).toBe(0);
+    const { runner } = await createRunner(loadModelFolder(hf), { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
+    expect(runner.kind).toBe('plain');
+    expect(runner.kvElementBytes).toBe(2);
+    await runner.release();
+    const ids = TextTokenizer.load(hf).encode('Once upon a time');
+    const chunks = [ids, [42], [7]];
+    const [a, b] = [await logitsOf(hf, chunks), await logitsOf(out('stories-fp16'), chunks)];
+    a.forEach((row, i) => expect(maxDiff(row, b[i]), `chunk ${i}`).toBeLessThan(0.05));
+  });
+
+  it('an unknown --dtype is refused', () => {
+    const r = run([GGUF, out('bad-dtype'), '--dtype', 'int3']);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/--dtype must be fp32 or fp16/);
+    expect(fs.existsSync(out('bad-dtype'))).toBe(false);
   });
 });
 

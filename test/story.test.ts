@@ -130,6 +130,18 @@ describe('stories260K against a port of llama2.c', () => {
     expect(story.text).toBe(refStoryText);
   });
 
+  it('Tally on a float16 conversion (weights and KV cache in fp16): the same tokens for the whole story', async () => {
+    const dir = storiesModel('float16');
+    expect(fs.existsSync(path.join(dir, 'onnx', 'model_fp16.onnx'))).toBe(true);
+    const { out, info } = await greedyOnEngine(dir, [[1], boyPrompt], 512);
+    expect(info.runner).toBe('tally');
+    const [story, boy] = out;
+    expect(story.finish).toBe('stop');
+    expect(story.tokens).toEqual(refStory);
+    expect(story.text).toBe(refStoryText);
+    expect(boy.tokens.slice(0, BOY_TOKENS)).toEqual(refBoy);
+  });
+
   it('"…a little boy" continues " named Timmy. Timmy loved to play with his toys" on both conversions', async () => {
     expect(refBoy).toHaveLength(BOY_TOKENS);
     const bin = path.join(tmp, 'from-bin-2');

@@ -21,18 +21,19 @@ export const DEFAULT_ENGINE_OPTIONS = {
   kvCacheBytes: 4 * 2 ** 30,
 };
 
-export function kvBytesPerToken(config: LlamaConfig): number {
-  return config.num_hidden_layers * 2 * config.num_key_value_heads * headDim(config) * 4;
+/** elementBytes: 4 for a float32 cache, 2 for float16. */
+export function kvBytesPerToken(config: LlamaConfig, elementBytes = 4): number {
+  return config.num_hidden_layers * 2 * config.num_key_value_heads * headDim(config) * elementBytes;
 }
 
-export function resolveLimits(folder: ModelFolder, options: EngineOptions): SchedulerLimits {
+export function resolveLimits(folder: ModelFolder, options: EngineOptions, kvElementBytes = 4): SchedulerLimits {
   const modelMax = folder.config.max_position_embeddings;
   const maxModelLen = options.maxModelLen ?? modelMax;
   if (maxModelLen > modelMax) throw new Error(`--max-model-len ${maxModelLen} exceeds the model's max_position_embeddings (${modelMax})`);
   if (options.maxNumBatchedTokens < options.maxNumSeqs) {
     throw new Error(`--max-num-batched-tokens (${options.maxNumBatchedTokens}) must be at least --max-num-seqs (${options.maxNumSeqs})`);
   }
-  const kvCapacityTokens = options.kvCacheTokens ?? Math.floor(options.kvCacheBytes / kvBytesPerToken(folder.config));
+  const kvCapacityTokens = options.kvCacheTokens ?? Math.floor(options.kvCacheBytes / kvBytesPerToken(folder.config, kvElementBytes));
   if (kvCapacityTokens < 2) throw new Error('the KV cache holds fewer than 2 tokens: raise --kv-cache-tokens or --kv-cache-gb');
   return { maxNumSeqs: options.maxNumSeqs, maxNumBatchedTokens: options.maxNumBatchedTokens, maxModelLen, kvCapacityTokens };
 }

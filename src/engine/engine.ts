@@ -32,13 +32,15 @@ export async function createEngine(
 ): Promise<{ scheduler: Scheduler; info: EngineInfo; tokenizer: TextTokenizer; release: () => Promise<void> }> {
   const folder = loadModelFolder(options.modelDir);
   const tokenizer = TextTokenizer.load(folder.dir);
-  const limits = resolveLimits(folder, options);
+  const checked = resolveLimits(folder, options);
   const { runner, device, note } = await createRunner(folder, {
     device: options.device,
     threads: options.threads,
-    maxSlots: limits.maxNumSeqs,
-    maxModelLen: limits.maxModelLen,
+    maxSlots: checked.maxNumSeqs,
+    maxModelLen: checked.maxModelLen,
   });
+  // The cache's element type is known once the session is open; --kv-cache-gb holds twice the tokens in float16.
+  const limits = resolveLimits(folder, options, runner.kvElementBytes);
   const eosIds = eosIdsOf(folder, tokenizer);
   const scheduler = new Scheduler(runner, tokenizer, modelShape(folder.config), eosIds, limits, emit, onStep);
   return {

@@ -1,6 +1,19 @@
 import ort from 'onnxruntime-node';
 import type { LlamaConfig } from '../model/types.ts';
 import { headDim } from '../model/types.ts';
+import { float16ToFloat32 } from '../model/half.ts';
+
+type KvType = 'float32' | 'float16';
+type KvArray = Float32Array | Uint16Array;
+
+function kvTypeOf(session: ort.InferenceSession, input: string): KvType {
+  const meta = session.inputMetadata.find((m) => m.name === input);
+  return meta && meta.isTensor && meta.type === 'float16' ? 'float16' : 'float32';
+}
+
+function kvArray(type: KvType, length: number): KvArray {
+  return type === 'float16' ? new Uint16Array(length) : new Float32Array(length);
+}
 
 /** One row of a forward pass: a sequence and the new tokens appended at its cached length. */
 export interface ForwardRow {
@@ -24,22 +37,12 @@ export interface ModelRunner {
   forward(rows: ForwardRow[]): Promise<ForwardResult>;
   /** Bytes of KV-cache memory held now. */
   kvBytes(): number;
+  /** 4 for a float32 cache, 2 for float16. */
+  readonly kvElementBytes: number;
   release(): Promise<void>;
 }
 
 const MASKED = -1e9;
-
-function float16ToFloat32(bits: Uint16Array): Float32Array {
-  const out = new Float32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) {
-    const h = bits[i];
-    const sign = h & 0x8000 ? -1 : 1;
-    const exp = (h >> 10) & 0x1f;
-    const frac = h & 0x3ff;
-    out[i] = exp === 0 ? sign * 2 ** -14 * (frac / 1024) : exp === 31 ? (frac ? NaN : sign * Infinity) : sign * 2 ** (exp - 15) * (1 + frac / 1024);
-  }
-  return out;
-}
 
 function logitsAsFloat32(t: ort.Tensor): Float32Array {
   if (t.type === 'float32') return t.data as Float32Array;
@@ -65,8 +68,10 @@ export class TallyRunner implements ModelRunner {
   private readonly maxSlots: number;
   private slotCap = 0;
   private cap = 0;
-  private keys: Float32Array[] = [];
-  private values: Float32Array[] = [];
+  private readonly kvType: KvType;
+  readonly kvElementBytes: number;
+  private keys: KvArray[] = [];
+  private values: KvArray[] = [];
   private slotSeq: (number | undefined)[] = [];
   private seqSlot = new Map<number, number>();
   private lengths = new Map<number, number>();
@@ -84,6 +89,8 @@ export class TallyRunner implements ModelRunner {
     this.group = config.num_attention_heads / config.num_key_value_heads;
     this.maxLen = options.maxModelLen;
     this.maxSlots = options.maxSlots;
+    this.kvType = kvTypeOf(session, 'past_key.0');
+    this.kvElementBytes = this.kvType === 'float16' ? 2 : 4;
   }
 
   private slotStride(cap = this.cap): number {
@@ -91,7 +98,7 @@ export class TallyRunner implements ModelRunner {
   }
 
   kvBytes(): number {
-    return this.layers * 2 * this.slotCap * this.slotStride() * 4;
+    return this.layers * 2 * this.slotCap * this.slotStride() * this.kvElementBytes;
   }
 
   cachedLength(seq: number): number {
@@ -137,8 +144,8 @@ export class TallyRunner implements ModelRunner {
     const oldStride = this.slotStride(oldCap);
     const newStride = this.slotStride(newCap);
     for (let l = 0; l < this.layers; l++) {
-      const k = new Float32Array(newSlots * newStride);
-      const v = new Float32Array(newSlots * newStride);
+      const k = kvArray(this.kvType, newSlots * newStride);
+      const v = kvArray(this.kvType, newSlots * newStride);
       if (oldCap === newCap) {
         k.set(this.keys[l]);
         v.set(this.values[l]);
@@ -274,21 +281,22 @@ export class TallyRunner implements ModelRunner {
       logits_index: new ort.Tensor('int64', logitsIndex, [B]),
     };
     const stride = this.slotStride();
-    const dummy = fresh ? new Float32Array(B * this.kvh * this.hd) : undefined;
+    const kvType = this.kvType;
+    const dummy = fresh ? kvArray(kvType, B * this.kvh * this.hd) : undefined;
     for (let l = 0; l < this.layers; l++) {
       if (dummy) {
-        feeds[`past_key.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, this.hd, 1]);
-        feeds[`past_value.${l}`] = new ort.Tensor('float32', dummy, [B, this.kvh, 1, this.hd]);
+        feeds[`past_key.${l}`] = new ort.Tensor(kvType, dummy, [B, this.kvh, this.hd, 1]);
+        feeds[`past_value.${l}`] = new ort.Tensor(kvType, dummy, [B, this.kvh, 1, this.hd]);
       } else {
-        feeds[`past_key.${l}`] = new ort.Tensor('float32', this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
-        feeds[`past_value.${l}`] = new ort.Tensor('float32', this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
+        feeds[`past_key.${l}`] = new ort.Tensor(kvType, this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
+        feeds[`past_value.${l}`] = new ort.Tensor(kvType, this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
       }
     }
     const started = performance.now();
     const out = await this.session.run(feeds);
     const runSeconds = (performance.now() - started) / 1000;
 
-    const newKv = out.new_kv.data as Float32Array; // [2L, B, kvh, T, hd]
+    const newKv = out.new_kv.data as KvArray; // [2L, B, kvh, T, hd]
     const hd = this.hd;
     ordered.forEach((r, b) => {
       const slot = this.seqSlot.get(r.seq)!;
@@ -310,7 +318,7 @@ export class TallyRunner implements ModelRunner {
       this.lengths.set(r.seq, len + n);
     });
 
-    const logits = out.logits.data as Float32Array;
+    const logits = logitsAsFloat32(out.logits);
     const V = this.vocabSize;
     const rowOf = new Map(ordered.map((r, b) => [r.seq, b]));
     return {
@@ -339,7 +347,8 @@ export class PlainRunner implements ModelRunner {
   private readonly states = new Map<number, PlainState>();
   private readonly pastNames: string[];
   private readonly presentNames: string[];
-  private readonly kvType: 'float32' | 'float16';
+  private readonly kvType: KvType;
+  readonly kvElementBytes: number;
   private readonly hasPositionIds: boolean;
   private readonly kvh: number;
   private readonly hd: number;
@@ -354,7 +363,8 @@ export class PlainRunner implements ModelRunner {
       this.presentNames.push(`present.${l}.key`, `present.${l}.value`);
     }
     const meta = session.inputMetadata.find((m) => m.name === 'past_key_values.0.key');
-    this.kvType = meta && meta.isTensor && meta.type === 'float16' ? 'float16' : 'float32';
+    this.kvType = kvTypeOf(session, 'past_key_values.0.key');
+    this.kvElementBytes = this.kvType === 'float16' ? 2 : 4;
     const dims = meta && meta.isTensor ? meta.shape : [];
     this.kvh = typeof dims[1] === 'number' ? dims[1] : config.num_key_value_heads;
     this.hd = typeof dims[3] === 'number' ? dims[3] : headDim(config);
@@ -362,7 +372,7 @@ export class PlainRunner implements ModelRunner {
   }
 
   open(seq: number): void {
-    const empty = () => new ort.Tensor(this.kvType, this.kvType === 'float16' ? new Uint16Array(0) : new Float32Array(0), [1, this.kvh, 0, this.hd]);
+    const empty = () => new ort.Tensor(this.kvType, kvArray(this.kvType, 0), [1, this.kvh, 0, this.hd]);
     this.states.set(seq, { length: 0, past: this.pastNames.map(empty) });
   }
 
@@ -378,7 +388,7 @@ export class PlainRunner implements ModelRunner {
 
   kvBytes(): number {
     let total = 0;
-    for (const s of this.states.values()) for (const t of s.past) total += (t.data as Float32Array | Uint16Array).byteLength;
+    for (const s of this.states.values()) for (const t of s.past) total += (t.data as KvArray).byteLength;
     return total;
   }
 

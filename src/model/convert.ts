@@ -5,7 +5,7 @@ import { ggufToCheckpoint } from './gguf.ts';
 import { readLlama2c } from './llama2c.ts';
 import { parseLlama2cTokenizer } from './llama2c-tokenizer.ts';
 import { parseSentencePieceModel } from './sentencepiece.ts';
-import { buildLlamaGraph, type GraphInterface } from './llama-graph.ts';
+import { buildLlamaGraph, type GraphInterface, type ModelDtype } from './llama-graph.ts';
 import { writeModelFolder } from './folder.ts';
 import { randomWeights } from './random.ts';
 import type { Checkpoint, LlamaConfig, SpVocab } from './types.ts';
@@ -16,6 +16,7 @@ export interface ConvertOptions {
   /** A Jinja chat template (file path) to store in tokenizer_config.json. */
   chatTemplate?: string;
   interface?: GraphInterface;
+  dtype?: ModelDtype;
 }
 
 function readVocab(file: string, vocabSize: number): SpVocab {
@@ -73,7 +74,7 @@ function llama2cGenerationConfig(config: LlamaConfig): Record<string, unknown> {
 
 export function convertCheckpoint(input: string, outDir: string, options: ConvertOptions = {}): void {
   const ckpt = readCheckpoint(input, options);
-  const config = { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId };
+  const config = { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' };
   const { tokenizerJson, tokenizerConfig } = buildTokenizerFiles(ckpt.vocab);
   const tokConfig: Record<string, unknown> = { ...tokenizerConfig, model_max_length: config.max_position_embeddings };
   if (options.chatTemplate) tokConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');
@@ -82,7 +83,7 @@ export function convertCheckpoint(input: string, outDir: string, options: Conver
     generationConfig: llama2cGenerationConfig(config),
     tokenizerJson,
     tokenizerConfig: tokConfig,
-    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally' }),
+    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype }),
   });
 }
 
@@ -92,6 +93,7 @@ export interface RandomOptions {
   overrides?: Partial<LlamaConfig>;
   chatTemplate?: string;
   interface?: GraphInterface;
+  dtype?: ModelDtype;
 }
 
 /** A random-weight model with the architecture, tokenizer and chat template of a published model folder. */
@@ -101,7 +103,7 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
   if (!fs.existsSync(path.join(likeDir, 'tokenizer.json'))) throw new Error(`${likeDir} has no tokenizer.json`);
   const published = read('config.json') as LlamaConfig;
   const defaults = { rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, num_key_value_heads: published.num_attention_heads };
-  const config: LlamaConfig = Object.assign(defaults, published, options.overrides, { torch_dtype: 'float32' });
+  const config: LlamaConfig = Object.assign(defaults, published, options.overrides, { torch_dtype: options.dtype ?? 'float32' });
   const supported = ['llama', 'qwen2', 'mistral'];
   if (!supported.includes(config.model_type)) throw new Error(`model_type ${config.model_type} is not a Llama-family decoder (${supported.join(', ')})`);
   const tokenizerConfig = fs.existsSync(path.join(likeDir, 'tokenizer_config.json')) ? read('tokenizer_config.json') : {};
@@ -112,6 +114,6 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
     generationConfig,
     tokenizerJson: read('tokenizer.json'),
     tokenizerConfig,
-    graph: buildLlamaGraph(config, randomWeights(config, options.seed), { interface: options.interface ?? 'tally' }),
+    graph: buildLlamaGraph(config, randomWeights(config, options.seed), { interface: options.interface ?? 'tally', dtype: options.dtype }),
   });
 }

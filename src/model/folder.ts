@@ -14,7 +14,12 @@ export interface ModelFolder {
 }
 
 export const ONNX_FILE = 'onnx/model.onnx';
-export const ONNX_DATA_FILE = 'model.onnx_data';
+/** onnx-community's name for the float16 variant; loaded when there is no model.onnx. */
+export const ONNX_FP16_FILE = 'onnx/model_fp16.onnx';
+
+function onnxFileOf(dir: string): string | undefined {
+  return [ONNX_FILE, ONNX_FP16_FILE].find((f) => fs.existsSync(path.join(dir, f)));
+}
 
 function readJson(file: string): Record<string, unknown> {
   try {
@@ -25,7 +30,7 @@ function readJson(file: string): Record<string, unknown> {
 }
 
 export function isModelFolder(dir: string): boolean {
-  return fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, ONNX_FILE));
+  return fs.existsSync(path.join(dir, 'config.json')) && onnxFileOf(dir) !== undefined;
 }
 
 export function loadModelFolder(dir: string): ModelFolder {
@@ -40,7 +45,7 @@ export function loadModelFolder(dir: string): ModelFolder {
     config: readJson(path.join(abs, 'config.json')) as unknown as LlamaConfig,
     generationConfig: optional('generation_config.json'),
     tokenizerConfig: optional('tokenizer_config.json'),
-    onnxPath: path.join(abs, ONNX_FILE),
+    onnxPath: path.join(abs, onnxFileOf(abs)!),
   };
 }
 
@@ -52,21 +57,26 @@ export interface FolderContents {
   graph: ModelSpec;
 }
 
-/** Writes config, tokenizer and generation files and onnx/model.onnx with its weights as external data. */
+/**
+ * Writes config, tokenizer and generation files and the graph with its weights as external data:
+ * onnx/model.onnx, or onnx/model_fp16.onnx when config.torch_dtype is float16.
+ */
 export function writeModelFolder(dir: string, contents: FolderContents): void {
+  const onnxFile = contents.config.torch_dtype === 'float16' ? ONNX_FP16_FILE : ONNX_FILE;
+  const dataFile = `${path.basename(onnxFile)}_data`;
   fs.mkdirSync(path.join(dir, 'onnx'), { recursive: true });
   const json = (f: string, v: unknown) => fs.writeFileSync(path.join(dir, f), JSON.stringify(v, null, 2) + '\n');
   json('config.json', contents.config);
   json('generation_config.json', contents.generationConfig);
   json('tokenizer.json', contents.tokenizerJson);
   json('tokenizer_config.json', contents.tokenizerConfig);
-  const { model, external } = encodeModel({ ...contents.graph, externalDataFile: ONNX_DATA_FILE });
-  const dataPath = path.join(dir, 'onnx', ONNX_DATA_FILE);
+  const { model, external } = encodeModel({ ...contents.graph, externalDataFile: dataFile });
+  const dataPath = path.join(dir, 'onnx', dataFile);
   const fd = fs.openSync(dataPath, 'w');
   try {
     for (const chunk of external) fs.writeSync(fd, chunk);
   } finally {
     fs.closeSync(fd);
   }
-  fs.writeFileSync(path.join(dir, ONNX_FILE), model);
+  fs.writeFileSync(path.join(dir, onnxFile), model);
 }

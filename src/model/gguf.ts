@@ -1,4 +1,5 @@
 import { readFileSync, writeFileSync } from 'node:fs';
+import { f32ToF16, halfTable } from './half.ts';
 import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type WeightMap } from './types.ts';
 
 /** GGUF metadata value types. */
@@ -197,46 +198,10 @@ function view<T extends Float32Array | Uint16Array>(
   return out;
 }
 
-let HALF: Float32Array | undefined;
-function halfTable(): Float32Array {
-  if (!HALF) {
-    HALF = new Float32Array(65536);
-    for (let h = 0; h < 65536; h++) {
-      const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-      HALF[h] = e === 0 ? s * m * 2 ** -24 : e === 31 ? (m ? NaN : s * Infinity) : s * (1 + m / 1024) * 2 ** (e - 15);
-    }
-  }
-  return HALF;
-}
-
-export function f16ToF32(h: number): number {
-  return halfTable()[h & 0xffff];
-}
 
 const F32 = new Float32Array(1), U32 = new Uint32Array(F32.buffer);
 
 /** float -> IEEE half bits, round to nearest even. */
-export function f32ToF16(x: number): number {
-  F32[0] = x;
-  const b = U32[0], sign = (b >>> 16) & 0x8000, exp = (b >>> 23) & 0xff;
-  let mant = b & 0x7fffff;
-  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
-  const e = exp - 112;
-  if (e >= 31) return sign | 0x7c00;
-  if (e <= 0) {
-    if (e < -10) return sign;
-    mant |= 0x800000;
-    const shift = 14 - e, rem = mant & ((1 << shift) - 1), half = 1 << (shift - 1);
-    let h = mant >>> shift;
-    if (rem > half || (rem === half && h & 1)) h++;
-    return sign | h;
-  }
-  let h = (e << 10) | (mant >>> 13);
-  const rem = mant & 0x1fff;
-  if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++; // a carry rolls into the exponent, up to infinity
-  return sign | h;
-}
-
 function f32ToBf16(x: number): number {
   F32[0] = x;
   const b = U32[0];

@@ -1,3 +1,4 @@
+import { float32ToFloat16 } from './half.ts';
 import { DataType, type AttributeValue, type ModelSpec, type NodeSpec, type TensorSpec, type ValueInfo, rawBytes } from './onnx-proto.ts';
 import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.ts';
 
@@ -21,6 +22,9 @@ class GraphBuilder {
   private counter = 0;
   private constants = new Map<string, string>();
 
+  /** dtype: the type of weights, activations and the KV cache; masks, softmax and logits stay float32. */
+  constructor(readonly dtype: DataType.FLOAT | DataType.FLOAT16) {}
+
   op(opType: string, inputs: string[], attributes?: Record<string, AttributeValue>, outputs = 1, domain?: string): string[] {
     const id = this.counter++;
     const outs = Array.from({ length: outputs }, (_, i) => `${opType.toLowerCase()}_${id}${outputs > 1 ? `_${i}` : ''}`);
@@ -39,8 +43,19 @@ class GraphBuilder {
   }
 
   weight(name: string, data: Float32Array, dims: number[]): string {
-    this.initializers.push({ name, type: DataType.FLOAT, dims, raw: rawBytes(data) });
+    const raw = rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(data) : data);
+    this.initializers.push({ name, type: this.dtype, dims, raw });
     return name;
+  }
+
+  /** x as float32 (a Cast in float16 graphs). */
+  toFloat32(x: string): string {
+    return this.dtype === DataType.FLOAT ? x : this.op1('Cast', [x], { to: DataType.FLOAT });
+  }
+
+  /** x, a float32 value, in the graph's dtype. */
+  toDtype(x: string): string {
+    return this.dtype === DataType.FLOAT ? x : this.op1('Cast', [x], { to: this.dtype });
   }
 
   ints(values: number[]): string {
@@ -54,12 +69,13 @@ class GraphBuilder {
     return name;
   }
 
-  scalar(value: number): string {
-    const key = `f32:${value}`;
+  scalar(value: number, type: DataType.FLOAT | DataType.FLOAT16 = DataType.FLOAT): string {
+    const key = `${type}:${value}`;
     let name = this.constants.get(key);
     if (!name) {
-      name = `const_f32_${this.constants.size}`;
-      this.initializers.push({ name, type: DataType.FLOAT, dims: [], raw: rawBytes(Float32Array.of(value)) });
+      name = `const_${type === DataType.FLOAT ? 'f32' : 'f16'}_${this.constants.size}`;
+      const data = Float32Array.of(value);
+      this.initializers.push({ name, type, dims: [], raw: rawBytes(type === DataType.FLOAT ? data : float32ToFloat16(data)) });
       this.constants.set(key, name);
     }
     return name;
@@ -118,10 +134,15 @@ export interface BuildOptions {
   interface: GraphInterface;
   /** hf interface only: whether the graph takes position_ids (else it derives them from attention_mask). */
   positionIds?: boolean;
+  /** Weights, activations and KV cache (default float32). */
+  dtype?: ModelDtype;
 }
 
+export type ModelDtype = 'float32' | 'float16';
+
 export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options: BuildOptions): ModelSpec {
-  const g = new GraphBuilder();
+  const dt = options.dtype === 'float16' ? DataType.FLOAT16 : DataType.FLOAT;
+  const g = new GraphBuilder(dt);
   const H = config.hidden_size;
   const L = config.num_hidden_layers;
   const nh = config.num_attention_heads;
@@ -149,11 +170,11 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   for (let l = 0; l < L; l++) {
     if (tally) {
       // K is cached transposed ([hd, past]) so that scores need no Transpose of the cache.
-      g.inputs.push({ name: `past_key.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, hd, 'past'] });
-      g.inputs.push({ name: `past_value.${l}`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+      g.inputs.push({ name: `past_key.${l}`, type: dt, dims: ['batch', kvh, hd, 'past'] });
+      g.inputs.push({ name: `past_value.${l}`, type: dt, dims: ['batch', kvh, 'past', hd] });
     } else {
-      g.inputs.push({ name: `past_key_values.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
-      g.inputs.push({ name: `past_key_values.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'past', hd] });
+      g.inputs.push({ name: `past_key_values.${l}.key`, type: dt, dims: ['batch', kvh, 'past', hd] });
+      g.inputs.push({ name: `past_key_values.${l}.value`, type: dt, dims: ['batch', kvh, 'past', hd] });
     }
   }
 
@@ -212,7 +233,7 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const scoresNewShape5 = shape(batchDim, [kvh, group], newDim, newDim); // [B, kvh, g, T(query), T(key)]
   const scoresNewShape4 = shape(batchDim, [kvh, -1], newDim);
   const attnShape5 = shape(batchDim, [kvh, group], newDim, [hd]); // [B, kvh, g, T, hd]
-  const scale = g.scalar(1 / Math.sqrt(hd));
+  const scale = g.scalar(1 / Math.sqrt(hd), dt);
   const qkvBias = hasQkvBias(config);
   const newKv: string[] = [];
 
@@ -242,10 +263,10 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
       // Query rows ordered (group, token) per KV head: [B, kvh, g*T, hd].
       const qG = g.op1('Reshape', [g.op1('Transpose', [g.op1('Reshape', [q, groupedShape5])], { perm: [0, 2, 3, 1, 4] }), qRowsShape]);
       const kT = g.op1('Transpose', [kRows], { perm: [0, 2, 3, 1] }); // [B, kvh, hd, T]
-      const scoresPast = g.op1('Add', [g.op1('MatMul', [qG, `past_key.${l}`]), 'past_mask']); // [B, kvh, g*T, past]
-      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.op1('MatMul', [qG, kT]), scoresNewShape5]), 'new_mask']);
+      const scoresPast = g.op1('Add', [g.toFloat32(g.op1('MatMul', [qG, `past_key.${l}`])), 'past_mask']); // [B, kvh, g*T, past]
+      const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.toFloat32(g.op1('MatMul', [qG, kT])), scoresNewShape5]), 'new_mask']);
       const scoresNew = g.op1('Reshape', [scoresNew5, scoresNewShape4]); // [B, kvh, g*T, T]
-      const probs = g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: -1 })], { axis: -1 });
+      const probs = g.toDtype(g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: -1 })], { axis: -1 }));
       const pastLen = g.op1('Slice', [g.op1('Shape', [`past_value.${l}`]), g.ints([2]), g.ints([3])]);
       const probsPast = g.op1('Slice', [probs, g.ints([0]), pastLen, g.ints([-1])]);
       const probsNew = g.op1('Slice', [probs, pastLen, g.ints([2 ** 62]), g.ints([-1])]);
@@ -259,15 +280,15 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
       g.op1('Concat', [`past_key_values.${l}.value`, v], { axis: 2 });
       const vAll = g.nameLast(`present.${l}.value`);
       const qGrouped = g.op1('Reshape', [g.op1('Transpose', [q], { perm: [0, 2, 1, 3] }), shape(batchDim, [kvh, -1, hd])]); // [B, kvh, g*T, hd]
-      const scores = g.op1('MatMul', [qGrouped, g.op1('Transpose', [kAll], { perm: [0, 1, 3, 2] })]); // [B,kvh,gT,S]
+      const scores = g.toFloat32(g.op1('MatMul', [qGrouped, g.op1('Transpose', [kAll], { perm: [0, 1, 3, 2] })])); // [B,kvh,gT,S]
       const scores5 = g.op1('Reshape', [scores, shape(batchDim, [kvh, group], newDim, [-1])]);
       const masked = g.op1('Add', [scores5, g.op1('Unsqueeze', [additiveMask, g.ints([1])])]);
-      const probs = g.op1('Softmax', [g.op1('Reshape', [masked, shape(batchDim, [kvh, -1], g.op1('Slice', [g.op1('Shape', [kAll]), g.ints([2]), g.ints([3])]))])], { axis: -1 });
+      const probs = g.toDtype(g.op1('Softmax', [g.op1('Reshape', [masked, shape(batchDim, [kvh, -1], g.op1('Slice', [g.op1('Shape', [kAll]), g.ints([2]), g.ints([3])]))])], { axis: -1 }));
       const attn = g.op1('MatMul', [probs, vAll]); // [B, kvh, g*T, hd]
       const attnHeads = g.op1('Transpose', [g.op1('Reshape', [attn, shape(batchDim, [nh], newDim, [hd])])], { perm: [0, 2, 1, 3] });
       attnFlat = g.op1('Reshape', [attnHeads, g.ints([-1, nh * hd])]);
-      g.outputs.push({ name: `present.${l}.key`, type: DataType.FLOAT, dims: ['batch', kvh, 'total', hd] });
-      g.outputs.push({ name: `present.${l}.value`, type: DataType.FLOAT, dims: ['batch', kvh, 'total', hd] });
+      g.outputs.push({ name: `present.${l}.key`, type: dt, dims: ['batch', kvh, 'total', hd] });
+      g.outputs.push({ name: `present.${l}.value`, type: dt, dims: ['batch', kvh, 'total', hd] });
     }
     const wo = transpose(lw('self_attn.o_proj.weight'), H, nh * hd);
     hidden = g.op1('Add', [hidden, g.op1('MatMul', [attnFlat, g.weight(`${p}.self_attn.o_proj.weight_t`, wo, [nh * hd, H])])]);
@@ -286,14 +307,14 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const headWeight = lmHead ? g.weight('lm_head.weight', lmHead.data, [V, H]) : embed;
   if (tally) {
     const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 }); // [B, H]
-    g.op1('Gemm', [rmsNorm(picked, finalNorm), headWeight], { transB: 1 });
+    g.toFloat32(g.op1('Gemm', [rmsNorm(picked, finalNorm), headWeight], { transB: 1 }));
     g.nameLast('logits');
     g.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', V] });
     g.op1('Concat', newKv, { axis: 0 });
     g.nameLast('new_kv');
-    g.outputs.push({ name: 'new_kv', type: DataType.FLOAT, dims: [2 * L, 'batch', kvh, 'new', hd] });
+    g.outputs.push({ name: 'new_kv', type: dt, dims: [2 * L, 'batch', kvh, 'new', hd] });
   } else {
-    const logits2d = g.op1('Gemm', [rmsNorm(hidden, finalNorm), headWeight], { transB: 1 });
+    const logits2d = g.toFloat32(g.op1('Gemm', [rmsNorm(hidden, finalNorm), headWeight], { transB: 1 }));
     g.op1('Reshape', [logits2d, g.op1('Concat', [batchDim, newDim, g.ints([V])], { axis: 0 })]);
     g.nameLast('logits');
     g.outputs.unshift({ name: 'logits', type: DataType.FLOAT, dims: ['batch', 'new', V] });
@@ -306,6 +327,6 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
     outputs: g.outputs,
     initializers: g.initializers,
     opsets: [{ domain: '', version: 17 }, { domain: 'com.microsoft', version: 1 }],
-    metadata: tally ? { 'tally.graph': options.interface, 'tally.graph_version': TALLY_GRAPH_VERSION } : {},
+    metadata: tally ? { 'tally.graph': options.interface, 'tally.graph_version': TALLY_GRAPH_VERSION, 'tally.dtype': options.dtype ?? 'float32' } : {},
   };
 }

@@ -28,7 +28,7 @@ export function resolveModel(spec: string | undefined, log: (msg: string) => voi
       if (isModelFolder(name)) return { dir: path.resolve(name), name: served };
       const checkpoint = fs.readdirSync(name).find((f) => f.endsWith('.gguf')) ?? fs.readdirSync(name).find((f) => f.endsWith('.bin') && !/^tok/.test(f));
       if (checkpoint) return { dir: convertOnce(path.join(name, checkpoint), log), name: served };
-      throw new Error(`${name} is neither a model folder (config.json + onnx/model.onnx) nor a folder with a GGUF or llama2.c checkpoint`);
+      throw new Error(`${name} is neither a model folder (config.json + onnx/model.onnx or onnx/model_fp16.onnx) nor a folder with a GGUF or llama2.c checkpoint`);
     }
     return { dir: convertOnce(name, log), name: served };
   }

@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { convertCheckpoint, convertRandomLike } from '../../src/model/convert.ts';
 import type { LlamaConfig } from '../../src/model/types.ts';
+import { isModelFolder } from '../../src/model/folder.ts';
 
 export const SHARED_MODELS = path.resolve(process.cwd(), '../shared/models');
 /** Keyed by the converter's source, so a changed converter never reuses an old conversion. */
@@ -17,7 +18,7 @@ const CACHE = path.join(os.tmpdir(), `tally-test-models-${SOURCE_KEY}`);
 
 function once(name: string, build: (dir: string) => void): string {
   const dir = path.join(CACHE, name);
-  if (!fs.existsSync(path.join(dir, 'onnx', 'model.onnx'))) {
+  if (!isModelFolder(dir)) {
     const tmp = `${dir}.tmp-${process.pid}`;
     fs.rmSync(tmp, { recursive: true, force: true });
     build(tmp);
@@ -27,9 +28,10 @@ function once(name: string, build: (dir: string) => void): string {
   return dir;
 }
 
-/** stories260K converted from its GGUF by Tally's own converter. */
-export function storiesModel(): string {
-  return once('stories260K', (dir) => convertCheckpoint(path.join(SHARED_MODELS, 'stories260K', 'stories260K.gguf'), dir));
+/** stories260K converted from its GGUF by Tally's own converter (`tally convert --dtype` as given). */
+export function storiesModel(dtype: 'float32' | 'float16' = 'float32'): string {
+  const name = dtype === 'float32' ? 'stories260K' : `stories260K-${dtype}`;
+  return once(name, (dir) => convertCheckpoint(path.join(SHARED_MODELS, 'stories260K', 'stories260K.gguf'), dir, { dtype }));
 }
 
 /** A small random-weight model with a published model's tokenizer and chat template. */
