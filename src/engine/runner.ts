@@ -53,7 +53,7 @@ function logitsAsFloat32(t: ort.Tensor): Float32Array {
 /**
  * Runner for graphs that `tally convert` writes: the KV cache lives in per-layer slot buffers owned
  * here and goes into the graph as zero-copy input views; only new positions come back.
- * Layout per layer: K [slot, kvHeads, headDim, cap] (transposed), V [slot, kvHeads, cap, headDim].
+ * Layout per layer, K and V alike: [slot, kvHeads, cap, headDim], so a new position is one contiguous row per head.
  * Rows of one forward must sit in contiguous slots, so the runner moves sequences between slots when
  * the batch changes (copying only their cached positions).
  */
@@ -154,12 +154,10 @@ export class TallyRunner implements ModelRunner {
           const len = this.lengths.get(seq)!;
           if (len === 0) continue;
           for (let h = 0; h < this.kvh; h++) {
-            for (let d = 0; d < this.hd; d++) {
-              const src = slot * oldStride + (h * this.hd + d) * oldCap;
-              k.set(this.keys[l].subarray(src, src + len), slot * newStride + (h * this.hd + d) * newCap);
-            }
             const src = slot * oldStride + h * oldCap * this.hd;
-            v.set(this.values[l].subarray(src, src + len * this.hd), slot * newStride + h * newCap * this.hd);
+            const dst = slot * newStride + h * newCap * this.hd;
+            k.set(this.keys[l].subarray(src, src + len * this.hd), dst);
+            v.set(this.values[l].subarray(src, src + len * this.hd), dst);
           }
         }
       }
@@ -178,11 +176,8 @@ export class TallyRunner implements ModelRunner {
       const k = this.keys[l];
       const v = this.values[l];
       for (let h = 0; h < this.kvh; h++) {
-        for (let d = 0; d < this.hd; d++) {
-          const off = (h * this.hd + d) * this.cap;
-          k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len);
-        }
         const off = h * this.cap * this.hd;
+        k.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
         v.copyWithin(to * stride + off, from * stride + off, from * stride + off + len * this.hd);
       }
     }
@@ -285,10 +280,10 @@ export class TallyRunner implements ModelRunner {
     const dummy = fresh ? kvArray(kvType, B * this.kvh * this.hd) : undefined;
     for (let l = 0; l < this.layers; l++) {
       if (dummy) {
-        feeds[`past_key.${l}`] = new ort.Tensor(kvType, dummy, [B, this.kvh, this.hd, 1]);
+        feeds[`past_key.${l}`] = new ort.Tensor(kvType, dummy, [B, this.kvh, 1, this.hd]);
         feeds[`past_value.${l}`] = new ort.Tensor(kvType, dummy, [B, this.kvh, 1, this.hd]);
       } else {
-        feeds[`past_key.${l}`] = new ort.Tensor(kvType, this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.hd, this.cap]);
+        feeds[`past_key.${l}`] = new ort.Tensor(kvType, this.keys[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
         feeds[`past_value.${l}`] = new ort.Tensor(kvType, this.values[l].subarray(base * stride, (base + B) * stride), [B, this.kvh, this.cap, this.hd]);
       }
     }
@@ -308,11 +303,9 @@ export class TallyRunner implements ModelRunner {
         for (let h = 0; h < this.kvh; h++) {
           const kSrc = (((2 * l) * B + b) * this.kvh + h) * T * hd;
           const vSrc = (((2 * l + 1) * B + b) * this.kvh + h) * T * hd;
-          const kDst = slot * stride + h * hd * this.cap + len;
-          for (let t = 0; t < n; t++) {
-            for (let d = 0; d < hd; d++) k[kDst + d * this.cap + t] = newKv[kSrc + t * hd + d];
-          }
-          v.set(newKv.subarray(vSrc, vSrc + n * hd), slot * stride + h * this.cap * hd + len * hd);
+          const dst = slot * stride + h * this.cap * hd + len * hd;
+          k.set(newKv.subarray(kSrc, kSrc + n * hd), dst);
+          v.set(newKv.subarray(vSrc, vSrc + n * hd), dst);
         }
       }
       this.lengths.set(r.seq, len + n);

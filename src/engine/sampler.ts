@@ -199,8 +199,9 @@ export class SequenceSampler {
     // Exactly one uniform per call, drawn first, so a seeded stream depends only on the step count.
     const u = this.rng.nextFloat();
 
-    // Plain greedy: one pass, nothing else to apply.
-    if (p.temperature < GREEDY_TEMPERATURE && p.logprobs === undefined && this.seen === null && p.frequencyPenalty === 0 && p.presencePenalty === 0 && (banned === undefined || banned.length === 0)) {
+    // Plain greedy (banned tokens aside): one pass, nothing else to apply.
+    if (p.temperature < GREEDY_TEMPERATURE && p.logprobs === undefined && this.seen === null && p.frequencyPenalty === 0 && p.presencePenalty === 0) {
+      if (banned !== undefined) for (let i = 0; i < banned.length; i++) if (banned[i] >= 0 && banned[i] < V) row[banned[i]] = -Infinity;
       return { token: this.accept(argmaxOf(row, V)) };
     }
 

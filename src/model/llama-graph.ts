@@ -12,7 +12,7 @@ import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.t
  */
 export type GraphInterface = 'tally' | 'hf';
 
-export const TALLY_GRAPH_VERSION = '5';
+export const TALLY_GRAPH_VERSION = '6';
 
 class GraphBuilder {
   nodes: NodeSpec[] = [];
@@ -109,22 +109,18 @@ function req(weights: WeightMap, name: string): Float32Array {
   return t.data;
 }
 
+/** [max_position, head_dim / 2] tables, as ONNX Runtime's RotaryEmbedding takes them. */
 function ropeTables(config: LlamaConfig): { cos: Float32Array; sin: Float32Array } {
   const hd = headDim(config);
   const half = hd / 2;
   const maxPos = config.max_position_embeddings;
-  const cos = new Float32Array(maxPos * hd);
-  const sin = new Float32Array(maxPos * hd);
+  const cos = new Float32Array(maxPos * half);
+  const sin = new Float32Array(maxPos * half);
   for (let p = 0; p < maxPos; p++) {
     for (let i = 0; i < half; i++) {
-      const freq = 1 / Math.pow(config.rope_theta, (2 * i) / hd);
-      const angle = p * freq;
-      const c = Math.cos(angle);
-      const s = Math.sin(angle);
-      cos[p * hd + i] = c;
-      cos[p * hd + half + i] = c;
-      sin[p * hd + i] = s;
-      sin[p * hd + half + i] = s;
+      const angle = p / Math.pow(config.rope_theta, (2 * i) / hd);
+      cos[p * half + i] = Math.cos(angle);
+      sin[p * half + i] = Math.sin(angle);
     }
   }
   return { cos, sin };
@@ -169,8 +165,7 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   }
   for (let l = 0; l < L; l++) {
     if (tally) {
-      // K is cached transposed ([hd, past]) so that scores need no Transpose of the cache.
-      g.inputs.push({ name: `past_key.${l}`, type: dt, dims: ['batch', kvh, hd, 'past'] });
+      g.inputs.push({ name: `past_key.${l}`, type: dt, dims: ['batch', kvh, 'past', hd] });
       g.inputs.push({ name: `past_value.${l}`, type: dt, dims: ['batch', kvh, 'past', hd] });
     } else {
       g.inputs.push({ name: `past_key_values.${l}.key`, type: dt, dims: ['batch', kvh, 'past', hd] });
@@ -209,16 +204,11 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   }
 
   const rope = ropeTables(config);
-  const cosTable = g.weight('rope.cos', rope.cos, [config.max_position_embeddings, hd]);
-  const sinTable = g.weight('rope.sin', rope.sin, [config.max_position_embeddings, hd]);
-  // RoPE on [B, T, heads, hd]: cos/sin as [B, T, 1, hd].
-  const cos = g.op1('Unsqueeze', [g.op1('Gather', [cosTable, positions]), g.ints([2])]);
-  const sin = g.op1('Unsqueeze', [g.op1('Gather', [sinTable, positions]), g.ints([2])]);
-  const applyRope = (x: string): string => {
-    const [x1, x2] = g.op('Split', [x, g.ints([hd / 2, hd / 2])], { axis: -1 }, 2);
-    const rotated = g.op1('Concat', [g.op1('Neg', [x2]), x1], { axis: -1 });
-    return g.op1('Add', [g.op1('Mul', [x, cos]), g.op1('Mul', [rotated, sin])]);
-  };
+  const cosTable = g.weight('rope.cos', rope.cos, [config.max_position_embeddings, hd / 2]);
+  const sinTable = g.weight('rope.sin', rope.sin, [config.max_position_embeddings, hd / 2]);
+  // HF's rotate_half RoPE in one contrib kernel, on [B, T, heads × hd].
+  const applyRope = (x: string, heads: number): string =>
+    g.op1('RotaryEmbedding', [x, positions, cosTable, sinTable], { interleaved: 0, num_heads: heads }, 'com.microsoft');
   const rmsNorm = (x: string, weight: string): string =>
     g.op1('SimplifiedLayerNormalization', [x, weight], { axis: -1, epsilon: { float: eps }, stash_type: 1 });
 
@@ -228,6 +218,7 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const shape = (...parts: (string | number[])[]) => g.op1('Concat', parts.map((x) => (typeof x === 'string' ? x : g.ints(x))), { axis: 0 });
   const qShape = shape(batchDim, newDim, [nh, hd]);
   const kvShape = shape(batchDim, newDim, [kvh, hd]);
+  const rowsShape = shape(batchDim, newDim, [-1]); // [B, T, heads × hd]
   const groupedShape5 = shape(batchDim, newDim, [kvh, group, hd]); // [B, T, kvh, g, hd]
   const qRowsShape = shape(batchDim, [kvh, -1, hd]); // [B, kvh, g*T, hd]
   const scoresNewShape5 = shape(batchDim, [kvh, group], newDim, newDim); // [B, kvh, g, T(query), T(key)]
@@ -252,8 +243,8 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
       qkv = g.op1('Add', [qkv, g.weight(`${p}.self_attn.qkv.bias`, bias, [bias.length])]);
     }
     const [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
-    const q = g.op1('Mul', [applyRope(g.op1('Reshape', [qFlat, qShape])), scale]); // [B, T, nh, hd]
-    const kRows = applyRope(g.op1('Reshape', [kFlat, kvShape])); // [B, T, kvh, hd]
+    const q = g.op1('Reshape', [g.op1('Mul', [applyRope(g.op1('Reshape', [qFlat, rowsShape]), nh), scale]), qShape]); // [B, T, nh, hd]
+    const kRows = g.op1('Reshape', [applyRope(g.op1('Reshape', [kFlat, rowsShape]), kvh), kvShape]); // [B, T, kvh, hd]
     const vRows = g.op1('Reshape', [vFlat, kvShape]);
     const k = g.op1('Transpose', [kRows], { perm: [0, 2, 1, 3] }); // [B, kvh, T, hd]
     const v = g.op1('Transpose', [vRows], { perm: [0, 2, 1, 3] });
@@ -263,7 +254,9 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
       // Query rows ordered (group, token) per KV head: [B, kvh, g*T, hd].
       const qG = g.op1('Reshape', [g.op1('Transpose', [g.op1('Reshape', [q, groupedShape5])], { perm: [0, 2, 3, 1, 4] }), qRowsShape]);
       const kT = g.op1('Transpose', [kRows], { perm: [0, 2, 3, 1] }); // [B, kvh, hd, T]
-      const scoresPast = g.op1('Add', [g.toFloat32(g.op1('MatMul', [qG, `past_key.${l}`])), 'past_mask']); // [B, kvh, g*T, past]
+      // ONNX Runtime fuses this Transpose into the MatMul (FusedMatMul, transB): the cache is not copied.
+      const kPastT = g.op1('Transpose', [`past_key.${l}`], { perm: [0, 1, 3, 2] });
+      const scoresPast = g.op1('Add', [g.toFloat32(g.op1('MatMul', [qG, kPastT])), 'past_mask']); // [B, kvh, g*T, past]
       const scoresNew5 = g.op1('Add', [g.op1('Reshape', [g.toFloat32(g.op1('MatMul', [qG, kT])), scoresNewShape5]), 'new_mask']);
       const scoresNew = g.op1('Reshape', [scoresNew5, scoresNewShape4]); // [B, kvh, g*T, T]
       const probs = g.toDtype(g.op1('Softmax', [g.op1('Concat', [scoresPast, scoresNew], { axis: -1 })], { axis: -1 }));
