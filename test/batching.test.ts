@@ -10,7 +10,9 @@ import { createRunner } from '../src/engine/session.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
 import type { EngineOptions } from '../src/engine/engine-options.ts';
 import type { SamplingParams } from '../src/engine/sampler.ts';
-import type { GenerationRequest, RequestEvent, StepRecord } from '../src/engine/scheduler.ts';
+import { Scheduler, type GenerationRequest, type RequestEvent, type StepRecord } from '../src/engine/scheduler.ts';
+import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
+import { modelShape } from '../src/meter/attribution.ts';
 import type { TextTokenizer } from '../src/model/tokenizer.ts';
 import { storiesModel } from './helpers/models.ts';
 
@@ -213,6 +215,57 @@ describe('continuous batching', () => {
     // 2^26 bytes of KV at 5 layers × K,V × 4 KV heads × 8 dims: 1,280 bytes a token in float32, 640 in float16.
     expect((await engineFor()).info.limits.kvCapacityTokens).toBe(52428);
     expect(e.info.limits.kvCapacityTokens).toBe(104857);
+  });
+
+  it('all-greedy passes fetch only the top logits, and give the tokens that full logits give', async () => {
+    const folder = loadModelFolder(storiesModel());
+    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 8, maxModelLen: 512 });
+    const calls = { full: 0, top: 0 };
+    const counted: ModelRunner = Object.assign(Object.create(runner), {
+      forward: (rows: ForwardRow[]) => (calls.full++, runner.forward(rows)),
+      forwardTop: (rows: ForwardRow[]) => (calls.top++, runner.forwardTop!(rows)),
+    });
+    const outcomes = new Map<string, number[]>();
+    const waiting = new Map<string, () => void>();
+    const scheduler = new Scheduler(counted, tokenizer, modelShape(folder.config), [1, 2], { maxNumSeqs: 8, maxNumBatchedTokens: 64, maxModelLen: 512, kvCapacityTokens: 8192 }, (events) => {
+      for (const e of events) {
+        outcomes.set(e.id, [...(outcomes.get(e.id) ?? []), ...e.tokens.map((t) => t.id)]);
+        if (e.finish) waiting.get(e.id)!();
+      }
+    }, () => {});
+    const loop = scheduler.run();
+    const run = async (reqs: GenerationRequest[]) => {
+      const done = reqs.map((r) => new Promise<void>((resolve) => waiting.set(r.id, resolve)));
+      reqs.forEach((r) => scheduler.submit(r));
+      await Promise.all(done);
+      return reqs.map((r) => outcomes.get(r.id)!);
+    };
+    try {
+      // Greedy, with EOS banned (ignore_eos) and with min_tokens: only top logits are fetched.
+      const greedy = [
+        request('g1', storyPrompt(12), 40, {}, { ignoreEos: true }),
+        request('g2', tokenizer.encode('The dog'), 30, {}, { minTokens: 30, stopTokenIds: [13] }),
+        request('g3', [1], 60),
+      ];
+      const fast = await run(greedy);
+      expect(calls).toEqual({ full: 0, top: expect.any(Number) });
+      expect(calls.top).toBeGreaterThan(40);
+      // The same requests with logprobs need the full rows; the tokens are the same.
+      const top = calls.top;
+      const full = await run(greedy.map((r) => ({ ...r, id: `${r.id}-full`, sampling: { ...r.sampling, logprobs: 0 } })));
+      expect(full).toEqual(fast);
+      expect(calls.top).toBe(top);
+      expect(calls.full).toBeGreaterThan(40);
+      // One sampled row in the batch: that pass fetches the full rows for everyone.
+      const fullBefore = calls.full;
+      const mixed = await run([request('m1', storyPrompt(12), 40, {}, { ignoreEos: true }), request('m2', [1], 40, { temperature: 0.8, seed: 3 })]);
+      expect(mixed[0]).toEqual(fast[0]);
+      expect(calls.full - fullBefore).toBeGreaterThanOrEqual(40);
+    } finally {
+      scheduler.stop();
+      await loop;
+      await runner.release();
+    }
   });
 
   it('admits FCFS when maxNumSeqs is reached: the 9th request waits for a slot, then runs', async () => {

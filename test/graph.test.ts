@@ -83,3 +83,32 @@ describe.each([
     await runner.release();
   });
 });
+
+describe('top logits of Tally graphs', () => {
+  it('forwardTop gives each row its 16 largest logits, largest first, ties to the lower id, as the full rows have them', async () => {
+    const { folder } = folderFor(tiny, 'tally');
+    const open = async () => {
+      const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 4, maxModelLen: 160 });
+      [1, 2, 3].forEach((s) => runner.open(s));
+      return runner;
+    };
+    const [full, top] = [await open(), await open()];
+    expect(full.topLogits).toBe(16);
+    const steps = [
+      [{ seq: 1, tokens: seqA.slice(0, 5) }, { seq: 2, tokens: seqB }],
+      [{ seq: 3, tokens: seqC }, { seq: 1, tokens: [seqA[5]] }, { seq: 2, tokens: [4] }],
+      [{ seq: 2, tokens: [9] }, { seq: 3, tokens: [1] }],
+    ];
+    for (const rows of steps) {
+      const { logits } = await full.forward(rows);
+      const { top: got } = await top.forwardTop!(rows);
+      logits.forEach((row, r) => {
+        const ids = Array.from(row.keys()).sort((a, b) => row[b] - row[a] || a - b).slice(0, 16);
+        expect(got[r].ids).toEqual(ids);
+        expect(got[r].values).toEqual(ids.map((i) => row[i]));
+      });
+    }
+    await full.release();
+    await top.release();
+  });
+});

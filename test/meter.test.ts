@@ -73,6 +73,7 @@ describe('attribution', () => {
       cachedLength: (seq) => lengths.get(seq) ?? 0,
       kvBytes: () => 0,
       kvElementBytes: 4,
+      topLogits: 0,
       release: async () => {},
       forward: async (rows: ForwardRow[]) => {
         for (const row of rows) lengths.set(row.seq, (lengths.get(row.seq) ?? 0) + row.tokens.length);

@@ -211,6 +211,26 @@ describe('SequenceSampler', () => {
     expect(() => make({}, 2).sample(Float32Array.from([NaN, NaN]))).toThrow(/-Infinity or NaN/);
   });
 
+  it('greedy from the top logits picks what greedy over the whole row picks', () => {
+    const row = [0.5, 3, -1, 3, 2.5, NaN, 7, 7, -Infinity, 1];
+    // The top as TopK gives it: largest first, ties lower id first.
+    const order = row.map((v, i) => i).filter((i) => !Number.isNaN(row[i])).sort((a, b) => row[b] - row[a] || a - b);
+    const top = { ids: order.slice(0, 4), values: order.slice(0, 4).map((i) => row[i]) };
+    for (const banned of [[], [6], [6, 7], [7, 1], [2, 6, 7]]) {
+      const full = make({ temperature: 0 }, row.length).sample(Float32Array.from(row), banned).token;
+      expect(make({ temperature: 0 }, row.length).sampleTop(top, banned)!.token, `banned ${banned}`).toBe(full);
+    }
+    // Nothing usable in the top: the caller needs the full row.
+    expect(make({ temperature: 0 }, row.length).sampleTop(top, [6, 7, 1, 3])).toBeUndefined();
+    expect(make({ temperature: 0 }, 3).sampleTop({ ids: [0, 1], values: [NaN, -Infinity] })).toBeUndefined();
+    // Only plain greedy can use it.
+    expect(make({ temperature: 0 }, 3).greedy).toBe(true);
+    for (const over of [{ temperature: 0.7 }, { temperature: 0, logprobs: 0 }, { temperature: 0, repetitionPenalty: 1.1 }, { temperature: 0, presencePenalty: 0.5 }]) {
+      expect(make(over, 3).greedy).toBe(false);
+    }
+    expect(() => make({ temperature: 1 }, 3).sampleTop({ ids: [0], values: [1] })).toThrow(/plain greedy/);
+  });
+
   it('ignores columns beyond vocabSize and rejects short rows', () => {
     const row = Float32Array.from([0, 1, 0.5, 0, 0, 100, 100, 100]);
     expect(make({ temperature: 0 }, 5).sample(row).token).toBe(1);

@@ -21,6 +21,12 @@ export interface ForwardRow {
   tokens: number[];
 }
 
+/** The largest logits of a row, largest first (ties: lower id first). */
+export interface TopLogits {
+  ids: number[];
+  values: number[];
+}
+
 export interface ForwardResult {
   /** Last-token logits of each row, in the order given. */
   logits: Float32Array[];
@@ -35,6 +41,10 @@ export interface ModelRunner {
   close(seq: number): void;
   cachedLength(seq: number): number;
   forward(rows: ForwardRow[]): Promise<ForwardResult>;
+  /** How many top logits per row forwardTop returns (0: the runner has no forwardTop). */
+  readonly topLogits: number;
+  /** As forward, but returns only each row's top logits (no copy of the full rows). */
+  forwardTop?(rows: ForwardRow[]): Promise<{ top: TopLogits[]; runSeconds: number }>;
   /** Bytes of KV-cache memory held now. */
   kvBytes(): number;
   /** 4 for a float32 cache, 2 for float16. */
@@ -70,6 +80,7 @@ export class TallyRunner implements ModelRunner {
   private cap = 0;
   private readonly kvType: KvType;
   readonly kvElementBytes: number;
+  readonly topLogits: number;
   private keys: KvArray[] = [];
   private values: KvArray[] = [];
   private slotSeq: (number | undefined)[] = [];
@@ -91,6 +102,8 @@ export class TallyRunner implements ModelRunner {
     this.maxSlots = options.maxSlots;
     this.kvType = kvTypeOf(session, 'past_key.0');
     this.kvElementBytes = this.kvType === 'float16' ? 2 : 4;
+    const top = session.outputMetadata.find((m) => m.name === 'top_ids');
+    this.topLogits = top && top.isTensor && typeof top.shape[1] === 'number' ? top.shape[1] : 0;
   }
 
   private slotStride(cap = this.cap): number {
@@ -231,7 +244,18 @@ export class TallyRunner implements ModelRunner {
   }
 
   async forward(rows: ForwardRow[]): Promise<ForwardResult> {
-    if (rows.length === 0) return { logits: [], runSeconds: 0 };
+    const { logits, runSeconds } = await this.run(rows, true);
+    return { logits: logits!, runSeconds };
+  }
+
+  async forwardTop(rows: ForwardRow[]): Promise<{ top: TopLogits[]; runSeconds: number }> {
+    if (this.topLogits === 0) throw new Error('this graph has no top_ids output');
+    const { top, runSeconds } = await this.run(rows, false);
+    return { top: top!, runSeconds };
+  }
+
+  private async run(rows: ForwardRow[], full: boolean): Promise<{ logits?: Float32Array[]; top?: TopLogits[]; runSeconds: number }> {
+    if (rows.length === 0) return { logits: [], top: [], runSeconds: 0 };
     let maxEnd = 0;
     for (const r of rows) {
       const end = this.cachedLength(r.seq) + r.tokens.length;
@@ -288,7 +312,7 @@ export class TallyRunner implements ModelRunner {
       }
     }
     const started = performance.now();
-    const out = await this.session.run(feeds);
+    const out = await this.session.run(feeds, full ? ['new_kv', 'logits'] : ['new_kv', 'top_logits', 'top_ids']);
     const runSeconds = (performance.now() - started) / 1000;
 
     const newKv = out.new_kv.data as KvArray; // [2L, B, kvh, T, hd]
@@ -311,9 +335,21 @@ export class TallyRunner implements ModelRunner {
       this.lengths.set(r.seq, len + n);
     });
 
+    const rowOf = new Map(ordered.map((r, b) => [r.seq, b]));
+    if (!full) {
+      const k = this.topLogits;
+      const ids = out.top_ids.data as BigInt64Array;
+      const values = out.top_logits.data as Float32Array;
+      return {
+        top: rows.map((r) => {
+          const at = rowOf.get(r.seq)! * k;
+          return { ids: Array.from(ids.subarray(at, at + k), Number), values: Array.from(values.subarray(at, at + k)) };
+        }),
+        runSeconds,
+      };
+    }
     const logits = logitsAsFloat32(out.logits);
     const V = this.vocabSize;
-    const rowOf = new Map(ordered.map((r, b) => [r.seq, b]));
     return {
       logits: rows.map((r) => logits.subarray(rowOf.get(r.seq)! * V, (rowOf.get(r.seq)! + 1) * V)),
       runSeconds,
@@ -342,6 +378,7 @@ export class PlainRunner implements ModelRunner {
   private readonly presentNames: string[];
   private readonly kvType: KvType;
   readonly kvElementBytes: number;
+  readonly topLogits = 0;
   private readonly hasPositionIds: boolean;
   private readonly kvh: number;
   private readonly hd: number;

@@ -191,6 +191,29 @@ export class SequenceSampler {
     }
   }
 
+  /** Plain greedy (no logprobs, no penalties): the next token is the largest logit that is not banned. */
+  get greedy(): boolean {
+    const p = this.params;
+    return p.temperature < GREEDY_TEMPERATURE && p.logprobs === undefined && this.seen === null && p.frequencyPenalty === 0 && p.presencePenalty === 0;
+  }
+
+  /**
+   * Greedy from a row's largest logits (largest first, ties lower id first), as sample() would pick from the
+   * whole row. Undefined when the top holds no finite logit that is not banned (then the full row is needed).
+   */
+  sampleTop(top: { ids: ArrayLike<number>; values: ArrayLike<number> }, banned?: ArrayLike<number>): SampleResult | undefined {
+    if (!this.greedy) throw new Error('sampleTop is for plain greedy sampling');
+    for (let i = 0; i < top.ids.length; i++) {
+      const id = top.ids[i];
+      const value = top.values[i];
+      if (value !== value || value === -Infinity) continue;
+      if (banned !== undefined && Array.prototype.includes.call(banned, id)) continue;
+      this.rng.nextFloat();
+      return { token: this.accept(id) };
+    }
+    return undefined;
+  }
+
   sample(logits: Float32Array, banned?: ArrayLike<number>): SampleResult {
     const V = this.vocabSize;
     if (logits.length < V) throw new RangeError(`logits row has ${logits.length} columns, vocabSize is ${V}`);
@@ -200,7 +223,7 @@ export class SequenceSampler {
     const u = this.rng.nextFloat();
 
     // Plain greedy (banned tokens aside): one pass, nothing else to apply.
-    if (p.temperature < GREEDY_TEMPERATURE && p.logprobs === undefined && this.seen === null && p.frequencyPenalty === 0 && p.presencePenalty === 0) {
+    if (this.greedy) {
       if (banned !== undefined) for (let i = 0; i < banned.length; i++) if (banned[i] >= 0 && banned[i] < V) row[banned[i]] = -Infinity;
       return { token: this.accept(argmaxOf(row, V)) };
     }

@@ -1,7 +1,10 @@
 import type { TextTokenizer, IncrementalDecoder } from '../model/tokenizer.ts';
 import { type ModelShape, chunkFlops, splitSeconds } from '../meter/attribution.ts';
 import { SequenceSampler, type SamplingParams } from './sampler.ts';
-import type { ForwardRow, ModelRunner } from './runner.ts';
+import type { ForwardRow, ModelRunner, TopLogits } from './runner.ts';
+
+/** What a forward pass gives one row: its full logits, or only its top logits when it samples greedily. */
+type RowOutput = { logits: Float32Array; top?: undefined } | { logits?: undefined; top: TopLogits };
 
 export interface GenerationRequest {
   id: string;
@@ -251,13 +254,13 @@ export class Scheduler {
     if (decoding.length > 0) {
       const rows: ForwardRow[] = decoding.map((s) => ({ seq: s.seq, tokens: [s.output[s.output.length - 1]] }));
       const contexts = decoding.map((s) => this.runner.cachedLength(s.seq));
-      const result = await this.forward(rows, decoding, events);
+      const result = await this.forward(rows, decoding, decoding, events);
       if (result) {
         const parts = splitSeconds(result.runSeconds, contexts.map((past) => chunkFlops(this.shape, past, 1)));
         decoding.forEach((s, i) => (s.cost.decodeSeconds += parts[i]));
         record.decodeSeconds += result.runSeconds;
         record.decodeTokens += decoding.length;
-        decoding.forEach((s, i) => this.accept(s, result.logits[i], events));
+        decoding.forEach((s, i) => this.accept(s, result.outputs[i], events));
       }
       // Decode tokens go out before the prefill pass runs, so inter-token latency stays low.
       this.flush(events);
@@ -267,14 +270,15 @@ export class Scheduler {
       const seqs = prefillRows.map((r) => r.s);
       const rows = prefillRows.map(({ s, n }) => ({ seq: s.seq, tokens: s.req.promptIds.slice(s.prefilled, s.prefilled + n) }));
       const weights = prefillRows.map(({ s, n }) => chunkFlops(this.shape, s.prefilled, n));
-      const result = await this.forward(rows, seqs, events);
+      const completing = prefillRows.filter(({ s, n }) => s.prefilled + n === s.req.promptIds.length).map((r) => r.s);
+      const result = await this.forward(rows, seqs, completing, events);
       if (result) {
         const parts = splitSeconds(result.runSeconds, weights);
         prefillRows.forEach(({ s, n }, i) => {
           s.cost.prefillSeconds += parts[i];
           s.prefilled += n;
           record.prefillTokens += n;
-          if (s.prefilled === s.req.promptIds.length) this.accept(s, result.logits[i], events);
+          if (s.prefilled === s.req.promptIds.length) this.accept(s, result.outputs[i], events);
         });
         record.prefillSeconds += result.runSeconds;
       }
@@ -294,14 +298,24 @@ export class Scheduler {
     if (events.length > 0) this.emit(events.splice(0));
   }
 
-  private async forward(rows: ForwardRow[], seqs: Sequence[], events: RequestEvent[]) {
+  /**
+   * Runs the rows of `seqs`; when every one of them that samples from this pass (`sampling`) is plain greedy,
+   * only each row's top logits come back (no copy of the full vocabulary rows).
+   */
+  private async forward(rows: ForwardRow[], seqs: Sequence[], sampling: Sequence[], events: RequestEvent[]): Promise<{ outputs: RowOutput[]; runSeconds: number } | undefined> {
     try {
       if (this.forwardFault !== undefined) {
         const message = this.forwardFault;
         this.forwardFault = undefined;
         throw new Error(message);
       }
-      return await this.runner.forward(rows);
+      const k = this.runner.topLogits;
+      if (this.runner.forwardTop && sampling.every((s) => s.sampler.greedy && this.bannedFor(s).length < k)) {
+        const { top, runSeconds } = await this.runner.forwardTop(rows);
+        return { outputs: top.map((t) => ({ top: t })), runSeconds };
+      }
+      const { logits, runSeconds } = await this.runner.forward(rows);
+      return { outputs: logits.map((l) => ({ logits: l })), runSeconds };
     } catch (err) {
       const message = `engine error: ${(err as Error).message}`;
       for (const s of seqs) {
@@ -312,14 +326,22 @@ export class Scheduler {
     }
   }
 
-  /** Samples the next token of `s` from its logits and decides whether it has finished. */
-  private accept(s: Sequence, logits: Float32Array, events: RequestEvent[]): void {
+  /** Tokens the next sample of `s` may not be: EOS under ignore_eos, EOS and stop_token_ids before min_tokens. */
+  private bannedFor(s: Sequence): number[] {
+    const req = s.req;
+    if (s.output.length < req.minTokens) return [...this.eosIds, ...req.stopTokenIds];
+    return req.ignoreEos ? this.eosIds : [];
+  }
+
+  /** Samples the next token of `s` from its pass's output and decides whether it has finished. */
+  private accept(s: Sequence, output: RowOutput, events: RequestEvent[]): void {
     const req = s.req;
     const early = s.output.length < req.minTokens;
-    const banned = req.ignoreEos || early ? (early ? [...this.eosIds, ...req.stopTokenIds] : this.eosIds) : undefined;
+    const banned = this.bannedFor(s);
     let sample;
     try {
-      sample = s.sampler.sample(logits, banned);
+      sample = output.logits ? s.sampler.sample(output.logits, banned) : s.sampler.sampleTop(output.top!, banned);
+      if (!sample) throw new Error('every logit is -Infinity or NaN');
     } catch (err) {
       events.push(this.finishEvent(s, 'error', '', { error: `sampling failed: ${(err as Error).message}` }));
       this.release(s);

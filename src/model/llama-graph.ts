@@ -12,7 +12,10 @@ import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.t
  */
 export type GraphInterface = 'tally' | 'hf';
 
-export const TALLY_GRAPH_VERSION = '6';
+export const TALLY_GRAPH_VERSION = '7';
+
+/** How many of the largest logits per row Tally's graphs also return (greedy rows need nothing else). */
+export const TOP_LOGITS = 16;
 
 class GraphBuilder {
   nodes: NodeSpec[] = [];
@@ -303,6 +306,12 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
     g.toFloat32(g.op1('Gemm', [rmsNorm(picked, finalNorm), headWeight], { transB: 1 }));
     g.nameLast('logits');
     g.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', V] });
+    // Largest first, ties to the lower id (as an argmax over the row): enough for greedy rows, so the
+    // full logits need not be fetched (a copy of batch × vocab floats per step).
+    const k = Math.min(TOP_LOGITS, V);
+    g.nodes.push({ opType: 'TopK', inputs: ['logits', g.ints([k])], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
+    g.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', k] });
+    g.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', k] });
     g.op1('Concat', newKv, { axis: 0 });
     g.nameLast('new_kv');
     g.outputs.push({ name: 'new_kv', type: dt, dims: [2 * L, 'batch', kvh, 'new', hd] });
