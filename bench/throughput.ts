@@ -33,7 +33,7 @@ async function storiesSweep() {
   // HTTP and the engine loop alternate in rounds (this machine's speed drifts); medians are compared.
   const rounds = quick ? 1 : 3;
   const median = (x: number[]) => [...x].sort((a, z) => a - z)[Math.floor(x.length / 2)];
-  const rows: { c: number; http: number; engine: number }[] = [];
+  const rows: { c: number; http: number; engine: number; rounds: string }[] = [];
   for (const c of levels) {
     const body = (i: number) => ({ model: 'stories260K', prompt: prompt16(i), max_tokens: 256, ignore_eos: true, temperature: 0 });
     await streamLoad(server.url, body, Math.min(c, 4), Math.min(c, 4)); // warm-up
@@ -46,13 +46,13 @@ async function storiesSweep() {
       http.push(httpResult.tokensPerSecond);
       engine.push((await engineLoop(engineOptions(dir), prompt16, c, requests, 256)).tokensPerSecond);
     }
-    rows.push({ c, http: median(http), engine: median(engine) });
+    rows.push({ c, http: median(http), engine: median(engine), rounds: http.map((h, i) => `${h.toFixed(0)}/${engine[i].toFixed(0)}`).join(' ') });
   }
   await server.stop();
   console.log(`\n1-2. stories260K, 16-token prompts, 256 generated tokens (ignore_eos), streaming; medians of ${rounds} alternating rounds`);
-  console.log('concurrency | HTTP tok/s | engine loop tok/s | HTTP / engine | HTTP vs c=1');
+  console.log('concurrency | HTTP tok/s | engine loop tok/s | HTTP / engine | HTTP vs c=1 | rounds (HTTP/engine tok/s)');
   for (const r of rows) {
-    console.log(`${String(r.c).padStart(11)} | ${r.http.toFixed(0).padStart(10)} | ${r.engine.toFixed(0).padStart(17)} | ${(r.http / r.engine).toFixed(3).padStart(13)} | ${(r.http / rows[0].http).toFixed(2).padStart(6)}x`);
+    console.log(`${String(r.c).padStart(11)} | ${r.http.toFixed(0).padStart(10)} | ${r.engine.toFixed(0).padStart(17)} | ${(r.http / r.engine).toFixed(3).padStart(13)} | ${(r.http / rows[0].http).toFixed(2).padStart(10)}x | ${r.rounds}`);
   }
   const c32 = rows.find((r) => r.c === 32)!;
   console.log(`bar 1: c32 / c1 = ${(c32.http / rows[0].http).toFixed(2)} (≥ 10)   bar 2: HTTP / engine at c32 = ${(c32.http / c32.engine).toFixed(3)} (≥ 0.85)`);
