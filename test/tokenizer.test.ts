@@ -310,3 +310,49 @@ describe('byte-level BPE tokenizers', () => {
     expect(qwen.decode([9707, 151645], { skipSpecialTokens: false })).toBe('Hello<|im_end|>');
   });
 });
+
+describe('streaming decoders that keep bytes instead of re-decoding ids', () => {
+  const cases = [
+    ['stories260K', stories, 'sentencepiece'],
+    ['TinyLlama', TextTokenizer.load(path.join(MODELS, 'TinyLlama-1.1B-Chat-v1.0')), 'sentencepiece'],
+    ['SmolLM2', TextTokenizer.load(path.join(MODELS, 'SmolLM2-135M-Instruct')), 'bytelevel'],
+    ['Qwen2.5', TextTokenizer.load(path.join(MODELS, 'Qwen2.5-0.5B-Instruct')), 'bytelevel'],
+  ] as const;
+
+  for (const [name, tok, kind] of cases) {
+    it(`${name}: recognised as ${kind}; random ids (bytes, specials, added tokens) stream as the library decodes them`, () => {
+      expect(tok.streamDecoding).toBe(kind);
+      const rand = mulberry32(11);
+      // SentencePiece byte tokens (<0xNN>); byte-level vocabularies have single-byte tokens among the first ids.
+      const byteIds = Array.from({ length: tok.vocabSize }, (_, id) => id).filter((id) => /^<0x[0-9A-F]{2}>$/.test(tok.idToToken(id) ?? ''));
+      if (kind === 'sentencepiece') expect(byteIds).toHaveLength(256);
+      else byteIds.push(...Array.from({ length: 256 }, (_, id) => id));
+      const special = [0, 1, 2, ...tok.eosIds, ...tok.encode('<|im_start|><|im_end|>', { addSpecialTokens: false })];
+      for (let n = 0; n < 300; n++) {
+        const ids = Array.from({ length: 1 + Math.floor(rand() * 16) }, () => {
+          const r = rand();
+          if (r < 0.3 && byteIds.length > 0) return byteIds[Math.floor(rand() * byteIds.length)]!;
+          if (r < 0.4) return special[Math.floor(rand() * special.length)]!;
+          return Math.floor(rand() * tok.vocabSize);
+        });
+        for (const skip of [true, false]) {
+          const fast = streamDecode(tok, ids, skip);
+          expect(fast.text, `${skip} ${JSON.stringify(ids)}`).toBe(tok.decode(ids, { skipSpecialTokens: skip }));
+        }
+      }
+    });
+
+    it(`${name}: with a prompt as context, the same text as decoding through the library window`, () => {
+      const prompt = tok.encode('Once upon a time, there was a little girl named Lily.');
+      for (const text of [' She loved to play outside.', ' é😀中 — ’x', '\n\n  spaces  ', 'plain']) {
+        const ids = tok.encode(text, { addSpecialTokens: false });
+        const fast = tok.decodeStream({ context: prompt });
+        const slow = tok.decodeStream({ context: prompt, window: true });
+        const a = ids.map((id) => fast.push(id)).join('') + fast.flush();
+        const b = ids.map((id) => slow.push(id)).join('') + slow.flush();
+        expect(a, JSON.stringify(text)).toBe(b);
+        expect(a).toBe(tok.decode([...prompt, ...ids]).slice(tok.decode(prompt).length));
+      }
+    });
+  }
+});

@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
+import { ByteLevelStreamDecoder, type DecodeSource, type KnownDecoding, SentencePieceStreamDecoder, type StreamDecoder, WindowDecoder, knownDecoding } from './stream-decoder.ts';
 
 type TokenSpec = string | { content: string } | null | undefined;
 
@@ -17,8 +18,11 @@ export class TextTokenizer {
   readonly eosIds: number[];
   readonly addBosToken: boolean;
   private readonly specialContents: Set<string>;
+  /** How decodeStream follows the decoder: a recognised decoding, else a window of ids through the library. */
+  private readonly decoding: KnownDecoding | undefined;
+  private readonly decodeSource: DecodeSource;
 
-  private constructor(private readonly tok: Tokenizer, config: Record<string, unknown>) {
+  private constructor(private readonly tok: Tokenizer, config: Record<string, unknown>, tokenizerJson: object) {
     let maxId = -1;
     for (const id of tok.get_vocab(true).values()) maxId = Math.max(maxId, id);
     this.vocabSize = maxId + 1;
@@ -39,10 +43,15 @@ export class TextTokenizer {
       const content = tokenContent(spec);
       if (content !== undefined) this.specialContents.add(content);
     }
+    this.decoding = knownDecoding(tokenizerJson);
+    this.decodeSource = {
+      piece: (id) => tok.id_to_token(id) ?? tok.model?.unk_token ?? undefined,
+      decode: (ids) => this.decode(ids, { skipSpecialTokens: false }),
+    };
   }
 
   static fromFiles(tokenizerJson: object, tokenizerConfig: object): TextTokenizer {
-    return new TextTokenizer(new Tokenizer(tokenizerJson, tokenizerConfig), tokenizerConfig as Record<string, unknown>);
+    return new TextTokenizer(new Tokenizer(tokenizerJson, tokenizerConfig), tokenizerConfig as Record<string, unknown>, tokenizerJson);
   }
 
   static load(dir: string): TextTokenizer {
@@ -73,59 +82,43 @@ export class TextTokenizer {
     return content !== undefined && this.specialContents.has(content);
   }
 
-  /** `context`: ids that precede the stream (the prompt), so that its first token decodes as it would mid-text. */
-  decodeStream(opts: { skipSpecialTokens?: boolean; context?: number[] } = {}): IncrementalDecoder {
+  /** How decodeStream decodes: state over bytes for a recognised decoder, else a window of ids through the library. */
+  get streamDecoding(): 'sentencepiece' | 'bytelevel' | 'window' {
+    return this.decoding?.kind ?? 'window';
+  }
+
+  /**
+   * `context`: ids that precede the stream (the prompt), so that its first token decodes as it would mid-text.
+   * `window`: decode through the library even where the decoder is recognised (for comparisons).
+   */
+  decodeStream(opts: { skipSpecialTokens?: boolean; context?: number[]; window?: boolean } = {}): IncrementalDecoder {
     const skip = opts.skipSpecialTokens ?? true;
     const context = (opts.context ?? []).filter((id) => !(skip && this.isSpecial(id))).slice(-4);
-    return new IncrementalDecoder(this, skip, context);
+    const source = this.decodeSource;
+    const decoding = opts.window ? undefined : this.decoding;
+    const inner =
+      decoding?.kind === 'sentencepiece' ? new SentencePieceStreamDecoder(source, decoding, context)
+      : decoding?.kind === 'bytelevel' ? new ByteLevelStreamDecoder(source, decoding, context)
+      : new WindowDecoder(source, context);
+    return new IncrementalDecoder(this, skip, inner);
   }
 }
 
-/**
- * Streaming detokenizer: each push returns the text the new token completes, so that all pushes plus flush,
- * joined, equal `decode(allIds)`. Each step decodes only a short window: `window[0, emitted)` holds the tokens of
- * the last emitted piece, decoded again so that start-dependent decoding (SentencePiece's leading-space strip,
- * byte-level merging) treats both decodes alike, and the difference is the new text. Text ending in U+FFFD is
- * held back until the UTF-8 sequence split over byte tokens completes.
- */
+/** A stream decoder that drops special tokens first when asked to (as decode does with skipSpecialTokens). */
 export class IncrementalDecoder {
-  private window: number[];
-  private emitted: number;
-
   constructor(
     private readonly tokenizer: TextTokenizer,
     private readonly skipSpecialTokens: boolean,
-    context: number[] = [],
-  ) {
-    this.window = [...context];
-    this.emitted = context.length;
-  }
+    private readonly inner: StreamDecoder,
+  ) {}
 
   push(id: number): string {
     // Dropped here rather than in decode, so that a window never starts with a skipped token.
     if (this.skipSpecialTokens && this.tokenizer.isSpecial(id)) return '';
-    this.window.push(id);
-    const [prefix, text] = this.decodeWindow();
-    if (text.length <= prefix.length || text.endsWith('\uFFFD')) return '';
-    this.advance();
-    return text.slice(prefix.length);
+    return this.inner.push(id);
   }
 
-  /** The held-back tail (an incomplete UTF-8 sequence decodes as U+FFFD). */
   flush(): string {
-    if (this.emitted === this.window.length) return '';
-    const [prefix, text] = this.decodeWindow();
-    this.advance();
-    return text.slice(prefix.length);
-  }
-
-  private decodeWindow(): [string, string] {
-    const opts = { skipSpecialTokens: false };
-    return [this.tokenizer.decode(this.window.slice(0, this.emitted), opts), this.tokenizer.decode(this.window, opts)];
-  }
-
-  private advance(): void {
-    this.window = this.window.slice(this.emitted);
-    this.emitted = this.window.length;
+    return this.inner.flush();
   }
 }
