@@ -258,7 +258,7 @@ describe('metrics', () => {
     const metrics = new Metrics();
     const meter = new CostMeter({ devicePriceUsdPerHour: 3.6, clock: clock.now, metrics, model: 'stories' });
     clock.advance(2000);
-    meter.observeStep(step({ busySeconds: 0.3, running: 3, waiting: 2, kvUsedTokens: 25, kvCapacityTokens: 100 }));
+    meter.observeStep(step({ busySeconds: 0.3, running: 3, waiting: 2, kvUsedTokens: 25, kvCapacityTokens: 100, kvBytes: 81920 }));
     const apiKey = 'sk-tally-0123456789abcdef';
     meter.requestFinished(finished({ model: 'stories', tenant: 'team-a', prefillSeconds: 0.1, decodeSeconds: 0.2, interTokenSeconds: [0.01, 0.02, 0.03] }));
     meter.requestRejected('stories', 'team-b', 429);
@@ -274,6 +274,7 @@ describe('metrics', () => {
       ['tally:num_requests_running{model="stories"}', 3],
       ['tally:num_requests_waiting{model="stories"}', 2],
       ['tally:kv_cache_usage_perc{model="stories"}', 0.25],
+      ['tally:kv_cache_bytes{model="stories"}', 81920],
       ['tally:prompt_tokens_total{model="stories",tenant="team-a"}', 100],
       ['tally:generation_tokens_total{model="stories",tenant="team-a"}', 50],
       ['tally:request_success_total{model="stories",tenant="team-a",finished_reason="completed"}', 1],

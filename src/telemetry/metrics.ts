@@ -36,6 +36,7 @@ export class Metrics {
   private readonly running = this.gauge('tally:num_requests_running', 'Requests in the engine (prefilling or decoding).', ['model']);
   private readonly waiting = this.gauge('tally:num_requests_waiting', 'Requests waiting for admission.', ['model']);
   private readonly kvUsage = this.gauge('tally:kv_cache_usage_perc', 'KV-cache usage: 1 means full.', ['model']);
+  private readonly kvBytes = this.gauge('tally:kv_cache_bytes', 'Bytes of KV-cache memory the engine holds.', ['model']);
   private readonly promptTokens = this.counter('tally:prompt_tokens_total', 'Prompt tokens of finished requests.', ['model', 'tenant']);
   private readonly generationTokens = this.counter('tally:generation_tokens_total', 'Generated tokens of finished requests.', ['model', 'tenant']);
   private readonly finished = this.counter('tally:request_success_total', 'Finished requests by how they ended.', ['model', 'tenant', 'finished_reason']);
@@ -158,6 +159,7 @@ export class Metrics {
     this.running.set({ model }, record.running);
     this.waiting.set({ model }, record.waiting);
     this.kvUsage.set({ model }, record.kvCapacityTokens > 0 ? record.kvUsedTokens / record.kvCapacityTokens : 0);
+    this.kvBytes.set({ model }, record.kvBytes);
     if (busyDeviceSeconds > 0) this.busySeconds.inc({ model }, busyDeviceSeconds);
   }
 
