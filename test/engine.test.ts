@@ -149,6 +149,20 @@ describe('graph I/O detection', () => {
     }
   });
 
+  it('a Tally graph from before version 6 (K cached transposed) is refused, asking for a new conversion', async () => {
+    const dims = (l: 'k' | 'v') => (l === 'k' ? ['batch', 4, 8, 'past'] : ['batch', 4, 'past', 8]);
+    const dir = storiesFolder('graph-v5', {
+      graphName: 'old',
+      nodes: [{ opType: 'Identity', inputs: ['past_key.0'], outputs: ['new_kv'], name: 'id' }],
+      inputs: [{ name: 'past_key.0', type: DataType.FLOAT, dims: dims('k') }, { name: 'past_value.0', type: DataType.FLOAT, dims: dims('v') }],
+      outputs: [{ name: 'new_kv', type: DataType.FLOAT, dims: dims('k') }],
+      initializers: [],
+      opsets: [{ domain: '', version: 17 }],
+      metadata: {},
+    });
+    await expect(createEngine(baseOptions(dir), () => {}, () => {})).rejects.toThrow(/converted by an older Tally .*convert the checkpoint again with `tally convert`/);
+  });
+
   it('an ONNX graph with neither interface is refused with a clear error', async () => {
     const dir = storiesFolder('identity', {
       graphName: 'identity',

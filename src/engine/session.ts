@@ -94,6 +94,12 @@ export async function createRunner(
   const { session } = loaded;
   let runner: ModelRunner;
   if (isTallyGraph(session)) {
+    const key = session.inputMetadata.find((m) => m.name === 'past_key.0');
+    // Graphs before version 6 cached K transposed: [batch, kv_heads, head_dim, past].
+    if (key && key.isTensor && typeof key.shape[3] !== 'number') {
+      await session.release();
+      throw new Error(`${folder.onnxPath} was converted by an older Tally (its K cache is laid out [batch, kv_heads, head_dim, past]); convert the checkpoint again with \`tally convert\``);
+    }
     runner = new TallyRunner(session, folder.config, options);
   } else if (isPlainGraph(session)) {
     runner = new PlainRunner(session, folder.config);
