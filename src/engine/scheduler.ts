@@ -3,6 +3,8 @@ import { type ModelShape, chunkFlops, splitSeconds } from '../meter/attribution.
 import { SequenceSampler, type SamplingParams } from './sampler.ts';
 import type { ForwardRow, ModelRunner, TopLogits } from './runner.ts';
 
+const NO_TOKENS: readonly number[] = [];
+
 /** What a forward pass gives one row: its full logits, or only its top logits when it samples greedily. */
 type RowOutput = { logits: Float32Array; top?: undefined } | { logits?: undefined; top: TopLogits };
 
@@ -327,10 +329,10 @@ export class Scheduler {
   }
 
   /** Tokens the next sample of `s` may not be: EOS under ignore_eos, EOS and stop_token_ids before min_tokens. */
-  private bannedFor(s: Sequence): number[] {
+  private bannedFor(s: Sequence): readonly number[] {
     const req = s.req;
     if (s.output.length < req.minTokens) return [...this.eosIds, ...req.stopTokenIds];
-    return req.ignoreEos ? this.eosIds : [];
+    return req.ignoreEos ? this.eosIds : NO_TOKENS;
   }
 
   /** Samples the next token of `s` from its pass's output and decides whether it has finished. */
