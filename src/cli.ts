@@ -47,6 +47,8 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --devices LIST               one engine worker per device, e.g. 0,1 (with --device cuda) or cpu,cpu;
                                requests go to the worker with the fewest outstanding tokens
   --threads N                  ONNX Runtime intra-op threads per worker (default: all cores)
+  --spin-wait                  let those threads busy-wait for work between operators (ONNX Runtime's
+                               default; Tally's is off: spinning threads take cores from its own threads)
   --max-num-seqs N             sequences decoded together (default 64)
   --max-num-batched-tokens N   tokens per engine step, decode + prefill chunks (default 2048)
   --max-model-len N            context limit (default: the model's)
@@ -78,6 +80,7 @@ async function serve(argv: string[]): Promise<void> {
       device: { type: 'string' },
       devices: { type: 'string' },
       threads: { type: 'string' },
+      'spin-wait': { type: 'boolean' },
       'max-num-seqs': { type: 'string' },
       'max-num-batched-tokens': { type: 'string' },
       'max-model-len': { type: 'string' },
@@ -108,6 +111,7 @@ async function serve(argv: string[]): Promise<void> {
     device: values.device ?? 'cpu',
     devices: values.devices,
     threads: number(values.threads, '--threads'),
+    spinWait: values['spin-wait'],
     maxNumSeqs: number(values['max-num-seqs'], '--max-num-seqs'),
     maxNumBatchedTokens: number(values['max-num-batched-tokens'], '--max-num-batched-tokens'),
     maxModelLen: number(values['max-model-len'], '--max-model-len'),

@@ -7,6 +7,7 @@ export interface EngineOptions {
   modelDir: string;
   device: DeviceSpec;
   threads?: number;
+  spinWait?: boolean;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;
   maxModelLen?: number;

@@ -36,6 +36,7 @@ export async function createEngine(
   const { runner, device, note } = await createRunner(folder, {
     device: options.device,
     threads: options.threads,
+    spinWait: options.spinWait,
     maxSlots: checked.maxNumSeqs,
     maxModelLen: checked.maxModelLen,
   });

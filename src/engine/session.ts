@@ -35,6 +35,8 @@ export function cudaProviderProblem(): string | undefined {
 export interface SessionOptions {
   device: DeviceSpec;
   threads?: number;
+  /** Let ONNX Runtime's intra-op threads busy-wait for work (its default); off, they sleep between operators and runs. */
+  spinWait?: boolean;
 }
 
 export interface LoadedSession {
@@ -61,6 +63,8 @@ export async function createSession(onnxPath: string, options: SessionOptions): 
     interOpNumThreads: 1,
     executionMode: 'sequential',
     logSeverityLevel: 3,
+    // Spinning pool threads take a core from the engine's own thread between runs and from HTTP.
+    extra: { session: { intra_op: { allow_spinning: options.spinWait ? '1' : '0' } } },
   };
   const cpu = async (note?: string): Promise<LoadedSession> => ({
     session: await ort.InferenceSession.create(onnxPath, { ...base, executionProviders: ['cpu'] }),

@@ -29,6 +29,7 @@ export interface ServeOptions {
   /** One engine worker per device: a comma-separated list (see parseDeviceList). */
   devices?: string;
   threads?: number;
+  spinWait?: boolean;
   maxNumSeqs?: number;
   maxNumBatchedTokens?: number;
   maxModelLen?: number;
@@ -104,6 +105,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     modelDir: folder.dir,
     device: devices[0],
     threads: options.threads,
+    spinWait: options.spinWait,
     maxNumSeqs: options.maxNumSeqs ?? DEFAULT_ENGINE_OPTIONS.maxNumSeqs,
     maxNumBatchedTokens: options.maxNumBatchedTokens ?? DEFAULT_ENGINE_OPTIONS.maxNumBatchedTokens,
     maxModelLen: options.maxModelLen,
