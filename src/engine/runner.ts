@@ -54,6 +54,15 @@ export interface ModelRunner {
 
 const MASKED = -1e9;
 
+/** dst[to …] = src[from …], count elements: a loop for a few (one position: no subarray objects), memcpy for many. */
+function copyElements(src: KvArray, from: number, dst: KvArray, to: number, count: number): void {
+  if (count > 256) {
+    dst.set(src.subarray(from, from + count), to);
+    return;
+  }
+  for (let i = 0; i < count; i++) dst[to + i] = src[from + i];
+}
+
 function logitsAsFloat32(t: ort.Tensor): Float32Array {
   if (t.type === 'float32') return t.data as Float32Array;
   if (t.type === 'float16') return float16ToFloat32(t.data as Uint16Array);
@@ -320,7 +329,7 @@ export class TallyRunner implements ModelRunner {
     ordered.forEach((r, b) => {
       const slot = this.seqSlot.get(r.seq)!;
       const len = this.lengths.get(r.seq)!;
-      const n = r.tokens.length;
+      const count = r.tokens.length * hd;
       for (let l = 0; l < this.layers; l++) {
         const k = this.keys[l];
         const v = this.values[l];
@@ -328,11 +337,11 @@ export class TallyRunner implements ModelRunner {
           const kSrc = (((2 * l) * B + b) * this.kvh + h) * T * hd;
           const vSrc = (((2 * l + 1) * B + b) * this.kvh + h) * T * hd;
           const dst = slot * stride + h * this.cap * hd + len * hd;
-          k.set(newKv.subarray(kSrc, kSrc + n * hd), dst);
-          v.set(newKv.subarray(vSrc, vSrc + n * hd), dst);
+          copyElements(newKv, kSrc, k, dst, count);
+          copyElements(newKv, vSrc, v, dst, count);
         }
       }
-      this.lengths.set(r.seq, len + n);
+      this.lengths.set(r.seq, len + count / hd);
     });
 
     const rowOf = new Map(ordered.map((r, b) => [r.seq, b]));
@@ -343,7 +352,12 @@ export class TallyRunner implements ModelRunner {
       return {
         top: rows.map((r) => {
           const at = rowOf.get(r.seq)! * k;
-          return { ids: Array.from(ids.subarray(at, at + k), Number), values: Array.from(values.subarray(at, at + k)) };
+          const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
+          for (let i = 0; i < k; i++) {
+            top.ids[i] = Number(ids[at + i]);
+            top.values[i] = values[at + i];
+          }
+          return top;
         }),
         runSeconds,
       };
