@@ -26,6 +26,16 @@ function parse<T extends ParseArgsConfig['options']>(argv: string[], options: T,
   }
 }
 
+/** A flag's value mapped through `options`; exits with the choices when it is not one of them. */
+function choice<T extends Record<string, string | undefined>>(value: string | undefined, flag: string, options: T): T[keyof T] | undefined {
+  if (value === undefined) return undefined;
+  if (!(value in options)) {
+    console.error(`${flag} must be one of ${Object.keys(options).join(', ')} (got "${value}")`);
+    process.exit(2);
+  }
+  return options[value as keyof T];
+}
+
 function number(value: string | undefined, flag: string): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
@@ -54,6 +64,10 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --max-model-len N            context limit (default: the model's)
   --kv-cache-tokens N          KV capacity in tokens (default: what fits in --kv-cache-gb)
   --kv-cache-gb GB             KV memory budget (default 4)
+  --kv-cache-dtype auto|fp16   KV cache elements: the model's type, or float16 (half the memory and reads;
+                               CPU with native attention only)
+  --attention native|onnx      where a Tally graph's attention runs on the CPU: native/attention over a
+                               paged cache (default when that addon is built) or inside the ONNX graph
   --max-queue N                waiting requests before 429 (default 256)
   --request-timeout SECONDS    default 600
   --api-key [NAME:]KEY         require this bearer key (repeatable; also TALLY_API_KEYS=name:key,...)
@@ -86,6 +100,8 @@ async function serve(argv: string[]): Promise<void> {
       'max-model-len': { type: 'string' },
       'kv-cache-tokens': { type: 'string' },
       'kv-cache-gb': { type: 'string' },
+      'kv-cache-dtype': { type: 'string' },
+      attention: { type: 'string' },
       'max-queue': { type: 'string' },
       'request-timeout': { type: 'string' },
       'api-key': { type: 'string', multiple: true },
@@ -117,6 +133,8 @@ async function serve(argv: string[]): Promise<void> {
     maxModelLen: number(values['max-model-len'], '--max-model-len'),
     kvCacheTokens: number(values['kv-cache-tokens'], '--kv-cache-tokens'),
     kvCacheGb: number(values['kv-cache-gb'], '--kv-cache-gb'),
+    kvCacheDtype: choice(values['kv-cache-dtype'], '--kv-cache-dtype', { auto: undefined, fp16: 'float16', float16: 'float16' } as const),
+    attention: choice(values.attention, '--attention', { native: 'native', onnx: 'onnx' } as const),
     maxQueue: number(values['max-queue'], '--max-queue'),
     requestTimeoutSeconds: number(values['request-timeout'], '--request-timeout'),
     apiKeys: values['api-key'],

@@ -195,6 +195,12 @@ describe('continuous batching', () => {
       expect(r.final!.cost!.prefillSeconds, r.final!.id).toBeGreaterThan(0);
       expect(r.final!.cost!.decodeSeconds, r.final!.id).toBeGreaterThan(0);
     }
+
+    // With attention inside the graph (the slot runner) every request, run concurrently, gets the same tokens.
+    const inGraph = await engineFor({ attention: 'onnx' });
+    expect(inGraph.info.runner).toBe('tally');
+    const again = await Promise.all(Object.values(reqs).map((r) => inGraph.submit(r)));
+    for (const r of again) expect(r.tokens, r.final!.id).toEqual(expected.get(r.final!.id)!.tokens);
   });
 
   it('on a float16 conversion too, concurrent requests each match their solo run', async () => {
@@ -375,9 +381,9 @@ describe('continuous batching', () => {
     expect((await e.submit(request('after', storyPrompt(8), 3))).tokens).toHaveLength(3);
   });
 
-  it('the runner regroups sequences when every slot is taken (two occupied slots swap places)', async () => {
+  it('the slot runner (attention in the graph) regroups sequences when every slot is taken (two occupied slots swap places)', async () => {
     const folder = loadModelFolder(storiesModel());
-    const opts = { device: { kind: 'cpu' as const }, threads: 1, maxSlots: 3, maxModelLen: 64 };
+    const opts = { device: { kind: 'cpu' as const }, threads: 1, maxSlots: 3, maxModelLen: 64, attention: 'onnx' as const };
     const { runner } = await createRunner(folder, opts);
     const { runner: alone } = await createRunner(folder, opts);
     try {

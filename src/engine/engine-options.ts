@@ -1,6 +1,7 @@
 import type { ModelFolder } from '../model/folder.ts';
 import { type LlamaConfig, headDim } from '../model/types.ts';
-import type { DeviceSpec } from './session.ts';
+import type { AttentionMode, DeviceSpec } from './session.ts';
+import type { KvCacheDtype } from './paged-runner.ts';
 import type { SchedulerLimits } from './scheduler.ts';
 
 export interface EngineOptions {
@@ -8,6 +9,10 @@ export interface EngineOptions {
   device: DeviceSpec;
   threads?: number;
   spinWait?: boolean;
+  /** Where attention runs on the CPU: native (default when the addon is built) or onnx (inside the graph). */
+  attention?: AttentionMode;
+  /** Element type of the KV cache with native attention (default: the model's). */
+  kvCacheDtype?: KvCacheDtype;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;
   maxModelLen?: number;

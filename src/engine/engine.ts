@@ -11,7 +11,7 @@ export interface EngineInfo {
   modelDir: string;
   device: string;
   deviceNote?: string;
-  runner: 'tally' | 'plain';
+  runner: 'tally' | 'plain' | 'paged';
   limits: SchedulerLimits;
   eosIds: number[];
   vocabSize: number;
@@ -39,6 +39,10 @@ export async function createEngine(
     spinWait: options.spinWait,
     maxSlots: checked.maxNumSeqs,
     maxModelLen: checked.maxModelLen,
+    attention: options.attention,
+    kvCacheDtype: options.kvCacheDtype,
+    kvCacheTokens: options.kvCacheTokens,
+    kvCacheBytes: options.kvCacheBytes,
   });
   // The cache's element type is known once the session is open; --kv-cache-gb holds twice the tokens in float16.
   const limits = resolveLimits(folder, options, runner.kvElementBytes);

@@ -35,7 +35,7 @@ export interface ForwardResult {
 }
 
 export interface ModelRunner {
-  readonly kind: 'tally' | 'plain';
+  readonly kind: 'tally' | 'plain' | 'paged';
   readonly vocabSize: number;
   open(seq: number): void;
   close(seq: number): void;

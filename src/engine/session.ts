@@ -3,7 +3,13 @@ import path from 'node:path';
 import { createRequire } from 'node:module';
 import ort from 'onnxruntime-node';
 import type { ModelFolder } from '../model/folder.ts';
+import os from 'node:os';
 import { PlainRunner, TallyRunner, isPlainGraph, isTallyGraph, type ModelRunner } from './runner.ts';
+import { PagedRunner, type KvCacheDtype } from './paged-runner.ts';
+import { loadAttentionAddon } from './native-attention.ts';
+import { encodeModel, readInitializers, readModelMetadata } from '../model/onnx-proto.ts';
+import { buildLlamaParts } from '../model/llama-parts.ts';
+import { kvBytesPerToken } from './engine-options.ts';
 
 export type DeviceSpec = { kind: 'cpu' } | { kind: 'cuda'; index: number } | { kind: 'auto' };
 
@@ -56,8 +62,8 @@ function describeCudaFailure(err: unknown): string {
   return `the CUDA provider failed to start: ${msg.split('\n')[0]}`;
 }
 
-export async function createSession(onnxPath: string, options: SessionOptions): Promise<LoadedSession> {
-  const base: ort.InferenceSession.SessionOptions = {
+function baseSessionOptions(options: SessionOptions): ort.InferenceSession.SessionOptions {
+  return {
     graphOptimizationLevel: 'all',
     intraOpNumThreads: options.threads ?? 0,
     interOpNumThreads: 1,
@@ -66,6 +72,10 @@ export async function createSession(onnxPath: string, options: SessionOptions): 
     // Spinning pool threads take a core from the engine's own thread between runs and from HTTP.
     extra: { session: { intra_op: { allow_spinning: options.spinWait ? '1' : '0' } } },
   };
+}
+
+export async function createSession(onnxPath: string, options: SessionOptions): Promise<LoadedSession> {
+  const base = baseSessionOptions(options);
   const cpu = async (note?: string): Promise<LoadedSession> => ({
     session: await ort.InferenceSession.create(onnxPath, { ...base, executionProviders: ['cpu'] }),
     device: 'cpu',
@@ -90,10 +100,58 @@ export async function createSession(onnxPath: string, options: SessionOptions): 
   return cpu(`--device auto: ${problem}; using the CPU`);
 }
 
-export async function createRunner(
-  folder: ModelFolder,
-  options: SessionOptions & { maxSlots: number; maxModelLen: number },
-): Promise<{ runner: ModelRunner; device: string; note?: string }> {
+export type AttentionMode = 'native' | 'onnx';
+
+export interface RunnerOptions extends SessionOptions {
+  maxSlots: number;
+  maxModelLen: number;
+  /** Where a Tally graph runs its attention on the CPU (default: native when the addon is built). */
+  attention?: AttentionMode;
+  /** KV capacity: tokens, else what fits in bytes. */
+  kvCacheTokens?: number;
+  kvCacheBytes?: number;
+  /** Element type of the cache with native attention (default: the model's). */
+  kvCacheDtype?: KvCacheDtype;
+}
+
+/**
+ * A Tally graph on the CPU cut at its attention, which runs in native/attention over a paged cache; undefined
+ * (with why, when the caller asked for it) where that path does not apply.
+ */
+async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: PagedRunner; reason?: string; note?: string }> {
+  const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
+  const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
+  if (options.attention === 'onnx' || !onCpu) return {};
+  const bytes = fs.readFileSync(folder.onnxPath);
+  const meta = readModelMetadata(bytes);
+  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return { reason: 'native attention needs a graph converted by Tally' };
+  if ((meta['tally.dtype'] ?? 'float32') !== 'float32') return { reason: 'native attention runs float32 graphs' };
+  const addon = loadAttentionAddon();
+  if ('reason' in addon) return { reason: addon.reason };
+  const kvDtype = options.kvCacheDtype ?? 'float32';
+  const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? 4 * 2 ** 30) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
+  const sessionOptions = baseSessionOptions(options);
+  sessionOptions.extra = { session: { ...(sessionOptions.extra as { session: object }).session, model_external_initializers_file_folder_path: path.dirname(folder.onnxPath) } };
+  sessionOptions.executionProviders = ['cpu'];
+  const parts: ort.InferenceSession[] = [];
+  try {
+    for (const spec of buildLlamaParts(folder.config, readInitializers(bytes))) {
+      parts.push(await ort.InferenceSession.create(encodeModel(spec).model, sessionOptions));
+    }
+  } catch (err) {
+    for (const p of parts) await p.release();
+    throw err;
+  }
+  addon.binding.threads(options.threads && options.threads > 0 ? options.threads : os.availableParallelism());
+  const runner = new PagedRunner(parts, folder.config, addon.binding, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype });
+  return { runner, note: cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined };
+}
+
+export async function createRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner: ModelRunner; device: string; note?: string }> {
+  const paged = await createPagedRunner(folder, options);
+  if (paged.runner) return { runner: paged.runner, device: 'cpu', note: paged.note };
+  if (options.attention === 'native') throw new Error(`--attention native: ${paged.reason ?? 'only on the CPU'}`);
+  if (options.kvCacheDtype === 'float16') throw new Error(`--kv-cache-dtype fp16 needs native attention (${paged.reason ?? 'only on the CPU'})`);
   const loaded = await createSession(folder.onnxPath, options);
   const { session } = loaded;
   let runner: ModelRunner;

@@ -17,7 +17,7 @@ export const TALLY_GRAPH_VERSION = '7';
 /** How many of the largest logits per row Tally's graphs also return (greedy rows need nothing else). */
 export const TOP_LOGITS = 16;
 
-class GraphBuilder {
+export class GraphBuilder {
   nodes: NodeSpec[] = [];
   initializers: TensorSpec[] = [];
   inputs: ValueInfo[] = [];
@@ -43,6 +43,12 @@ class GraphBuilder {
   nameLast(name: string): string {
     this.nodes[this.nodes.length - 1].outputs[0] = name;
     return name;
+  }
+
+  /** An initializer as it already is (e.g. read from another graph, with its external data). */
+  tensor(spec: TensorSpec): string {
+    if (!this.initializers.includes(spec)) this.initializers.push(spec);
+    return spec.name;
   }
 
   weight(name: string, data: Float32Array, dims: number[]): string {

@@ -106,8 +106,10 @@ export interface TensorSpec {
   name: string;
   type: DataType;
   dims: number[];
-  /** Little-endian element bytes. */
+  /** Little-endian element bytes (empty when `external` says where they are). */
   raw: Uint8Array;
+  /** Bytes already in an external data file (a graph that shares another graph's weights). */
+  external?: ExternalRef;
 }
 
 export interface ExternalRef {
@@ -198,15 +200,20 @@ export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: Uin
         tensor.packedInts(1, t.dims);
         tensor.int(2, t.type);
         tensor.string(8, t.name);
-        if (spec.externalDataFile && t.raw.length >= threshold) {
+        const entry = (key: string, value: string) =>
+          tensor.message(13, (kv) => {
+            kv.string(1, key);
+            kv.string(2, value);
+          });
+        if (t.external) {
+          entry('location', t.external.location);
+          entry('offset', String(t.external.offset));
+          entry('length', String(t.external.length));
+          tensor.int(14, 1);
+        } else if (spec.externalDataFile && t.raw.length >= threshold) {
           const pad = (64 - (externalOffset % 64)) % 64;
           if (pad) external.push(new Uint8Array(pad));
           externalOffset += pad;
-          const entry = (key: string, value: string) =>
-            tensor.message(13, (kv) => {
-              kv.string(1, key);
-              kv.string(2, value);
-            });
           entry('location', spec.externalDataFile);
           entry('offset', String(externalOffset));
           entry('length', String(t.raw.length));
@@ -238,4 +245,102 @@ export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: Uin
 
 export function rawBytes(data: Float32Array | Int32Array | BigInt64Array | Uint16Array | Uint8Array): Uint8Array {
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/** Reads a protobuf varint at `at`; returns [value, next offset]. */
+function readVarint(buf: Uint8Array, at: number): [number, number] {
+  let value = 0;
+  let scale = 1;
+  for (;;) {
+    if (at >= buf.length) throw new Error('truncated ONNX file');
+    const b = buf[at++];
+    value += (b & 0x7f) * scale;
+    if (b < 0x80) return [value, at];
+    scale *= 128;
+  }
+}
+
+/** Calls `visit(field, wire, value)` for each field of a message; length-delimited values come as subarrays. */
+function readFields(buf: Uint8Array, visit: (field: number, wire: number, value: number | Uint8Array) => void): void {
+  let at = 0;
+  while (at < buf.length) {
+    const [key, next] = readVarint(buf, at);
+    at = next;
+    const field = Math.floor(key / 8);
+    const wire = key & 7;
+    if (wire === 0) {
+      const [v, n] = readVarint(buf, at);
+      at = n;
+      visit(field, wire, v);
+    } else if (wire === 2) {
+      const [len, n] = readVarint(buf, at);
+      visit(field, wire, buf.subarray(n, n + len));
+      at = n + len;
+    } else if (wire === 1) {
+      at += 8;
+    } else if (wire === 5) {
+      at += 4;
+    } else {
+      throw new Error(`unsupported protobuf wire type ${wire}`);
+    }
+  }
+}
+
+/**
+ * The initializers of a serialised model: name, type, dims and either inline bytes or where in an
+ * external data file they are (those bytes are not read).
+ */
+export function readInitializers(model: Uint8Array): Map<string, TensorSpec> {
+  const out = new Map<string, TensorSpec>();
+  const text = new TextDecoder();
+  readFields(model, (field, wire, graph) => {
+    if (field !== 7 || wire !== 2) return;
+    readFields(graph as Uint8Array, (gField, gWire, tensor) => {
+      if (gField !== 5 || gWire !== 2) return;
+      const spec: TensorSpec = { name: '', type: DataType.FLOAT, dims: [], raw: new Uint8Array(0) };
+      const ext: Record<string, string> = {};
+      readFields(tensor as Uint8Array, (f, w, v) => {
+        if (f === 1 && w === 0) spec.dims.push(v as number);
+        else if (f === 1 && w === 2) {
+          const packed = v as Uint8Array;
+          for (let at = 0; at < packed.length; ) {
+            const [d, n] = readVarint(packed, at);
+            spec.dims.push(d);
+            at = n;
+          }
+        } else if (f === 2) spec.type = v as DataType;
+        else if (f === 8) spec.name = text.decode(v as Uint8Array);
+        else if (f === 9) spec.raw = v as Uint8Array;
+        else if (f === 13) {
+          let key = '';
+          let value = '';
+          readFields(v as Uint8Array, (kf, _w, kv) => {
+            if (kf === 1) key = text.decode(kv as Uint8Array);
+            if (kf === 2) value = text.decode(kv as Uint8Array);
+          });
+          ext[key] = value;
+        }
+      });
+      if (ext.location) spec.external = { location: ext.location, offset: Number(ext.offset ?? 0), length: Number(ext.length ?? 0) };
+      out.set(spec.name, spec);
+    });
+  });
+  return out;
+}
+
+/** A serialised model's metadata_props. */
+export function readModelMetadata(model: Uint8Array): Record<string, string> {
+  const out: Record<string, string> = {};
+  const text = new TextDecoder();
+  readFields(model, (field, wire, entry) => {
+    if (field !== 14 || wire !== 2) return;
+    let key = '';
+    let value = '';
+    readFields(entry as Uint8Array, (f, _w, v) => {
+      if (f === 1) key = text.decode(v as Uint8Array);
+      if (f === 2) value = text.decode(v as Uint8Array);
+    });
+    out[key] = value;
+  });
+  return out;
 }

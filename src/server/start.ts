@@ -3,7 +3,8 @@ import type { AddressInfo } from 'node:net';
 import { pino, type Logger } from 'pino';
 import { EngineClient } from '../engine/engine-client.ts';
 import { DEFAULT_ENGINE_OPTIONS } from '../engine/engine-options.ts';
-import { parseDevice, type DeviceSpec } from '../engine/session.ts';
+import { parseDevice, type AttentionMode, type DeviceSpec } from '../engine/session.ts';
+import type { KvCacheDtype } from '../engine/paged-runner.ts';
 import { EnginePool, type Engine } from '../engine/engine-pool.ts';
 import { loadModelFolder } from '../model/folder.ts';
 import { resolveModel } from '../model/resolve.ts';
@@ -35,6 +36,8 @@ export interface ServeOptions {
   maxModelLen?: number;
   kvCacheTokens?: number;
   kvCacheGb?: number;
+  kvCacheDtype?: KvCacheDtype;
+  attention?: AttentionMode;
   maxQueue?: number;
   requestTimeoutSeconds?: number;
   apiKeys?: string[];
@@ -111,6 +114,8 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     maxModelLen: options.maxModelLen,
     kvCacheTokens: options.kvCacheTokens,
     kvCacheBytes: options.kvCacheGb !== undefined ? options.kvCacheGb * 2 ** 30 : DEFAULT_ENGINE_OPTIONS.kvCacheBytes,
+    kvCacheDtype: options.kvCacheDtype,
+    attention: options.attention,
   };
   const engine: Engine = devices.length > 1 ? await EnginePool.start(engineOptions, devices) : await EngineClient.start(engineOptions);
   if (engine.info.deviceNote) logger.warn(engine.info.deviceNote);

@@ -1,0 +1,592 @@
+// Attention over Tally's paged KV cache, for the CPU runner (src/engine/paged-runner.ts).
+//
+// The cache is one arena of `pages` pages of PAGE positions, laid out per layer, kind (0 = K, 1 = V) and KV
+// head, so that a sequence's pages, taken in order from the free list, are contiguous for each of them:
+//   page p, layer l, kind, KV head h -> (((l * 2 + kind) * kvh + h) * pages + p) * PAGE * hd
+// K is stored in blocks of BLK positions, transposed ([PAGE / BLK][hd][BLK]), so that one query's scores
+// for BLK positions are BLK-wide multiply-adds without horizontal sums; V is [PAGE][hd].
+// Elements are float32 or float16 (the arena's type); arithmetic is float32.
+//
+// attend(arena, q, k, v, out, rows, pages, dims) for one layer:
+//   q, out [B * T, heads * hd] float32 (q already scaled by 1/sqrt(hd)); k, v [B * T, kvh * hd] float32;
+//   rows Int32Array [B * 3]: new tokens n, cached length len, start of the row's page list in `pages`;
+//   dims Int32Array [T, heads, kvh, hd, layers, layer, pages].
+// Row b's new keys and values go to positions len … len + n - 1, then each new token attends to every
+// position up to its own. Tokens t >= n of a row (padding) get zeros.
+#include <node_api.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define PAGE 64
+#define BLK 16
+#define QROWS 4
+
+typedef struct {
+  // kblk / vpage: float32, or float16 when `half`.
+  void (*qk)(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half);
+  void (*pv)(const float *w, int count, const void *vpage, int hd, float *acc, int half);
+  void (*softmax)(float *s, int m);
+  void (*h2f)(const uint16_t *src, float *dst, int n);
+  void (*f2h)(const float *src, uint16_t *dst, int n);
+} Kernels;
+
+// ---- portable kernels ----
+
+static float half_to_float(uint16_t h);
+
+static inline float element(const void *base, size_t i, int half) {
+  return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static void qk_plain(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half) {
+  for (int r = 0; r < nrows; r++) {
+    float acc[BLK] = {0};
+    for (int d = 0; d < hd; d++) {
+      const float qd = q[r][d];
+      for (int j = 0; j < BLK; j++) acc[j] += qd * element(kblk, (size_t)d * BLK + j, half);
+    }
+    memcpy(s[r], acc, sizeof acc);
+  }
+}
+
+static void pv_plain(const float *w, int count, const void *vpage, int hd, float *acc, int half) {
+  for (int p = 0; p < count; p++) {
+    const float wp = w[p];
+    for (int d = 0; d < hd; d++) acc[d] += wp * element(vpage, (size_t)p * hd + d, half);
+  }
+}
+
+static void softmax_plain(float *s, int m) {
+  float max = -INFINITY;
+  for (int i = 0; i < m; i++) max = s[i] > max ? s[i] : max;
+  float sum = 0;
+  for (int i = 0; i < m; i++) {
+    s[i] = expf(s[i] - max);
+    sum += s[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int i = 0; i < m; i++) s[i] *= inv;
+}
+
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {
+    exp = 113;
+    while (!(mant & 0x400)) {
+      mant <<= 1;
+      exp--;
+    }
+    bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static uint16_t float_to_half(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint16_t sign = (x >> 16) & 0x8000;
+  const uint32_t absx = x & 0x7fffffff;
+  if (absx >= 0x7f800000) return sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0);
+  if (absx >= 0x477ff000) return sign | 0x7c00; // rounds past the largest half
+  if (absx < 0x38800000) { // subnormal half or zero
+    if (absx < 0x33000000) return sign;
+    const uint32_t e = absx >> 23;
+    const uint32_t m = (absx & 0x7fffff) | 0x800000;
+    const uint32_t shift = 126 - e;
+    uint32_t h = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (h & 1))) h++;
+    return sign | h;
+  }
+  uint32_t h = ((absx >> 13) - (112 << 10));
+  const uint32_t rem = absx & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+  return sign | h;
+}
+
+static void h2f_plain(const uint16_t *src, float *dst, int n) {
+  for (int i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+static void f2h_plain(const float *src, uint16_t *dst, int n) {
+  for (int i = 0; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
+// ---- AVX2 + FMA + F16C kernels ----
+#if defined(__x86_64__)
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+#define INLINE_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+INLINE_AVX2 __m256 load8(const void *base, size_t i, const int HALF) {
+  return HALF ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i))) : _mm256_loadu_ps((const float *)base + i);
+}
+
+// R query rows (a constant after inlining). Named accumulators, not arrays: GCC keeps these in registers.
+INLINE_AVX2 void qk_rows(const float *const *q, const void *kblk, int hd, float *const *s, const int R, const int HALF) {
+  __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0;
+  const float *q0 = q[0], *q1 = R > 1 ? q[1] : q0, *q2 = R > 2 ? q[2] : q0, *q3 = R > 3 ? q[3] : q0;
+  for (int d = 0; d < hd; d++) {
+    const __m256 k0 = load8(kblk, (size_t)d * BLK, HALF);
+    const __m256 k1 = load8(kblk, (size_t)d * BLK + 8, HALF);
+    __m256 x = _mm256_broadcast_ss(q0 + d);
+    l0 = _mm256_fmadd_ps(x, k0, l0);
+    h0 = _mm256_fmadd_ps(x, k1, h0);
+    if (R > 1) {
+      x = _mm256_broadcast_ss(q1 + d);
+      l1 = _mm256_fmadd_ps(x, k0, l1);
+      h1 = _mm256_fmadd_ps(x, k1, h1);
+    }
+    if (R > 2) {
+      x = _mm256_broadcast_ss(q2 + d);
+      l2 = _mm256_fmadd_ps(x, k0, l2);
+      h2 = _mm256_fmadd_ps(x, k1, h2);
+    }
+    if (R > 3) {
+      x = _mm256_broadcast_ss(q3 + d);
+      l3 = _mm256_fmadd_ps(x, k0, l3);
+      h3 = _mm256_fmadd_ps(x, k1, h3);
+    }
+  }
+  _mm256_storeu_ps(s[0], l0);
+  _mm256_storeu_ps(s[0] + 8, h0);
+  if (R > 1) {
+    _mm256_storeu_ps(s[1], l1);
+    _mm256_storeu_ps(s[1] + 8, h1);
+  }
+  if (R > 2) {
+    _mm256_storeu_ps(s[2], l2);
+    _mm256_storeu_ps(s[2] + 8, h2);
+  }
+  if (R > 3) {
+    _mm256_storeu_ps(s[3], l3);
+    _mm256_storeu_ps(s[3] + 8, h3);
+  }
+}
+
+AVX2 static void qk_avx2(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half) {
+  if (half) {
+    switch (nrows) {
+      case 1: return qk_rows(q, kblk, hd, s, 1, 1);
+      case 2: return qk_rows(q, kblk, hd, s, 2, 1);
+      case 3: return qk_rows(q, kblk, hd, s, 3, 1);
+      default: return qk_rows(q, kblk, hd, s, 4, 1);
+    }
+  }
+  switch (nrows) {
+    case 1: return qk_rows(q, kblk, hd, s, 1, 0);
+    case 2: return qk_rows(q, kblk, hd, s, 2, 0);
+    case 3: return qk_rows(q, kblk, hd, s, 3, 0);
+    default: return qk_rows(q, kblk, hd, s, 4, 0);
+  }
+}
+
+// acc[0 … 8 * LANES) += sum_p w[p] * row_p, rows `stride` elements apart. With few lanes, two positions
+// at a time into separate accumulators (a single chain would wait on each multiply-add's latency).
+#define PV_LANE(i)                                                                   \
+  if (LANES > i) a##i = _mm256_fmadd_ps(wp, load8(v, (size_t)p * stride + 8 * i, HALF), a##i);
+INLINE_AVX2 void pv_lanes(const float *w, int count, const void *v, int stride, float *acc, const int LANES, const int HALF) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero;
+  __m256 b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+  int p = 0;
+  if (LANES <= 4) {
+    for (; p + 2 <= count; p += 2) {
+      const __m256 wp = _mm256_broadcast_ss(w + p), wq = _mm256_broadcast_ss(w + p + 1);
+      const size_t r0 = (size_t)p * stride, r1 = r0 + stride;
+      a0 = _mm256_fmadd_ps(wp, load8(v, r0, HALF), a0);
+      b0 = _mm256_fmadd_ps(wq, load8(v, r1, HALF), b0);
+      if (LANES > 1) {
+        a1 = _mm256_fmadd_ps(wp, load8(v, r0 + 8, HALF), a1);
+        b1 = _mm256_fmadd_ps(wq, load8(v, r1 + 8, HALF), b1);
+      }
+      if (LANES > 2) {
+        a2 = _mm256_fmadd_ps(wp, load8(v, r0 + 16, HALF), a2);
+        b2 = _mm256_fmadd_ps(wq, load8(v, r1 + 16, HALF), b2);
+      }
+      if (LANES > 3) {
+        a3 = _mm256_fmadd_ps(wp, load8(v, r0 + 24, HALF), a3);
+        b3 = _mm256_fmadd_ps(wq, load8(v, r1 + 24, HALF), b3);
+      }
+    }
+  }
+  for (; p < count; p++) {
+    const __m256 wp = _mm256_broadcast_ss(w + p);
+    PV_LANE(0) PV_LANE(1) PV_LANE(2) PV_LANE(3) PV_LANE(4) PV_LANE(5) PV_LANE(6) PV_LANE(7)
+  }
+  __m256 *out[8] = {&a0, &a1, &a2, &a3, &a4, &a5, &a6, &a7};
+  const __m256 extra[4] = {b0, b1, b2, b3};
+  for (int i = 0; i < LANES; i++) {
+    __m256 x = _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), *out[i]);
+    if (i < 4) x = _mm256_add_ps(x, extra[i]);
+    _mm256_storeu_ps(acc + 8 * i, x);
+  }
+}
+
+#define PV_CASES(HALF)                                                   \
+  switch ((hd - d0 < 64 ? hd - d0 : 64) / 8) {                           \
+    case 1: pv_lanes(w, count, v, hd, a, 1, HALF); break;                \
+    case 2: pv_lanes(w, count, v, hd, a, 2, HALF); break;                \
+    case 3: pv_lanes(w, count, v, hd, a, 3, HALF); break;                \
+    case 4: pv_lanes(w, count, v, hd, a, 4, HALF); break;                \
+    case 5: pv_lanes(w, count, v, hd, a, 5, HALF); break;                \
+    case 6: pv_lanes(w, count, v, hd, a, 6, HALF); break;                \
+    case 7: pv_lanes(w, count, v, hd, a, 7, HALF); break;                \
+    default: pv_lanes(w, count, v, hd, a, 8, HALF); break;               \
+  }
+
+AVX2 static void pv_avx2(const float *w, int count, const void *vpage, int hd, float *acc, int half) {
+  if (hd % 8 != 0) return pv_plain(w, count, vpage, hd, acc, half);
+  for (int d0 = 0; d0 < hd; d0 += 64) {
+    float *a = acc + d0;
+    if (half) {
+      const uint16_t *v = (const uint16_t *)vpage + d0;
+      PV_CASES(1)
+    } else {
+      const float *v = (const float *)vpage + d0;
+      PV_CASES(0)
+    }
+  }
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial after reducing x to r + n ln 2).
+AVX2 static inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+AVX2 static void softmax_avx2(float *s, int m) {
+  int i = 0;
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= m; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vmax);
+  float max = lanes[0];
+  for (int j = 1; j < 8; j++) max = lanes[j] > max ? lanes[j] : max;
+  for (; i < m; i++) max = s[i] > max ? s[i] : max;
+  const __m256 bmax = _mm256_set1_ps(max);
+  __m256 vsum = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= m; i += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + i), bmax));
+    _mm256_storeu_ps(s + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  _mm256_storeu_ps(lanes, vsum);
+  float sum = 0;
+  for (int j = 0; j < 8; j++) sum += lanes[j];
+  for (; i < m; i++) {
+    s[i] = expf(s[i] - max);
+    sum += s[i];
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (i = 0; i + 8 <= m; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inv));
+  for (; i < m; i++) s[i] *= 1.0f / sum;
+}
+
+AVX2 static void h2f_avx2(const uint16_t *src, float *dst, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+  for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
+}
+
+AVX2 static void f2h_avx2(const float *src, uint16_t *dst, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+static Kernels kernels = {qk_plain, pv_plain, softmax_plain, h2f_plain, f2h_plain};
+static const char *kernel_name = "portable C";
+
+static void choose_kernels(void) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    kernels = (Kernels){qk_avx2, pv_avx2, softmax_avx2, h2f_avx2, f2h_avx2};
+    kernel_name = "AVX2";
+  }
+#endif
+}
+
+// ---- one layer ----
+
+typedef struct {
+  void *arena;
+  int half;
+  const float *q, *k, *v;
+  float *out;
+  const int32_t *rows;
+  const int32_t *pages;
+  int B, T, nh, kvh, hd, layers, layer, totalPages;
+} Job;
+
+static size_t head_base(const Job *j, int32_t page, int kind, int h) {
+  return ((((size_t)j->layer * 2 + kind) * j->kvh + h) * j->totalPages + page) * (size_t)PAGE * j->hd;
+}
+
+// Writes row b's new keys and values for head h into its pages.
+static void store_new(const Job *j, int b, int h) {
+  const int n = j->rows[3 * b], len = j->rows[3 * b + 1];
+  const int32_t *table = j->pages + j->rows[3 * b + 2];
+  const int hd = j->hd;
+  uint16_t halfRow[1024];
+  for (int t = 0; t < n; t++) {
+    const int pos = len + t;
+    const int32_t page = table[pos / PAGE];
+    const int off = pos % PAGE;
+    const float *krow = j->k + ((size_t)(b * j->T + t) * j->kvh + h) * hd;
+    const float *vrow = j->v + ((size_t)(b * j->T + t) * j->kvh + h) * hd;
+    const size_t kAt = head_base(j, page, 0, h) + (size_t)(off / BLK) * hd * BLK + off % BLK;
+    const size_t vAt = head_base(j, page, 1, h) + (size_t)off * hd;
+    if (j->half) {
+      uint16_t *a = j->arena;
+      kernels.f2h(krow, halfRow, hd);
+      for (int d = 0; d < hd; d++) a[kAt + (size_t)d * BLK] = halfRow[d];
+      kernels.f2h(vrow, a + vAt, hd);
+    } else {
+      float *a = j->arena;
+      for (int d = 0; d < hd; d++) a[kAt + (size_t)d * BLK] = krow[d];
+      memcpy(a + vAt, vrow, (size_t)hd * sizeof(float));
+    }
+  }
+}
+
+// Attention of row b's new tokens t0 … t1 - 1 on KV head h (all its query heads).
+static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scratch) {
+  const int len = j->rows[3 * b + 1];
+  const int32_t *table = j->pages + j->rows[3 * b + 2];
+  const int hd = j->hd, group = j->nh / j->kvh;
+  const int positions = len + t1; // the chunk's last query sees them all
+  const int padded = (positions + BLK - 1) / BLK * BLK;
+  const int nrows = (t1 - t0) * group;
+  const size_t esize = j->half ? 2 : 4;
+  const char *arena = j->arena;
+  float *scores = scratch; // [nrows][padded]
+  const float *qrow[QROWS];
+  float *srow[QROWS];
+
+  for (int r0 = 0; r0 < nrows; r0 += QROWS) {
+    const int rn = nrows - r0 < QROWS ? nrows - r0 : QROWS;
+    for (int r = 0; r < rn; r++) {
+      const int t = t0 + (r0 + r) / group, g = (r0 + r) % group;
+      qrow[r] = j->q + ((size_t)(b * j->T + t) * j->nh + h * group + g) * hd;
+    }
+    for (int p0 = 0; p0 < positions; p0 += PAGE) {
+      const char *kpage = arena + head_base(j, table[p0 / PAGE], 0, h) * esize;
+      const int count = positions - p0 < PAGE ? positions - p0 : PAGE;
+      const int blocks = (count + BLK - 1) / BLK;
+      for (int blk = 0; blk < blocks; blk++) {
+        for (int r = 0; r < rn; r++) srow[r] = scores + (size_t)(r0 + r) * padded + p0 + blk * BLK;
+        kernels.qk(qrow, rn, kpage + (size_t)blk * hd * BLK * esize, hd, srow, j->half);
+      }
+    }
+  }
+  for (int r = 0; r < nrows; r++) {
+    const int t = t0 + r / group;
+    kernels.softmax(scores + (size_t)r * padded, len + t + 1); // causal: up to its own position
+  }
+  for (int r = 0; r < nrows; r++) {
+    const int t = t0 + r / group, g = r % group;
+    memset(j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g) * hd, 0, (size_t)hd * sizeof(float));
+  }
+  for (int p0 = 0; p0 < positions; p0 += PAGE) {
+    const char *vpage = arena + head_base(j, table[p0 / PAGE], 1, h) * esize;
+    const int count = positions - p0 < PAGE ? positions - p0 : PAGE;
+    for (int r = 0; r < nrows; r++) {
+      const int t = t0 + r / group, g = r % group;
+      const int own = len + t + 1 - p0; // positions of this page the token may see
+      if (own <= 0) continue;
+      float *acc = j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g) * hd;
+      kernels.pv(scores + (size_t)r * padded + p0, own < count ? own : count, vpage, hd, acc, j->half);
+    }
+  }
+}
+
+#define QCHUNK 8
+
+static void run_layer(const Job *j) {
+  const int items = j->B * j->kvh;
+  int maxPositions = 0, chunkTotal = 0;
+  for (int b = 0; b < j->B; b++) {
+    const int n = j->rows[3 * b], len = j->rows[3 * b + 1];
+    if (len + n > maxPositions) maxPositions = len + n;
+    chunkTotal += (n + QCHUNK - 1) / QCHUNK;
+  }
+  // Padding tokens of a row come out as zeros.
+  for (int b = 0; b < j->B; b++) {
+    const int n = j->rows[3 * b];
+    if (n < j->T) memset(j->out + (size_t)(b * j->T + n) * j->nh * j->hd, 0, (size_t)(j->T - n) * j->nh * j->hd * sizeof(float));
+  }
+  const int group = j->nh / j->kvh;
+  const size_t padded = (size_t)(maxPositions + BLK - 1) / BLK * BLK;
+  const size_t scratchFloats = (size_t)QCHUNK * group * padded + 64;
+  // Work items: (row, head, chunk of QCHUNK new tokens); a row's writes come before any of its reads.
+  int *itemRow = malloc(sizeof(int) * (size_t)chunkTotal * j->kvh);
+  int *itemChunk = malloc(sizeof(int) * (size_t)chunkTotal * j->kvh);
+  int count = 0;
+  for (int b = 0; b < j->B; b++) {
+    const int chunks = (j->rows[3 * b] + QCHUNK - 1) / QCHUNK;
+    for (int c = 0; c < chunks; c++) {
+      for (int h = 0; h < j->kvh; h++) {
+        itemRow[count] = b * j->kvh + h;
+        itemChunk[count++] = c;
+      }
+    }
+  }
+  double work = 0;
+  for (int b = 0; b < j->B; b++) work += (double)j->rows[3 * b] * (j->rows[3 * b + 1] + j->rows[3 * b]);
+  work *= (double)j->nh * j->hd;
+  // Waking a second thread costs more than a small layer's attention.
+#pragma omp parallel if (work > 2e5)
+  {
+#pragma omp for schedule(static)
+    for (int i = 0; i < items; i++) store_new(j, i / j->kvh, i % j->kvh);
+    float *scratch = malloc(scratchFloats * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < count; i++) {
+      const int b = itemRow[i] / j->kvh, h = itemRow[i] % j->kvh;
+      const int n = j->rows[3 * b];
+      const int t0 = itemChunk[i] * QCHUNK;
+      const int t1 = t0 + QCHUNK < n ? t0 + QCHUNK : n;
+      attend_chunk(j, b, h, t0, t1, scratch);
+    }
+    free(scratch);
+  }
+  free(itemRow);
+  free(itemChunk);
+}
+
+// ---- N-API ----
+
+static napi_value fail(napi_env env, const char *msg) {
+  napi_throw_error(env, NULL, msg);
+  return NULL;
+}
+
+static int typed(napi_env env, napi_value v, napi_typedarray_type want, void **data, size_t *length) {
+  bool is;
+  if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return 0;
+  napi_typedarray_type type;
+  napi_value buf;
+  size_t offset;
+  if (napi_get_typedarray_info(env, v, &type, length, data, &buf, &offset) != napi_ok) return 0;
+  return type == want;
+}
+
+static napi_value attend(napi_env env, napi_callback_info info) {
+  size_t argc = 8;
+  napi_value argv[8];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 8) return fail(env, "attend(arena, q, k, v, out, rows, pages, dims) takes 8 arguments");
+  Job j;
+  void *p;
+  size_t arenaLen, qLen, kLen, vLen, outLen, rowsLen, pagesLen, dimsLen;
+  if (typed(env, argv[0], napi_float32_array, &j.arena, &arenaLen)) j.half = 0;
+  else if (typed(env, argv[0], napi_uint16_array, &j.arena, &arenaLen)) j.half = 1;
+  else return fail(env, "arena must be a Float32Array or a Uint16Array (float16)");
+  if (!typed(env, argv[1], napi_float32_array, &p, &qLen)) return fail(env, "q must be a Float32Array");
+  j.q = p;
+  if (!typed(env, argv[2], napi_float32_array, &p, &kLen)) return fail(env, "k must be a Float32Array");
+  j.k = p;
+  if (!typed(env, argv[3], napi_float32_array, &p, &vLen)) return fail(env, "v must be a Float32Array");
+  j.v = p;
+  if (!typed(env, argv[4], napi_float32_array, &p, &outLen)) return fail(env, "out must be a Float32Array");
+  j.out = p;
+  if (!typed(env, argv[5], napi_int32_array, &p, &rowsLen)) return fail(env, "rows must be an Int32Array");
+  j.rows = p;
+  if (!typed(env, argv[6], napi_int32_array, &p, &pagesLen)) return fail(env, "pages must be an Int32Array");
+  j.pages = p;
+  if (!typed(env, argv[7], napi_int32_array, &p, &dimsLen) || dimsLen != 7) return fail(env, "dims must be an Int32Array of 7");
+  const int32_t *dims = p;
+  j.T = dims[0];
+  j.nh = dims[1];
+  j.kvh = dims[2];
+  j.hd = dims[3];
+  j.layers = dims[4];
+  j.layer = dims[5];
+  j.totalPages = dims[6];
+  j.B = (int)(rowsLen / 3);
+  if (j.T <= 0 || j.nh <= 0 || j.kvh <= 0 || j.hd <= 0 || j.hd > 1024 || j.nh % j.kvh != 0 || j.layer < 0 || j.layer >= j.layers) return fail(env, "bad dims");
+  const size_t tokens = (size_t)j.B * j.T;
+  if (qLen != tokens * j.nh * j.hd || outLen != qLen) return fail(env, "q and out must hold B * T * heads * head_dim floats");
+  if (kLen != tokens * j.kvh * j.hd || vLen != kLen) return fail(env, "k and v must hold B * T * kv_heads * head_dim floats");
+  if (j.totalPages <= 0 || (size_t)j.totalPages * j.layers * 2 * j.kvh * PAGE * j.hd != arenaLen) return fail(env, "the arena must hold pages * layers * 2 * kv_heads * page positions * head_dim elements");
+  for (int b = 0; b < j.B; b++) {
+    const int n = j.rows[3 * b], len = j.rows[3 * b + 1], start = j.rows[3 * b + 2];
+    if (n < 1 || n > j.T || len < 0 || start < 0) return fail(env, "bad row");
+    const size_t needed = (size_t)(len + n + PAGE - 1) / PAGE;
+    if ((size_t)start + needed > pagesLen) return fail(env, "a row's page list is shorter than its positions");
+    for (size_t i = 0; i < needed; i++) {
+      const int32_t page = j.pages[start + i];
+      if (page < 0 || page >= j.totalPages) return fail(env, "a page lies outside the arena");
+    }
+  }
+  run_layer(&j);
+  return NULL;
+}
+
+static napi_value threads(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+#ifdef _OPENMP
+  if (argc == 1) {
+    int32_t n;
+    if (napi_get_value_int32(env, argv[0], &n) == napi_ok && n > 0) omp_set_num_threads(n);
+  }
+  napi_value result;
+  napi_create_int32(env, omp_get_max_threads(), &result);
+#else
+  napi_value result;
+  napi_create_int32(env, 1, &result);
+#endif
+  return result;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  choose_kernels();
+  napi_value fn, name, page;
+  napi_create_function(env, "attend", NAPI_AUTO_LENGTH, attend, NULL, &fn);
+  napi_set_named_property(env, exports, "attend", fn);
+  napi_create_function(env, "threads", NAPI_AUTO_LENGTH, threads, NULL, &fn);
+  napi_set_named_property(env, exports, "threads", fn);
+  napi_create_string_utf8(env, kernel_name, NAPI_AUTO_LENGTH, &name);
+  napi_set_named_property(env, exports, "kernels", name);
+  napi_create_int32(env, PAGE, &page);
+  napi_set_named_property(env, exports, "pagePositions", page);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,178 @@
+import ort from 'onnxruntime-node';
+import type { LlamaConfig } from '../model/types.ts';
+import { headDim } from '../model/types.ts';
+import type { AttentionBinding } from './native-attention.ts';
+import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
+
+export type KvCacheDtype = 'float32' | 'float16';
+
+/**
+ * Runner for Tally graphs on the CPU with attention in native code: the graph is cut at each layer's
+ * attention (buildLlamaParts), and between the parts native/attention stores the new keys and values in a
+ * paged cache and attends over it in place. The cache is one arena of pages of `pagePositions` positions
+ * (laid out per layer and head, see attention.c); a sequence holds the pages its length needs, so nothing is ever moved or re-laid out, rows
+ * of a batch need not be neighbours, and each row reads only its own positions.
+ */
+export class PagedRunner implements ModelRunner {
+  readonly kind = 'paged' as const;
+  readonly vocabSize: number;
+  readonly topLogits: number;
+  readonly kvElementBytes: number;
+  private readonly layers: number;
+  private readonly nh: number;
+  private readonly kvh: number;
+  private readonly hd: number;
+  private readonly pagePositions: number;
+  private readonly pageElements: number;
+  private readonly arena: Float32Array | Uint16Array;
+  private readonly freePages: number[] = [];
+  private readonly totalPages: number;
+  private readonly seqs = new Map<number, { length: number; pages: number[] }>();
+  private readonly dims: Int32Array[] = [];
+  private attnBuffer = new Float32Array(0);
+
+  constructor(
+    private readonly parts: ort.InferenceSession[],
+    config: LlamaConfig,
+    private readonly attention: AttentionBinding,
+    private readonly options: { maxSlots: number; maxModelLen: number; kvTokens: number; kvDtype: KvCacheDtype },
+  ) {
+    this.vocabSize = config.vocab_size;
+    this.layers = config.num_hidden_layers;
+    this.nh = config.num_attention_heads;
+    this.kvh = config.num_key_value_heads;
+    this.hd = headDim(config);
+    if (parts.length !== this.layers + 1) throw new Error(`expected ${this.layers + 1} graph parts, got ${parts.length}`);
+    const top = parts[this.layers].outputMetadata.find((m) => m.name === 'top_ids');
+    this.topLogits = top && top.isTensor && typeof top.shape[1] === 'number' ? top.shape[1] : 0;
+    this.kvElementBytes = options.kvDtype === 'float16' ? 2 : 4;
+    this.pagePositions = attention.pagePositions;
+    this.pageElements = this.layers * 2 * this.kvh * this.pagePositions * this.hd;
+    // Every sequence may hold one partly used page beyond the tokens the scheduler counts.
+    const tokens = Math.min(options.kvTokens, options.maxSlots * options.maxModelLen);
+    this.totalPages = Math.ceil(tokens / this.pagePositions) + options.maxSlots;
+    const elements = this.totalPages * this.pageElements;
+    // Pages are touched (and so take memory) only once used; freed pages are reused first.
+    this.arena = options.kvDtype === 'float16' ? new Uint16Array(elements) : new Float32Array(elements);
+    for (let p = this.totalPages - 1; p >= 0; p--) this.freePages.push(p);
+    for (let l = 0; l < this.layers; l++) this.dims.push(Int32Array.of(1, this.nh, this.kvh, this.hd, this.layers, l, this.totalPages));
+  }
+
+  kvBytes(): number {
+    return (this.totalPages - this.freePages.length) * this.pageElements * this.kvElementBytes;
+  }
+
+  cachedLength(seq: number): number {
+    const s = this.seqs.get(seq);
+    if (!s) throw new Error(`sequence ${seq} is not open`);
+    return s.length;
+  }
+
+  open(seq: number): void {
+    if (this.seqs.has(seq)) throw new Error(`sequence ${seq} is already open`);
+    if (this.seqs.size >= this.options.maxSlots) throw new Error(`no free KV slot (max ${this.options.maxSlots})`);
+    this.seqs.set(seq, { length: 0, pages: [] });
+  }
+
+  close(seq: number): void {
+    const s = this.seqs.get(seq);
+    if (!s) return;
+    for (let i = s.pages.length - 1; i >= 0; i--) this.freePages.push(s.pages[i]);
+    this.seqs.delete(seq);
+  }
+
+  async forward(rows: ForwardRow[]): Promise<ForwardResult> {
+    const { logits, runSeconds } = await this.run(rows, true);
+    return { logits: logits!, runSeconds };
+  }
+
+  async forwardTop(rows: ForwardRow[]): Promise<{ top: TopLogits[]; runSeconds: number }> {
+    const { top, runSeconds } = await this.run(rows, false);
+    return { top: top!, runSeconds };
+  }
+
+  private async run(rows: ForwardRow[], full: boolean): Promise<{ logits?: Float32Array[]; top?: TopLogits[]; runSeconds: number }> {
+    if (rows.length === 0) return { logits: [], top: [], runSeconds: 0 };
+    const B = rows.length;
+    let T = 0;
+    let tablePages = 0;
+    for (const r of rows) {
+      const s = this.seqs.get(r.seq);
+      if (!s) throw new Error(`sequence ${r.seq} is not open`);
+      const end = s.length + r.tokens.length;
+      if (end > this.options.maxModelLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.options.maxModelLen}`);
+      T = Math.max(T, r.tokens.length);
+      tablePages += Math.ceil(end / this.pagePositions);
+    }
+    const info = new Int32Array(3 * B);
+    const table = new Int32Array(tablePages);
+    const ids = new BigInt64Array(B * T);
+    const pos = new BigInt64Array(B * T);
+    const logitsIndex = new BigInt64Array(B);
+    let at = 0;
+    rows.forEach((r, b) => {
+      const s = this.seqs.get(r.seq)!;
+      const n = r.tokens.length;
+      const needed = Math.ceil((s.length + n) / this.pagePositions);
+      while (s.pages.length < needed) {
+        const page = this.freePages.pop();
+        if (page === undefined) throw new Error('the KV cache has no free page');
+        s.pages.push(page);
+      }
+      info[3 * b] = n;
+      info[3 * b + 1] = s.length;
+      info[3 * b + 2] = at;
+      for (let i = 0; i < needed; i++) table[at++] = s.pages[i];
+      for (let t = 0; t < T; t++) {
+        ids[b * T + t] = BigInt(t < n ? r.tokens[t] : 0);
+        pos[b * T + t] = BigInt(t < n ? s.length + t : s.length);
+      }
+      logitsIndex[b] = BigInt(b * T + n - 1);
+    });
+    for (const d of this.dims) d[0] = T;
+    const attnSize = B * T * this.nh * this.hd;
+    if (this.attnBuffer.length < attnSize) this.attnBuffer = new Float32Array(attnSize);
+    const attn = new ort.Tensor('float32', this.attnBuffer.subarray(0, attnSize), [B * T, this.nh * this.hd]);
+    const positionIds = new ort.Tensor('int64', pos, [B, T]);
+
+    const started = performance.now();
+    let out = await this.parts[0].run({ input_ids: new ort.Tensor('int64', ids, [B, T]), position_ids: positionIds });
+    for (let l = 0; l < this.layers; l++) {
+      this.attention.attend(this.arena, out.q.data as Float32Array, out.k.data as Float32Array, out.v.data as Float32Array, attn.data as Float32Array, info, table, this.dims[l]);
+      const feeds: Record<string, ort.Tensor> = { hidden_in: out.hidden, attn };
+      if (l + 1 < this.layers) {
+        feeds.position_ids = positionIds;
+        out = await this.parts[l + 1].run(feeds);
+      } else {
+        feeds.logits_index = new ort.Tensor('int64', logitsIndex, [B]);
+        out = await this.parts[l + 1].run(feeds, full ? ['logits'] : ['top_logits', 'top_ids']);
+      }
+    }
+    const runSeconds = (performance.now() - started) / 1000;
+    for (const r of rows) this.seqs.get(r.seq)!.length += r.tokens.length;
+
+    if (!full) {
+      const k = this.topLogits;
+      const topIds = out.top_ids.data as BigInt64Array;
+      const values = out.top_logits.data as Float32Array;
+      return {
+        top: rows.map((_, b) => {
+          const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
+          for (let i = 0; i < k; i++) {
+            top.ids[i] = Number(topIds[b * k + i]);
+            top.values[i] = values[b * k + i];
+          }
+          return top;
+        }),
+        runSeconds,
+      };
+    }
+    const logits = out.logits.data as Float32Array;
+    const V = this.vocabSize;
+    return { logits: rows.map((_, b) => logits.subarray(b * V, (b + 1) * V)), runSeconds };
+  }
+
+  async release(): Promise<void> {
+    for (const p of this.parts) await p.release();
+  }
+}

@@ -1,0 +1,97 @@
+import { DataType, type ModelSpec, type TensorSpec } from './onnx-proto.ts';
+import { GraphBuilder, TALLY_GRAPH_VERSION, TOP_LOGITS } from './llama-graph.ts';
+import { type LlamaConfig, headDim } from './types.ts';
+
+/**
+ * A Tally graph cut at its attention, for runners that attend outside ONNX Runtime (native/attention).
+ * Part 0 embeds the tokens and projects layer 0's q, k and v; part l (1 … L-1) finishes layer l-1 from its
+ * attention output and projects layer l's; part L finishes the last layer and returns the logits as the
+ * whole graph does. The parts take the whole graph's initializers as they are: weights in its external
+ * data file stay there, shared.
+ *
+ * Inputs: input_ids [batch, new] (part 0); hidden_in [N, H] and attn [N, heads × head_dim] (N = batch × new,
+ * parts 1 … L); position_ids [batch, new] (parts 0 … L-1); logits_index [batch] (part L).
+ * Outputs: hidden [N, H], q [N, heads × head_dim] (RoPE applied, scaled by 1/√head_dim), k and v
+ * [N, kv_heads × head_dim] (k with RoPE); part L: logits, top_logits, top_ids.
+ */
+export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, TensorSpec>): ModelSpec[] {
+  const get = (name: string): TensorSpec => {
+    const t = tensors.get(name);
+    if (!t) throw new Error(`the graph has no initializer ${name}`);
+    return t;
+  };
+  const dt = get('model.embed_tokens.weight').type;
+  if (dt !== DataType.FLOAT && dt !== DataType.FLOAT16) throw new Error(`unsupported weight type ${dt}`);
+  const H = config.hidden_size;
+  const L = config.num_hidden_layers;
+  const nh = config.num_attention_heads;
+  const kvh = config.num_key_value_heads;
+  const hd = headDim(config);
+  const V = config.vocab_size;
+  const ffn = config.intermediate_size;
+  const parts: ModelSpec[] = [];
+
+  for (let part = 0; part <= L; part++) {
+    const g = new GraphBuilder(dt);
+    const rmsNorm = (x: string, weight: string): string =>
+      g.op1('SimplifiedLayerNormalization', [x, g.tensor(get(weight))], { axis: -1, epsilon: { float: config.rms_norm_eps }, stash_type: 1 });
+    let hidden: string;
+    if (part === 0) {
+      g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
+      hidden = g.op1('Reshape', [g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']), g.ints([-1, H])]);
+    } else {
+      g.inputs.push({ name: 'hidden_in', type: dt, dims: ['rows', H] });
+      g.inputs.push({ name: 'attn', type: dt, dims: ['rows', nh * hd] });
+      const p = `model.layers.${part - 1}`;
+      hidden = g.op1('Add', ['hidden_in', g.op1('MatMul', ['attn', g.tensor(get(`${p}.self_attn.o_proj.weight_t`))])]);
+      const gu = g.op1('MatMul', [rmsNorm(hidden, `${p}.post_attention_layernorm.weight`), g.tensor(get(`${p}.mlp.gate_up.weight_t`))]);
+      const [gate, up] = g.op('Split', [gu, g.ints([ffn, ffn])], { axis: -1 }, 2);
+      const act = g.op1('Mul', [g.op1('Mul', [gate, g.op1('Sigmoid', [gate])]), up]);
+      hidden = g.op1('Add', [hidden, g.op1('MatMul', [act, g.tensor(get(`${p}.mlp.down_proj.weight_t`))])]);
+    }
+    if (part < L) {
+      g.inputs.push({ name: 'position_ids', type: DataType.INT64, dims: ['batch', 'new'] });
+      const p = `model.layers.${part}`;
+      g.op1('Identity', [hidden]);
+      g.nameLast('hidden');
+      let qkv = g.op1('MatMul', [rmsNorm('hidden', `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
+      const bias = tensors.get(`${p}.self_attn.qkv.bias`);
+      if (bias) qkv = g.op1('Add', [qkv, g.tensor(bias)]);
+      const [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints([nh * hd, kvh * hd, kvh * hd])], { axis: -1 }, 3);
+      const rows3 = g.op1('Concat', [g.op1('Shape', ['position_ids']), g.ints([-1])], { axis: 0 }); // [B, T, -1]
+      const rope = (x: string, heads: number) =>
+        g.op1('RotaryEmbedding', [g.op1('Reshape', [x, rows3]), 'position_ids', g.tensor(get('rope.cos')), g.tensor(get('rope.sin'))], { interleaved: 0, num_heads: heads }, 'com.microsoft');
+      g.op1('Reshape', [g.op1('Mul', [rope(qFlat, nh), g.scalar(1 / Math.sqrt(hd), dt)]), g.ints([-1, nh * hd])]);
+      g.nameLast('q');
+      g.op1('Reshape', [rope(kFlat, kvh), g.ints([-1, kvh * hd])]);
+      g.nameLast('k');
+      g.op1('Identity', [vFlat]);
+      g.nameLast('v');
+      g.outputs.push({ name: 'hidden', type: dt, dims: ['rows', H] });
+      g.outputs.push({ name: 'q', type: dt, dims: ['rows', nh * hd] });
+      g.outputs.push({ name: 'k', type: dt, dims: ['rows', kvh * hd] });
+      g.outputs.push({ name: 'v', type: dt, dims: ['rows', kvh * hd] });
+    } else {
+      g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
+      const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 });
+      const head = tensors.get('lm_head.weight') ?? get('model.embed_tokens.weight');
+      g.toFloat32(g.op1('Gemm', [rmsNorm(picked, 'model.norm.weight'), g.tensor(head)], { transB: 1 }));
+      g.nameLast('logits');
+      g.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', V] });
+      const k = Math.min(TOP_LOGITS, V);
+      g.nodes.push({ opType: 'TopK', inputs: ['logits', g.ints([k])], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
+      g.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', k] });
+      g.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', k] });
+    }
+    parts.push({
+      graphName: `${config.model_type}-tally-part${part}`,
+      nodes: g.nodes,
+      inputs: g.inputs,
+      outputs: g.outputs,
+      initializers: g.initializers,
+      opsets: [{ domain: '', version: 17 }, { domain: 'com.microsoft', version: 1 }],
+      metadata: { 'tally.graph': 'tally-part', 'tally.graph_version': TALLY_GRAPH_VERSION, 'tally.part': String(part) },
+    });
+  }
+  return parts;
+}

@@ -1,0 +1,147 @@
+/**
+ * Native attention over the paged KV cache (native/attention, PagedRunner) against attention inside the
+ * ONNX graph (TallyRunner): same rows, same logits, for several head layouts, multi-page prompts, chunks of
+ * new tokens, padding rows and sequences that come and go; the float16 cache; page accounting; refusals.
+ */
+import { beforeAll, describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import { createRunner } from '../src/engine/session.ts';
+import { ATTENTION_ADDON_PATH, loadAttentionAddon } from '../src/engine/native-attention.ts';
+import { createEngine } from '../src/engine/engine.ts';
+import { loadModelFolder } from '../src/model/folder.ts';
+import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
+import { randomLike, storiesModel } from './helpers/models.ts';
+
+beforeAll(() => {
+  if (!fs.existsSync(ATTENTION_ADDON_PATH)) {
+    const r = spawnSync(process.execPath, ['scripts/build-native.js', 'attention'], { encoding: 'utf8' });
+    expect(fs.existsSync(ATTENTION_ADDON_PATH), r.stderr).toBe(true);
+  }
+});
+
+async function runners(dir: string, kvCacheDtype?: 'float16') {
+  const folder = loadModelFolder(dir);
+  const options = { device: { kind: 'cpu' as const }, threads: 2, maxSlots: 8, maxModelLen: 256, kvCacheBytes: 2 ** 26 };
+  const native = (await createRunner(folder, { ...options, attention: 'native', kvCacheDtype })).runner;
+  const graph = (await createRunner(folder, { ...options, attention: 'onnx' })).runner;
+  return { native, graph, vocab: folder.config.vocab_size };
+}
+
+const tokens = (n: number, seed: number) => Array.from({ length: n }, (_, i) => 3 + ((i * 37 + seed * 11) % 200));
+
+/** Steps that open, grow and close sequences: multi-page prompts, chunks, decode, padding rows. */
+function* schedule(): Generator<{ open?: number[]; close?: number[]; rows: ForwardRow[] }> {
+  yield { open: [0, 1, 2], rows: [{ seq: 0, tokens: tokens(5, 0) }, { seq: 1, tokens: [1, 7] }, { seq: 2, tokens: tokens(70, 2) }] };
+  yield { open: [3], rows: [{ seq: 0, tokens: [44] }, { seq: 1, tokens: tokens(19, 1) }, { seq: 2, tokens: [48] }, { seq: 3, tokens: tokens(130, 3) }] };
+  for (let i = 0; i < 12; i++) yield { rows: [{ seq: 3, tokens: [12 + i] }, { seq: 0, tokens: [10 + i] }, { seq: 2, tokens: [11 + i] }] };
+  yield { close: [2], open: [4], rows: [{ seq: 4, tokens: tokens(64, 4) }, { seq: 1, tokens: [9] }] };
+  for (let i = 0; i < 6; i++) yield { rows: [{ seq: 4, tokens: [20 + i] }, { seq: 1, tokens: [21 + i] }, { seq: 3, tokens: [22 + i] }] };
+}
+
+async function maxLogitDifference(a: ModelRunner, b: ModelRunner, vocab: number): Promise<number> {
+  let diff = 0;
+  for (const step of schedule()) {
+    for (const s of step.close ?? []) { a.close(s); b.close(s); }
+    for (const s of step.open ?? []) { a.open(s); b.open(s); }
+    const [x, y] = [await a.forward(step.rows), await b.forward(step.rows)];
+    step.rows.forEach((r, i) => {
+      expect(a.cachedLength(r.seq)).toBe(b.cachedLength(r.seq));
+      for (let v = 0; v < vocab; v++) diff = Math.max(diff, Math.abs(x.logits[i][v] - y.logits[i][v]));
+    });
+  }
+  return diff;
+}
+
+describe('native attention over the paged cache', () => {
+  const layouts: [string, () => string][] = [
+    ['stories260K (8 heads, 4 KV heads, head_dim 8)', () => storiesModel()],
+    ['GQA 6/2, head_dim 16', () => randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 2, hidden_size: 96, intermediate_size: 128, num_attention_heads: 6, num_key_value_heads: 2, head_dim: 16 })],
+    ['3 heads on 1 KV head, head_dim 64', () => randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 2, hidden_size: 192, intermediate_size: 128, num_attention_heads: 3, num_key_value_heads: 1, head_dim: 64 })],
+    ['head_dim 12 (not a multiple of 8: the portable kernels)', () => randomLike('Qwen2.5-0.5B-Instruct', { num_hidden_layers: 2, hidden_size: 48, intermediate_size: 96, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 12 })],
+  ];
+  for (const [name, model] of layouts) {
+    it(`gives the logits attention inside the graph gives: ${name}`, async () => {
+      const { native, graph, vocab } = await runners(model());
+      expect(native.kind).toBe('paged');
+      expect(graph.kind).toBe('tally');
+      expect(await maxLogitDifference(native, graph, vocab)).toBeLessThan(1e-3);
+      await native.release();
+      await graph.release();
+    });
+  }
+
+  it('with a float16 cache: half the bytes, logits close to the float32 ones (and not identical)', async () => {
+    const dir = randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 2, hidden_size: 96, intermediate_size: 128, num_attention_heads: 6, num_key_value_heads: 2, head_dim: 16 });
+    const { native, graph, vocab } = await runners(dir, 'float16');
+    const fp32 = (await runners(dir)).native;
+    expect(native.kvElementBytes).toBe(2);
+    const diff = await maxLogitDifference(native, graph, vocab);
+    expect(diff).toBeGreaterThan(0);
+    expect(diff).toBeLessThan(0.05);
+    for (const s of [0, 1]) fp32.open(s);
+    await fp32.forward([{ seq: 0, tokens: tokens(70, 0) }, { seq: 1, tokens: [1] }]);
+    const open = [0, 1, 3, 4].filter((s) => { try { native.cachedLength(s); return true; } catch { return false; } });
+    for (const s of open) native.close(s);
+    for (const s of [0, 1]) native.open(s);
+    await native.forward([{ seq: 0, tokens: tokens(70, 0) }, { seq: 1, tokens: [1] }]);
+    expect(native.kvBytes() * 2).toBe(fp32.kvBytes());
+    await Promise.all([native.release(), graph.release(), fp32.release()]);
+  });
+
+  it('holds whole pages per sequence, returns them on close and reuses them; refuses what it cannot hold', async () => {
+    const folder = loadModelFolder(storiesModel());
+    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 2, maxModelLen: 200, attention: 'native', kvCacheTokens: 128 });
+    const page = 64 * folder.config.num_hidden_layers * 2 * folder.config.num_key_value_heads * (folder.config.hidden_size / folder.config.num_attention_heads) * 4;
+    runner.open(0);
+    expect(runner.kvBytes()).toBe(0);
+    await runner.forward([{ seq: 0, tokens: tokens(65, 0) }]);
+    expect(runner.kvBytes()).toBe(2 * page);
+    runner.open(1);
+    expect(() => runner.open(2)).toThrow(/no free KV slot/);
+    // 128 tokens of capacity + one page of slack per sequence: 4 pages; sequence 0 holds 2.
+    await runner.forward([{ seq: 1, tokens: tokens(120, 1) }]);
+    expect(runner.kvBytes()).toBe(4 * page);
+    await expect(runner.forward([{ seq: 0, tokens: tokens(70, 2) }])).rejects.toThrow(/no free page/);
+    await expect(runner.forward([{ seq: 1, tokens: tokens(90, 2) }])).rejects.toThrow(/exceed the model length 200/);
+    runner.close(1);
+    expect(runner.kvBytes()).toBe(2 * page);
+    runner.open(1);
+    await runner.forward([{ seq: 1, tokens: [1, 2, 3] }]);
+    expect(runner.cachedLength(1)).toBe(3);
+    expect(runner.kvBytes()).toBe(3 * page);
+    await runner.release();
+  });
+
+  it('the addon refuses arguments that do not fit together, with a message', () => {
+    const loaded = loadAttentionAddon();
+    if ('reason' in loaded) throw new Error(loaded.reason);
+    const a = loaded.binding;
+    const f = (n: number) => new Float32Array(n);
+    const dims = Int32Array.of(1, 2, 1, 8, 1, 0, 1);
+    const arena = f(1 * 1 * 2 * 1 * 64 * 8);
+    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).not.toThrow();
+    expect(() => a.attend(arena, f(15), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).toThrow(/q and out/);
+    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 70, 0), Int32Array.of(0), dims)).toThrow(/page list is shorter/);
+    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(3), dims)).toThrow(/outside the arena/);
+    expect(() => a.attend(f(10), f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).toThrow(/arena must hold/);
+    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1, 0, 1))).toThrow(/bad dims/);
+  });
+
+  it('the engine takes native attention on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
+    const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
+    const byDefault = await createEngine(base, () => {}, () => {});
+    expect(byDefault.info.runner).toBe('paged');
+    await byDefault.release();
+    const inGraph = await createEngine({ ...base, attention: 'onnx' }, () => {}, () => {});
+    expect(inGraph.info.runner).toBe('tally');
+    await inGraph.release();
+    await expect(createEngine({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {})).rejects.toThrow(/--kv-cache-dtype fp16 needs native attention/);
+    await expect(createEngine({ ...base, modelDir: storiesModel('float16'), attention: 'native' }, () => {}, () => {})).rejects.toThrow(/--attention native: native attention runs float32 graphs/);
+    // float16 elements: the same --kv-cache-gb holds twice the tokens.
+    const half = await createEngine({ ...base, kvCacheDtype: 'float16' }, () => {}, () => {});
+    const full = await createEngine(base, () => {}, () => {});
+    expect(half.info.limits.kvCapacityTokens).toBe(2 * full.info.limits.kvCapacityTokens);
+    await Promise.all([half.release(), full.release()]);
+  });
+});
