@@ -118,14 +118,14 @@ describe('native attention over the paged cache', () => {
     if ('reason' in loaded) throw new Error(loaded.reason);
     const a = loaded.binding;
     const f = (n: number) => new Float32Array(n);
-    const dims = Int32Array.of(1, 2, 1, 8, 1, 0, 1);
-    const arena = f(1 * 1 * 2 * 1 * 64 * 8);
+    const dims = Int32Array.of(1, 2, 1, 8, 1);
+    const arena = f(1 * 2 * 1 * 64 * 8);
     expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).not.toThrow();
     expect(() => a.attend(arena, f(15), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).toThrow(/q and out/);
     expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 70, 0), Int32Array.of(0), dims)).toThrow(/page list is shorter/);
     expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(3), dims)).toThrow(/outside the arena/);
     expect(() => a.attend(f(10), f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).toThrow(/arena must hold/);
-    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1, 0, 1))).toThrow(/bad dims/);
+    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1))).toThrow(/bad dims/);
   });
 
   it('the engine takes native attention on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {

@@ -1,16 +1,16 @@
 // Attention over Tally's paged KV cache, for the CPU runner (src/engine/paged-runner.ts).
 //
-// The cache is one arena of `pages` pages of PAGE positions, laid out per layer, kind (0 = K, 1 = V) and KV
+// Each layer's cache is an arena of `pages` pages of PAGE positions, laid out per kind (0 = K, 1 = V) and KV
 // head, so that a sequence's pages, taken in order from the free list, are contiguous for each of them:
-//   page p, layer l, kind, KV head h -> (((l * 2 + kind) * kvh + h) * pages + p) * PAGE * hd
+//   page p, kind, KV head h -> ((kind * kvh + h) * pages + p) * PAGE * hd
 // K is stored in blocks of BLK positions, transposed ([PAGE / BLK][hd][BLK]), so that one query's scores
 // for BLK positions are BLK-wide multiply-adds without horizontal sums; V is [PAGE][hd].
 // Elements are float32 or float16 (the arena's type); arithmetic is float32.
 //
-// attend(arena, q, k, v, out, rows, pages, dims) for one layer:
+// attend(arena, q, k, v, out, rows, pages, dims) for one layer (`arena` is that layer's):
 //   q, out [B * T, heads * hd] float32 (q already scaled by 1/sqrt(hd)); k, v [B * T, kvh * hd] float32;
 //   rows Int32Array [B * 3]: new tokens n, cached length len, start of the row's page list in `pages`;
-//   dims Int32Array [T, heads, kvh, hd, layers, layer, pages].
+//   dims Int32Array [T, heads, kvh, hd, pages].
 // Row b's new keys and values go to positions len … len + n - 1, then each new token attends to every
 // position up to its own. Tokens t >= n of a row (padding) get zeros.
 #include <node_api.h>
@@ -29,10 +29,25 @@
 #define BLK 16
 #define QROWS 4
 
+// Page-level kernels from block- and row-level ones.
+#define PAGE_KERNELS(NAME, QK_BLOCK, PV_ROW, ATTR)                                                                        \
+  ATTR static void qk_##NAME(const float *const *q, int nrows, const void *kpage, int blocks, int hd, float *const *s, int half) { \
+    const size_t esize = half ? 2 : 4;                                                                                  \
+    float *sb[QROWS];                                                                                                   \
+    for (int b = 0; b < blocks; b++) {                                                                                  \
+      for (int r = 0; r < nrows; r++) sb[r] = s[r] + b * BLK;                                                           \
+      QK_BLOCK(q, nrows, (const char *)kpage + (size_t)b * hd * BLK * esize, hd, sb, half);                             \
+    }                                                                                                                   \
+  }                                                                                                                     \
+  ATTR static void pv_##NAME(const float *const *w, int nrows, int count, const void *vpage, int hd, float *const *acc, int half) { \
+    for (int r = 0; r < nrows; r++) PV_ROW(w[r], count, vpage, hd, acc[r], half);                                       \
+  }
+
 typedef struct {
-  // kblk / vpage: float32, or float16 when `half`.
-  void (*qk)(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half);
-  void (*pv)(const float *w, int count, const void *vpage, int hd, float *acc, int half);
+  // One page (float32, or float16 when `half`) for up to QROWS query rows: scores of `blocks` blocks of BLK
+  // positions into s[r][0 …), and acc[r] += the first `count` positions' values weighted by w[r].
+  void (*qk)(const float *const *q, int nrows, const void *kpage, int blocks, int hd, float *const *s, int half);
+  void (*pv)(const float *const *w, int nrows, int count, const void *vpage, int hd, float *const *acc, int half);
   void (*softmax)(float *s, int m);
   void (*h2f)(const uint16_t *src, float *dst, int n);
   void (*f2h)(const float *src, uint16_t *dst, int n);
@@ -46,7 +61,7 @@ static inline float element(const void *base, size_t i, int half) {
   return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
-static void qk_plain(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half) {
+static void qk_block_plain(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half) {
   for (int r = 0; r < nrows; r++) {
     float acc[BLK] = {0};
     for (int d = 0; d < hd; d++) {
@@ -57,12 +72,14 @@ static void qk_plain(const float *const *q, int nrows, const void *kblk, int hd,
   }
 }
 
-static void pv_plain(const float *w, int count, const void *vpage, int hd, float *acc, int half) {
+static void pv_row_plain(const float *w, int count, const void *vpage, int hd, float *acc, int half) {
   for (int p = 0; p < count; p++) {
     const float wp = w[p];
     for (int d = 0; d < hd; d++) acc[d] += wp * element(vpage, (size_t)p * hd + d, half);
   }
 }
+
+PAGE_KERNELS(plain, qk_block_plain, pv_row_plain, )
 
 static void softmax_plain(float *s, int m) {
   float max = -INFINITY;
@@ -184,7 +201,7 @@ INLINE_AVX2 void qk_rows(const float *const *q, const void *kblk, int hd, float 
   }
 }
 
-AVX2 static void qk_avx2(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half) {
+AVX2 static void qk_block_avx2(const float *const *q, int nrows, const void *kblk, int hd, float *const *s, int half) {
   if (half) {
     switch (nrows) {
       case 1: return qk_rows(q, kblk, hd, s, 1, 1);
@@ -255,8 +272,8 @@ INLINE_AVX2 void pv_lanes(const float *w, int count, const void *v, int stride, 
     default: pv_lanes(w, count, v, hd, a, 8, HALF); break;               \
   }
 
-AVX2 static void pv_avx2(const float *w, int count, const void *vpage, int hd, float *acc, int half) {
-  if (hd % 8 != 0) return pv_plain(w, count, vpage, hd, acc, half);
+AVX2 static void pv_row_avx2(const float *w, int count, const void *vpage, int hd, float *acc, int half) {
+  if (hd % 8 != 0) return pv_row_plain(w, count, vpage, hd, acc, half);
   for (int d0 = 0; d0 < hd; d0 += 64) {
     float *a = acc + d0;
     if (half) {
@@ -268,6 +285,8 @@ AVX2 static void pv_avx2(const float *w, int count, const void *vpage, int hd, f
     }
   }
 }
+
+PAGE_KERNELS(avx2, qk_block_avx2, pv_row_avx2, AVX2)
 
 // exp(x) for x <= 0 (Cephes' expf polynomial after reducing x to r + n ln 2).
 AVX2 static inline __m256 exp_avx2(__m256 x) {
@@ -320,6 +339,99 @@ AVX2 static void h2f_avx2(const uint16_t *src, float *dst, int n) {
   for (; i < n; i++) dst[i] = _cvtsh_ss(src[i]);
 }
 
+
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
+#define INLINE_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c"), always_inline)) static inline
+
+INLINE_AVX512 __m512 load16(const void *base, size_t i, const int HALF) {
+  return HALF ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i))) : _mm512_loadu_ps((const float *)base + i);
+}
+
+// R rows × NB blocks: R * NB independent accumulators, one 16-wide load per block and d.
+INLINE_AVX512 void qk512(const float *const *q, const void *kpage, int hd, float *const *s, const int R, const int NB, const int HALF) {
+  __m512 acc[QROWS][4];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+  for (int d = 0; d < hd; d++) {
+    __m512 k[4];
+    for (int b = 0; b < NB; b++) k[b] = load16(kpage, (size_t)b * hd * BLK + (size_t)d * BLK, HALF);
+    for (int r = 0; r < R; r++) {
+      const __m512 x = _mm512_set1_ps(q[r][d]);
+      for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(x, k[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) _mm512_storeu_ps(s[r] + b * BLK, acc[r][b]);
+}
+
+#define QK512_R(R, HALF)                                   \
+  switch (blocks) {                                        \
+    case 1: return qk512(q, kpage, hd, s, R, 1, HALF);     \
+    case 2: return qk512(q, kpage, hd, s, R, 2, HALF);     \
+    case 3: return qk512(q, kpage, hd, s, R, 3, HALF);     \
+    default: return qk512(q, kpage, hd, s, R, 4, HALF);    \
+  }
+#define QK512(HALF)                 \
+  switch (nrows) {                  \
+    case 1: QK512_R(1, HALF)        \
+    case 2: QK512_R(2, HALF)        \
+    case 3: QK512_R(3, HALF)        \
+    default: QK512_R(4, HALF)       \
+  }
+
+AVX512 static void qk_avx512(const float *const *q, int nrows, const void *kpage, int blocks, int hd, float *const *s, int half) {
+  if (half) QK512(1)
+  QK512(0)
+}
+
+// R rows share each loaded value row: R * NV accumulators (NV 16-wide lanes of head_dim).
+INLINE_AVX512 void pv512(const float *const *w, int count, const void *v, int stride, float *const *acc, const int R, const int NV, const int HALF) {
+  __m512 a[QROWS][4];
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < NV; i++) a[r][i] = _mm512_loadu_ps(acc[r] + 16 * i);
+  for (int p = 0; p < count; p++) {
+    __m512 x[4];
+    for (int i = 0; i < NV; i++) x[i] = load16(v, (size_t)p * stride + 16 * i, HALF);
+    for (int r = 0; r < R; r++) {
+      const __m512 wp = _mm512_set1_ps(w[r][p]);
+      for (int i = 0; i < NV; i++) a[r][i] = _mm512_fmadd_ps(wp, x[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < NV; i++) _mm512_storeu_ps(acc[r] + 16 * i, a[r][i]);
+}
+
+#define PV512_R(R, HALF)                                          \
+  switch (nv) {                                                   \
+    case 1: pv512(w, count, v, hd, a, R, 1, HALF); break;         \
+    case 2: pv512(w, count, v, hd, a, R, 2, HALF); break;         \
+    case 3: pv512(w, count, v, hd, a, R, 3, HALF); break;         \
+    default: pv512(w, count, v, hd, a, R, 4, HALF); break;        \
+  }                                                               \
+  break;
+#define PV512(HALF)                 \
+  switch (nrows) {                  \
+    case 1: PV512_R(1, HALF)        \
+    case 2: PV512_R(2, HALF)        \
+    case 3: PV512_R(3, HALF)        \
+    default: PV512_R(4, HALF)       \
+  }
+
+AVX512 static void pv_avx512(const float *const *w, int nrows, int count, const void *vpage, int hd, float *const *acc, int half) {
+  if (hd % 16 != 0) return pv_avx2(w, nrows, count, vpage, hd, acc, half);
+  for (int d0 = 0; d0 < hd; d0 += 64) {
+    const int nv = (hd - d0 < 64 ? hd - d0 : 64) / 16;
+    float *a[QROWS];
+    for (int r = 0; r < nrows; r++) a[r] = acc[r] + d0;
+    const void *v = half ? (const void *)((const uint16_t *)vpage + d0) : (const void *)((const float *)vpage + d0);
+    if (half) {
+      PV512(1)
+    } else {
+      PV512(0)
+    }
+  }
+}
+
 AVX2 static void f2h_avx2(const float *src, uint16_t *dst, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
@@ -336,6 +448,11 @@ static void choose_kernels(void) {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     kernels = (Kernels){qk_avx2, pv_avx2, softmax_avx2, h2f_avx2, f2h_avx2};
     kernel_name = "AVX2";
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && !getenv("TALLY_ATTENTION_NO_AVX512")) {
+      kernels.qk = qk_avx512;
+      kernels.pv = pv_avx512;
+      kernel_name = "AVX-512";
+    }
   }
 #endif
 }
@@ -349,11 +466,11 @@ typedef struct {
   float *out;
   const int32_t *rows;
   const int32_t *pages;
-  int B, T, nh, kvh, hd, layers, layer, totalPages;
+  int B, T, nh, kvh, hd, totalPages;
 } Job;
 
 static size_t head_base(const Job *j, int32_t page, int kind, int h) {
-  return ((((size_t)j->layer * 2 + kind) * j->kvh + h) * j->totalPages + page) * (size_t)PAGE * j->hd;
+  return (((size_t)kind * j->kvh + h) * j->totalPages + page) * (size_t)PAGE * j->hd;
 }
 
 // Writes row b's new keys and values for head h into its pages.
@@ -407,10 +524,8 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
       const char *kpage = arena + head_base(j, table[p0 / PAGE], 0, h) * esize;
       const int count = positions - p0 < PAGE ? positions - p0 : PAGE;
       const int blocks = (count + BLK - 1) / BLK;
-      for (int blk = 0; blk < blocks; blk++) {
-        for (int r = 0; r < rn; r++) srow[r] = scores + (size_t)(r0 + r) * padded + p0 + blk * BLK;
-        kernels.qk(qrow, rn, kpage + (size_t)blk * hd * BLK * esize, hd, srow, j->half);
-      }
+      for (int r = 0; r < rn; r++) srow[r] = scores + (size_t)(r0 + r) * padded + p0;
+      kernels.qk(qrow, rn, kpage, blocks, hd, srow, j->half);
     }
   }
   for (int r = 0; r < nrows; r++) {
@@ -424,12 +539,21 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
   for (int p0 = 0; p0 < positions; p0 += PAGE) {
     const char *vpage = arena + head_base(j, table[p0 / PAGE], 1, h) * esize;
     const int count = positions - p0 < PAGE ? positions - p0 : PAGE;
-    for (int r = 0; r < nrows; r++) {
-      const int t = t0 + r / group, g = r % group;
+    // A token's query heads see the same positions: they go through together, sharing each value row.
+    for (int t = t0; t < t1; t++) {
       const int own = len + t + 1 - p0; // positions of this page the token may see
       if (own <= 0) continue;
-      float *acc = j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g) * hd;
-      kernels.pv(scores + (size_t)r * padded + p0, own < count ? own : count, vpage, hd, acc, j->half);
+      for (int g0 = 0; g0 < group; g0 += QROWS) {
+        const int rn = group - g0 < QROWS ? group - g0 : QROWS;
+        const float *w[QROWS];
+        float *acc[QROWS];
+        for (int i = 0; i < rn; i++) {
+          const int r = (t - t0) * group + g0 + i;
+          w[i] = scores + (size_t)r * padded + p0;
+          acc[i] = j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g0 + i) * hd;
+        }
+        kernels.pv(w, rn, own < count ? own : count, vpage, hd, acc, j->half);
+      }
     }
   }
 }
@@ -528,21 +652,19 @@ static napi_value attend(napi_env env, napi_callback_info info) {
   j.rows = p;
   if (!typed(env, argv[6], napi_int32_array, &p, &pagesLen)) return fail(env, "pages must be an Int32Array");
   j.pages = p;
-  if (!typed(env, argv[7], napi_int32_array, &p, &dimsLen) || dimsLen != 7) return fail(env, "dims must be an Int32Array of 7");
+  if (!typed(env, argv[7], napi_int32_array, &p, &dimsLen) || dimsLen != 5) return fail(env, "dims must be an Int32Array of 5");
   const int32_t *dims = p;
   j.T = dims[0];
   j.nh = dims[1];
   j.kvh = dims[2];
   j.hd = dims[3];
-  j.layers = dims[4];
-  j.layer = dims[5];
-  j.totalPages = dims[6];
+  j.totalPages = dims[4];
   j.B = (int)(rowsLen / 3);
-  if (j.T <= 0 || j.nh <= 0 || j.kvh <= 0 || j.hd <= 0 || j.hd > 1024 || j.nh % j.kvh != 0 || j.layer < 0 || j.layer >= j.layers) return fail(env, "bad dims");
+  if (j.T <= 0 || j.nh <= 0 || j.kvh <= 0 || j.hd <= 0 || j.hd > 1024 || j.nh % j.kvh != 0) return fail(env, "bad dims");
   const size_t tokens = (size_t)j.B * j.T;
   if (qLen != tokens * j.nh * j.hd || outLen != qLen) return fail(env, "q and out must hold B * T * heads * head_dim floats");
   if (kLen != tokens * j.kvh * j.hd || vLen != kLen) return fail(env, "k and v must hold B * T * kv_heads * head_dim floats");
-  if (j.totalPages <= 0 || (size_t)j.totalPages * j.layers * 2 * j.kvh * PAGE * j.hd != arenaLen) return fail(env, "the arena must hold pages * layers * 2 * kv_heads * page positions * head_dim elements");
+  if (j.totalPages <= 0 || (size_t)j.totalPages * 2 * j.kvh * PAGE * j.hd != arenaLen) return fail(env, "the arena must hold pages * 2 * kv_heads * page positions * head_dim elements");
   for (int b = 0; b < j.B; b++) {
     const int n = j.rows[3 * b], len = j.rows[3 * b + 1], start = j.rows[3 * b + 2];
     if (n < 1 || n > j.T || len < 0 || start < 0) return fail(env, "bad row");

@@ -9,8 +9,8 @@ export type KvCacheDtype = 'float32' | 'float16';
 /**
  * Runner for Tally graphs on the CPU with attention in native code: the graph is cut at each layer's
  * attention (buildLlamaParts), and between the parts native/attention stores the new keys and values in a
- * paged cache and attends over it in place. The cache is one arena of pages of `pagePositions` positions
- * (laid out per layer and head, see attention.c); a sequence holds the pages its length needs, so nothing is ever moved or re-laid out, rows
+ * paged cache and attends over it in place. Each layer's cache is an arena of pages of `pagePositions`
+ * positions (laid out per head, see attention.c); a sequence holds the pages its length needs, so nothing is ever moved or re-laid out, rows
  * of a batch need not be neighbours, and each row reads only its own positions.
  */
 export class PagedRunner implements ModelRunner {
@@ -24,11 +24,12 @@ export class PagedRunner implements ModelRunner {
   private readonly hd: number;
   private readonly pagePositions: number;
   private readonly pageElements: number;
-  private readonly arena: Float32Array | Uint16Array;
+  /** One arena per layer (a typed array holds at most 2^32 elements; per layer they stay well below). */
+  private readonly arenas: (Float32Array | Uint16Array)[] = [];
   private readonly freePages: number[] = [];
   private readonly totalPages: number;
   private readonly seqs = new Map<number, { length: number; pages: number[] }>();
-  private readonly dims: Int32Array[] = [];
+  private readonly dims: Int32Array;
   private attnBuffer = new Float32Array(0);
 
   constructor(
@@ -51,11 +52,12 @@ export class PagedRunner implements ModelRunner {
     // Every sequence may hold one partly used page beyond the tokens the scheduler counts.
     const tokens = Math.min(options.kvTokens, options.maxSlots * options.maxModelLen);
     this.totalPages = Math.ceil(tokens / this.pagePositions) + options.maxSlots;
-    const elements = this.totalPages * this.pageElements;
     // Pages are touched (and so take memory) only once used; freed pages are reused first.
-    this.arena = options.kvDtype === 'float16' ? new Uint16Array(elements) : new Float32Array(elements);
+    const elements = this.totalPages * (this.pageElements / this.layers);
+    if (elements > 2 ** 32 - 1) throw new Error(`a KV cache of ${tokens} tokens is more than one layer's arena can hold (2^32 elements); lower --kv-cache-gb or --kv-cache-tokens`);
+    for (let l = 0; l < this.layers; l++) this.arenas.push(options.kvDtype === 'float16' ? new Uint16Array(elements) : new Float32Array(elements));
     for (let p = this.totalPages - 1; p >= 0; p--) this.freePages.push(p);
-    for (let l = 0; l < this.layers; l++) this.dims.push(Int32Array.of(1, this.nh, this.kvh, this.hd, this.layers, l, this.totalPages));
+    this.dims = Int32Array.of(1, this.nh, this.kvh, this.hd, this.totalPages);
   }
 
   kvBytes(): number {
@@ -129,7 +131,7 @@ export class PagedRunner implements ModelRunner {
       }
       logitsIndex[b] = BigInt(b * T + n - 1);
     });
-    for (const d of this.dims) d[0] = T;
+    this.dims[0] = T;
     const attnSize = B * T * this.nh * this.hd;
     if (this.attnBuffer.length < attnSize) this.attnBuffer = new Float32Array(attnSize);
     const attn = new ort.Tensor('float32', this.attnBuffer.subarray(0, attnSize), [B * T, this.nh * this.hd]);
@@ -138,7 +140,7 @@ export class PagedRunner implements ModelRunner {
     const started = performance.now();
     let out = await this.parts[0].run({ input_ids: new ort.Tensor('int64', ids, [B, T]), position_ids: positionIds });
     for (let l = 0; l < this.layers; l++) {
-      this.attention.attend(this.arena, out.q.data as Float32Array, out.k.data as Float32Array, out.v.data as Float32Array, attn.data as Float32Array, info, table, this.dims[l]);
+      this.attention.attend(this.arenas[l], out.q.data as Float32Array, out.k.data as Float32Array, out.v.data as Float32Array, attn.data as Float32Array, info, table, this.dims);
       const feeds: Record<string, ort.Tensor> = { hidden_in: out.hidden, attn };
       if (l + 1 < this.layers) {
         feeds.position_ids = positionIds;
