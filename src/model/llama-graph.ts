@@ -57,6 +57,21 @@ export class GraphBuilder {
     return name;
   }
 
+  /**
+   * Tally's logits outputs from the final-normed rows [B, H]: `logits` [B, V] in float32 and each row's
+   * largest `top_logits` / `top_ids`, largest first, ties to the lower id (as an argmax over the row): enough
+   * for greedy rows, so the full logits need not be fetched (a copy of batch × vocab floats per step).
+   */
+  logitsOutputs(normed: string, headWeight: string, vocab: number): void {
+    this.toFloat32(this.op1('Gemm', [normed, headWeight], { transB: 1 }));
+    this.nameLast('logits');
+    this.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', vocab] });
+    const k = Math.min(TOP_LOGITS, vocab);
+    this.nodes.push({ opType: 'TopK', inputs: ['logits', this.ints([k])], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
+    this.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', k] });
+    this.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', k] });
+  }
+
   /** x as float32 (a Cast in float16 graphs). */
   toFloat32(x: string): string {
     return this.dtype === DataType.FLOAT ? x : this.op1('Cast', [x], { to: DataType.FLOAT });
@@ -309,15 +324,7 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const headWeight = lmHead ? g.weight('lm_head.weight', lmHead.data, [V, H]) : embed;
   if (tally) {
     const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 }); // [B, H]
-    g.toFloat32(g.op1('Gemm', [rmsNorm(picked, finalNorm), headWeight], { transB: 1 }));
-    g.nameLast('logits');
-    g.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', V] });
-    // Largest first, ties to the lower id (as an argmax over the row): enough for greedy rows, so the
-    // full logits need not be fetched (a copy of batch × vocab floats per step).
-    const k = Math.min(TOP_LOGITS, V);
-    g.nodes.push({ opType: 'TopK', inputs: ['logits', g.ints([k])], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
-    g.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', k] });
-    g.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', k] });
+    g.logitsOutputs(rmsNorm(picked, finalNorm), headWeight, V);
     g.op1('Concat', newKv, { axis: 0 });
     g.nameLast('new_kv');
     g.outputs.push({ name: 'new_kv', type: dt, dims: [2 * L, 'batch', kvh, 'new', hd] });

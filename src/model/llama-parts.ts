@@ -1,5 +1,5 @@
 import { DataType, type ModelSpec, type TensorSpec } from './onnx-proto.ts';
-import { GraphBuilder, TALLY_GRAPH_VERSION, TOP_LOGITS } from './llama-graph.ts';
+import { GraphBuilder, TALLY_GRAPH_VERSION } from './llama-graph.ts';
 import { type LlamaConfig, headDim } from './types.ts';
 
 /**
@@ -75,13 +75,7 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
       g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
       const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 });
       const head = tensors.get('lm_head.weight') ?? get('model.embed_tokens.weight');
-      g.toFloat32(g.op1('Gemm', [rmsNorm(picked, 'model.norm.weight'), g.tensor(head)], { transB: 1 }));
-      g.nameLast('logits');
-      g.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', V] });
-      const k = Math.min(TOP_LOGITS, V);
-      g.nodes.push({ opType: 'TopK', inputs: ['logits', g.ints([k])], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
-      g.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', k] });
-      g.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', k] });
+      g.logitsOutputs(rmsNorm(picked, 'model.norm.weight'), g.tensor(head), V);
     }
     parts.push({
       graphName: `${config.model_type}-tally-part${part}`,

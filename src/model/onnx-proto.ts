@@ -286,6 +286,18 @@ function readFields(buf: Uint8Array, visit: (field: number, wire: number, value:
   }
 }
 
+/** A StringStringEntryProto: [key, value]. */
+function readEntry(entry: Uint8Array): [string, string] {
+  const text = new TextDecoder();
+  let key = '';
+  let value = '';
+  readFields(entry, (f, _w, v) => {
+    if (f === 1) key = text.decode(v as Uint8Array);
+    if (f === 2) value = text.decode(v as Uint8Array);
+  });
+  return [key, value];
+}
+
 /**
  * The initializers of a serialised model: name, type, dims and either inline bytes or where in an
  * external data file they are (those bytes are not read).
@@ -312,12 +324,7 @@ export function readInitializers(model: Uint8Array): Map<string, TensorSpec> {
         else if (f === 8) spec.name = text.decode(v as Uint8Array);
         else if (f === 9) spec.raw = v as Uint8Array;
         else if (f === 13) {
-          let key = '';
-          let value = '';
-          readFields(v as Uint8Array, (kf, _w, kv) => {
-            if (kf === 1) key = text.decode(kv as Uint8Array);
-            if (kf === 2) value = text.decode(kv as Uint8Array);
-          });
+          const [key, value] = readEntry(v as Uint8Array);
           ext[key] = value;
         }
       });
@@ -331,15 +338,9 @@ export function readInitializers(model: Uint8Array): Map<string, TensorSpec> {
 /** A serialised model's metadata_props. */
 export function readModelMetadata(model: Uint8Array): Record<string, string> {
   const out: Record<string, string> = {};
-  const text = new TextDecoder();
   readFields(model, (field, wire, entry) => {
     if (field !== 14 || wire !== 2) return;
-    let key = '';
-    let value = '';
-    readFields(entry as Uint8Array, (f, _w, v) => {
-      if (f === 1) key = text.decode(v as Uint8Array);
-      if (f === 2) value = text.decode(v as Uint8Array);
-    });
+    const [key, value] = readEntry(entry as Uint8Array);
     out[key] = value;
   });
   return out;
