@@ -417,7 +417,81 @@ INLINE_AVX512 void pv512(const float *const *w, int count, const void *v, int st
     default: PV512_R(4, HALF)       \
   }
 
+// head_dim 8: two positions per 16-wide vector (lanes 0-7 position p, 8-15 position p + 1), each row's
+// weights spread to match by a permute; the value rows are loaded once for all R rows.
+INLINE_AVX512 void pv512_hd8(const float *const *w, int count, const void *v, float *const *acc, const int R, const int HALF) {
+  __m512 a[QROWS], b[QROWS];
+  for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+  const __m512i pair[2] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
+  int p = 0;
+  for (; p + 4 <= count; p += 4) {
+    const __m512 x0 = load16(v, (size_t)p * 8, HALF), x1 = load16(v, (size_t)p * 8 + 16, HALF);
+    for (int r = 0; r < R; r++) {
+      const __m512 wq = _mm512_castps128_ps512(_mm_loadu_ps(w[r] + p));
+      a[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair[0], wq), x0, a[r]);
+      b[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair[1], wq), x1, b[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const __m512 s = _mm512_add_ps(a[r], b[r]);
+    __m256 out = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    for (int q = p; q < count; q++) out = _mm256_fmadd_ps(_mm256_set1_ps(w[r][q]), HALF ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v + (size_t)q * 8))) : _mm256_loadu_ps((const float *)v + (size_t)q * 8), out);
+    _mm256_storeu_ps(acc[r], _mm256_add_ps(_mm256_loadu_ps(acc[r]), out));
+  }
+}
+
+#define PV512_HD8(HALF)                                         \
+  switch (nrows) {                                              \
+    case 1: return pv512_hd8(w, count, vpage, acc, 1, HALF);    \
+    case 2: return pv512_hd8(w, count, vpage, acc, 2, HALF);    \
+    case 3: return pv512_hd8(w, count, vpage, acc, 3, HALF);    \
+    default: return pv512_hd8(w, count, vpage, acc, 4, HALF);   \
+  }
+
+// exp(x) for x <= 0, as exp_avx2, 16 lanes.
+INLINE_AVX512 __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+AVX512 static void softmax_avx512(float *s, int m) {
+  const int full = m & ~15;
+  const __mmask16 tail = (__mmask16)((1u << (m - full)) - 1);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int i = 0; i < full; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
+  if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, s + full));
+  const __m512 bmax = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int i = 0; i < full; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), bmax));
+    _mm512_storeu_ps(s + i, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (tail) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), bmax));
+    _mm512_mask_storeu_ps(s + full, tail, e);
+    vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  for (int i = 0; i < full; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
+  if (tail) _mm512_mask_storeu_ps(s + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + full), inv));
+}
+
 AVX512 static void pv_avx512(const float *const *w, int nrows, int count, const void *vpage, int hd, float *const *acc, int half) {
+  if (hd == 8) {
+    if (half) PV512_HD8(1)
+    PV512_HD8(0)
+  }
   if (hd % 16 != 0) return pv_avx2(w, nrows, count, vpage, hd, acc, half);
   for (int d0 = 0; d0 < hd; d0 += 64) {
     const int nv = (hd - d0 < 64 ? hd - d0 : 64) / 16;
@@ -451,6 +525,7 @@ static void choose_kernels(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && !getenv("TALLY_ATTENTION_NO_AVX512")) {
       kernels.qk = qk_avx512;
       kernels.pv = pv_avx512;
+      kernels.softmax = softmax_avx512;
       kernel_name = "AVX-512";
     }
   }
@@ -595,6 +670,11 @@ static void run_layer(const Job *j) {
   // Waking a second thread costs more than a small layer's attention.
 #pragma omp parallel if (work > 2e5)
   {
+#if defined(__x86_64__)
+    // Weights of far-off positions underflow: denormal arithmetic costs ~100 cycles per instruction.
+    const unsigned int mxcsr = _mm_getcsr();
+    _mm_setcsr(mxcsr | 0x8040); // flush to zero, denormals are zero
+#endif
 #pragma omp for schedule(static)
     for (int i = 0; i < items; i++) store_new(j, i / j->kvh, i % j->kvh);
     float *scratch = malloc(scratchFloats * sizeof(float));
@@ -607,6 +687,9 @@ static void run_layer(const Job *j) {
       attend_chunk(j, b, h, t0, t1, scratch);
     }
     free(scratch);
+#if defined(__x86_64__)
+    _mm_setcsr(mxcsr);
+#endif
   }
   free(itemRow);
   free(itemChunk);
