@@ -56,7 +56,8 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --device cpu|cuda[:N]|auto   default cpu
   --devices LIST               one engine worker per device, e.g. 0,1 (with --device cuda) or cpu,cpu;
                                requests go to the worker with the fewest outstanding tokens
-  --threads N                  ONNX Runtime intra-op threads per worker (default: all cores)
+  --threads N                  intra-op threads per worker, ONNX Runtime's and native attention's (default:
+                               one per core; one for models under ~5 MFLOP per token, such as stories260K)
   --spin-wait                  let those threads busy-wait for work between operators (ONNX Runtime's
                                default; Tally's is off: spinning threads take cores from its own threads)
   --max-num-seqs N             sequences decoded together (default 64)

@@ -6,12 +6,14 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import { createRunner } from '../src/engine/session.ts';
+import os from 'node:os';
+import { createRunner, defaultThreads } from '../src/engine/session.ts';
 import { ATTENTION_ADDON_PATH, loadAttentionAddon } from '../src/engine/native-attention.ts';
 import { createEngine } from '../src/engine/engine.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
 import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
-import { randomLike, storiesModel } from './helpers/models.ts';
+import path from 'node:path';
+import { SHARED_MODELS, randomLike, storiesModel } from './helpers/models.ts';
 
 beforeAll(() => {
   if (!fs.existsSync(ATTENTION_ADDON_PATH)) {
@@ -71,8 +73,8 @@ describe('native attention over the paged cache', () => {
     });
   }
 
-  it('with a float16 cache: half the bytes, logits close to the float32 ones (and not identical)', async () => {
-    const dir = randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 2, hidden_size: 96, intermediate_size: 128, num_attention_heads: 6, num_key_value_heads: 2, head_dim: 16 });
+  it.each(layouts.slice(0, 2))('with a float16 cache: half the bytes, logits close to the float32 ones (and not identical): %s', async (_name, model) => {
+    const dir = model();
     const { native, graph, vocab } = await runners(dir, 'float16');
     const fp32 = (await runners(dir)).native;
     expect(native.kvElementBytes).toBe(2);
@@ -132,7 +134,14 @@ describe('native attention over the paged cache', () => {
     const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
     const byDefault = await createEngine(base, () => {}, () => {});
     expect(byDefault.info.runner).toBe('paged');
+    // stories260K is far below SMALL_MODEL_FLOPS_PER_TOKEN: one intra-op thread unless --threads says otherwise.
+    expect(byDefault.info.threads).toBe(1);
     await byDefault.release();
+    const twoThreads = await createEngine({ ...base, threads: 2 }, () => {}, () => {});
+    expect(twoThreads.info.threads).toBe(2);
+    await twoThreads.release();
+    const smol = JSON.parse(fs.readFileSync(path.join(SHARED_MODELS, 'SmolLM2-135M-Instruct', 'config.json'), 'utf8'));
+    expect(defaultThreads(smol)).toBe(os.availableParallelism());
     const inGraph = await createEngine({ ...base, attention: 'onnx' }, () => {}, () => {});
     expect(inGraph.info.runner).toBe('tally');
     await inGraph.release();

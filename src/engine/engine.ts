@@ -12,6 +12,8 @@ export interface EngineInfo {
   device: string;
   deviceNote?: string;
   runner: 'tally' | 'plain' | 'paged';
+  /** Intra-op threads on the CPU. */
+  threads: number;
   limits: SchedulerLimits;
   eosIds: number[];
   vocabSize: number;
@@ -33,7 +35,7 @@ export async function createEngine(
   const folder = loadModelFolder(options.modelDir);
   const tokenizer = TextTokenizer.load(folder.dir);
   const checked = resolveLimits(folder, options);
-  const { runner, device, note } = await createRunner(folder, {
+  const { runner, device, threads, note } = await createRunner(folder, {
     device: options.device,
     threads: options.threads,
     spinWait: options.spinWait,
@@ -51,7 +53,7 @@ export async function createEngine(
   return {
     scheduler,
     tokenizer,
-    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, limits, eosIds, vocabSize: runner.vocabSize },
+    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, limits, eosIds, vocabSize: runner.vocabSize },
     release: () => runner.release(),
   };
 }
