@@ -32,24 +32,26 @@ async function storiesSweep() {
   const { dir } = resolveModel('stories260K', (m) => console.log(m));
   const server = await startServerProcess(dir, ['--served-model-name', 'stories260K']);
   const levels = quick ? [1, 32] : [1, 4, 16, 32, 64];
-  // HTTP and the engine loop alternate in rounds (this machine's speed drifts); medians are compared.
+  // This machine's speed drifts: each round runs every level, HTTP then the engine loop, and medians are compared.
   const rounds = quick ? 1 : 3;
   const median = (x: number[]) => [...x].sort((a, z) => a - z)[Math.floor(x.length / 2)];
-  const rows: { c: number; http: number; engine: number; rounds: string }[] = [];
-  for (const c of levels) {
-    const body = (i: number) => ({ model: 'stories260K', prompt: prompt16(i), max_tokens: 256, ignore_eos: true, temperature: 0 });
-    await streamLoad(server.url, body, Math.min(c, 4), Math.min(c, 4)); // warm-up
-    const requests = Math.max(c * 2, 8);
-    const http: number[] = [];
-    const engine: number[] = [];
-    for (let r = 0; r < rounds; r++) {
+  const body = (i: number) => ({ model: 'stories260K', prompt: prompt16(i), max_tokens: 256, ignore_eos: true, temperature: 0 });
+  await streamLoad(server.url, body, 4, 4); // warm-up
+  const http = new Map<number, number[]>(levels.map((c) => [c, []]));
+  const engine = new Map<number, number[]>(levels.map((c) => [c, []]));
+  for (let r = 0; r < rounds; r++) {
+    for (const c of levels) {
+      const requests = Math.max(c * 2, 8);
       const httpResult = await streamLoad(server.url, body, c, requests);
       if (httpResult.errors) throw new Error(`${httpResult.errors} HTTP errors at concurrency ${c}`);
-      http.push(httpResult.tokensPerSecond);
-      engine.push((await engineLoop(engineOptions(dir), prompt16, c, requests, 256)).tokensPerSecond);
+      http.get(c)!.push(httpResult.tokensPerSecond);
+      engine.get(c)!.push((await engineLoop(engineOptions(dir), prompt16, c, requests, 256)).tokensPerSecond);
     }
-    rows.push({ c, http: median(http), engine: median(engine), rounds: http.map((h, i) => `${h.toFixed(0)}/${engine[i].toFixed(0)}`).join(' ') });
   }
+  const rows = levels.map((c) => {
+    const [h, e] = [http.get(c)!, engine.get(c)!];
+    return { c, http: median(h), engine: median(e), rounds: h.map((x, i) => `${x.toFixed(0)}/${e[i].toFixed(0)}`).join(' ') };
+  });
   await server.stop();
   console.log(`\n1-2. stories260K, 16-token prompts, 256 generated tokens (ignore_eos), streaming; medians of ${rounds} alternating rounds`);
   console.log('concurrency | HTTP tok/s | engine loop tok/s | HTTP / engine | HTTP vs c=1 | rounds (HTTP/engine tok/s)');
@@ -75,8 +77,8 @@ function parameterCount(c: LlamaConfig): number {
   return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) + c.hidden_size;
 }
 
-/** ONNX Runtime's fp32 MatMul rate at batch `b` over exactly the model's linear weights. */
-export async function matmulRate(c: LlamaConfig, b: number): Promise<number> {
+/** ONNX Runtime's fp32 MatMuls at batch `b` over exactly the model's linear weights: `time()` runs them once. */
+export async function matmulProbe(c: LlamaConfig, b: number): Promise<{ flops: number; time: () => Promise<number>; release: () => Promise<void> }> {
   const hd = headDim(c);
   const H = c.hidden_size;
   const shapes: [number, number][] = [];
@@ -107,49 +109,66 @@ export async function matmulRate(c: LlamaConfig, b: number): Promise<number> {
   const session = await ort.InferenceSession.create(model, { graphOptimizationLevel: 'all', interOpNumThreads: 1, executionMode: 'sequential' });
   const feeds = Object.fromEntries(inputs.map((k) => [`x${k}`, new ort.Tensor('float32', new Float32Array(b * k).map(() => rand()), [b, k])]));
   for (let i = 0; i < 3; i++) await session.run(feeds); // first runs fault in the weights
-  const times: number[] = [];
-  for (let i = 0; i < (quick ? 5 : 12); i++) {
+  const time = async () => {
     const t = performance.now();
     await session.run(feeds);
-    times.push((performance.now() - t) / 1000);
-  }
-  await session.release();
-  times.sort((a, z) => a - z);
-  return flops / times[Math.floor(times.length / 2)];
+    return (performance.now() - t) / 1000;
+  };
+  return { flops, time, release: () => session.release() };
 }
 
-/** Decode-only throughput: decode tokens over the wall time of steps that ran no prefill. */
-async function decodeRate(modelDir: string, concurrency: number, promptLen: number, newTokens: number, extra: Partial<EngineOptions> = {}): Promise<number> {
-  let tokens = 0;
-  let seconds = 0;
-  let done = 0;
-  let finish!: () => void;
-  const finished = new Promise<void>((r) => (finish = r));
-  const engine = await createEngine(
-    { ...engineOptions(modelDir), maxNumBatchedTokens: 4096, ...extra },
-    (events) => {
-      for (const e of events) {
-        if (e.finish === 'error') throw new Error(e.error);
-        if (e.finish && ++done === concurrency) finish();
-      }
-    },
-    (r) => {
-      if (r.prefillTokens === 0 && r.decodeTokens === concurrency) {
-        tokens += r.decodeTokens;
-        seconds += (r.endMs - r.startMs) / 1000;
-      }
-    },
-  );
-  const loop = engine.scheduler.run();
-  for (let i = 0; i < concurrency; i++) {
-    const promptIds = [1, ...Array.from({ length: promptLen - 1 }, (_, j) => 2 + ((i * 131 + j * 7) % 40000))];
-    engine.scheduler.submit({ id: String(i), promptIds, maxTokens: newTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY });
+/**
+ * Decode-only throughput at two prompt lengths, measured over the same minutes: two engines whose steps this
+ * loop takes in turns, so drift in this machine's speed falls on both alike. The short-context requests start
+ * once the long ones are decoding; only steps that decode every sequence and prefill nothing count (decode
+ * tokens over their wall time). `between` runs after each turn while the short ones decode.
+ */
+async function pairedDecodeRates(
+  modelDir: string,
+  concurrency: number,
+  promptLens: [number, number],
+  newTokens: number,
+  extra: Partial<EngineOptions> = {},
+  between?: () => Promise<void>,
+): Promise<[number, number]> {
+  const engines: Awaited<ReturnType<typeof createEngine>>[] = [];
+  const tokens = [0, 0];
+  const seconds = [0, 0];
+  const done = [0, 0];
+  for (const k of [0, 1]) {
+    engines.push(
+      await createEngine(
+        { ...engineOptions(modelDir), maxNumBatchedTokens: 4096, ...extra },
+        (events) => {
+          for (const e of events) {
+            if (e.finish === 'error') throw new Error(e.error);
+            if (e.finish) done[k]++;
+          }
+        },
+        (r) => {
+          if (r.prefillTokens === 0 && r.decodeTokens === concurrency) {
+            tokens[k] += r.decodeTokens;
+            seconds[k] += (r.endMs - r.startMs) / 1000;
+          }
+        },
+      ),
+    );
   }
-  await finished;
-  engine.scheduler.stop();
-  await loop;
-  await engine.release();
-  return tokens / seconds;
+  const submit = (k: number) => {
+    for (let i = 0; i < concurrency; i++) {
+      const promptIds = [1, ...Array.from({ length: promptLens[k] - 1 }, (_, j) => 2 + ((i * 131 + j * 7) % 40000))];
+      engines[k].scheduler.submit({ id: String(i), promptIds, maxTokens: newTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY });
+    }
+  };
+  submit(1);
+  while (tokens[1] === 0) await engines[1].scheduler.step();
+  submit(0);
+  while (done[0] < concurrency || done[1] < concurrency) {
+    for (const k of [0, 1]) if (done[k] < concurrency) await engines[k].scheduler.step();
+    if (between && tokens[0] > 0 && done[0] < concurrency) await between();
+  }
+  for (const e of engines) await e.release();
+  return [tokens[0] / seconds[0], tokens[1] / seconds[1]];
 }
 
 async function smolBench() {
@@ -161,28 +180,38 @@ async function smolBench() {
   // This machine's speed drifts by tens of percent over minutes, so each ratio's two sides are measured
   // back to back, in alternating rounds, and the medians compared.
   const rounds = quick ? 1 : 3;
+  const median = (x: number[]) => [...x].sort((a, z) => a - z)[Math.floor(x.length / 2)];
   const rates: number[] = [];
   const shorts: number[] = [];
   const longs: number[] = [];
   const halfShorts: number[] = [];
   const halfLongs: number[] = [];
   const half = { kvCacheDtype: 'float16' as const };
+  const probe = await matmulProbe(config, batch);
   for (let r = 0; r < rounds; r++) {
-    rates.push(await matmulRate(config, batch));
-    shorts.push(await decodeRate(dir, batch, 128, newTokens));
-    longs.push(await decodeRate(dir, batch, 1024, newTokens));
-    halfShorts.push(await decodeRate(dir, batch, 128, newTokens, half));
-    halfLongs.push(await decodeRate(dir, batch, 1024, newTokens, half));
+    // The MatMul rate is sampled between the decode steps it is compared with.
+    const times: number[] = [];
+    const [short, long] = await pairedDecodeRates(dir, batch, [128, 1024], newTokens, {}, async () => void times.push(await probe.time()));
+    rates.push(probe.flops / median(times));
+    shorts.push(short);
+    longs.push(long);
+    const [halfShort, halfLong] = await pairedDecodeRates(dir, batch, [128, 1024], newTokens, half);
+    halfShorts.push(halfShort);
+    halfLongs.push(halfLong);
   }
-  const median = (x: number[]) => [...x].sort((a, z) => a - z)[Math.floor(x.length / 2)];
+  await probe.release();
   const [rate, short, long] = [median(rates), median(shorts), median(longs)];
   const list = (x: number[], unit: (v: number) => string) => (x.length > 1 ? ` (rounds: ${x.map(unit).join(', ')})` : '');
-  console.log(`\n3-4. SmolLM2-135M shape (random weights, ${(params / 1e6).toFixed(1)} M parameters), concurrency ${batch}, decode steps only, medians of ${rounds} alternating rounds`);
+  console.log(`\n3-4. SmolLM2-135M shape (random weights, ${(params / 1e6).toFixed(1)} M parameters), concurrency ${batch}, decode steps only, medians of ${rounds} rounds;`);
+  console.log('    in each round a 128-token and a 1024-token engine take turns step by step, and the MatMuls run between the turns');
   console.log(`ONNX Runtime fp32 MatMul rate at batch ${batch} over the model's linear weights: ${(rate / 1e9).toFixed(1)} GFLOP/s${list(rates, (v) => (v / 1e9).toFixed(1))}`);
   console.log(`decode at 128-token contexts:  ${short.toFixed(1)} tok/s = ${((short * 2 * params) / 1e9).toFixed(1)} GFLOP/s${list(shorts, (v) => v.toFixed(1))}`);
   console.log(`decode at 1024-token contexts: ${long.toFixed(1)} tok/s = ${((long * 2 * params) / 1e9).toFixed(1)} GFLOP/s${list(longs, (v) => v.toFixed(1))}`);
-  console.log(`bar 3: decode FLOP rate / MatMul rate = ${((short * 2 * params) / rate).toFixed(3)} (≥ 0.5)   bar 4: 1024-token / 128-token = ${(long / short).toFixed(3)} (≥ 0.65)`);
-  console.log(`with --kv-cache-dtype fp16 (half the cache bytes): 128-token ${median(halfShorts).toFixed(1)} tok/s${list(halfShorts, (v) => v.toFixed(1))}, 1024-token ${median(halfLongs).toFixed(1)} tok/s${list(halfLongs, (v) => v.toFixed(1))}, 1024 / 128 = ${(median(halfLongs) / median(halfShorts)).toFixed(3)}`);
+  // Each round's two contexts ran side by side: bar 4 is the median of the rounds' ratios.
+  const ratios = longs.map((l, i) => l / shorts[i]);
+  const halfRatios = halfLongs.map((l, i) => l / halfShorts[i]);
+  console.log(`bar 3: decode FLOP rate / MatMul rate = ${((short * 2 * params) / rate).toFixed(3)} (≥ 0.5)   bar 4: 1024-token / 128-token = ${median(ratios).toFixed(3)} (≥ 0.65)${list(ratios, (v) => v.toFixed(3))}`);
+  console.log(`with --kv-cache-dtype fp16 (half the cache bytes): 128-token ${median(halfShorts).toFixed(1)} tok/s${list(halfShorts, (v) => v.toFixed(1))}, 1024-token ${median(halfLongs).toFixed(1)} tok/s${list(halfLongs, (v) => v.toFixed(1))}, 1024 / 128 = ${median(halfRatios).toFixed(3)}${list(halfRatios, (v) => v.toFixed(3))}`);
 
   // Bar 2's comparison on this model: HTTP overhead is per token, so it shrinks as the model grows.
   const server = await startServerProcess(dir, ['--served-model-name', 'smol']);
@@ -201,5 +230,7 @@ if (!only || only === 'stories') await storiesSweep();
 if (!only || only === 'smol') await smolBench();
 if (only === 'matmul') {
   const config = loadModelFolder(smolModel()).config;
-  for (let i = 0; i < 4; i++) console.log(`MatMul rate at batch 32: ${((await matmulRate(config, 32)) / 1e9).toFixed(1)} GFLOP/s`);
+  const probe = await matmulProbe(config, 32);
+  for (let i = 0; i < 12; i++) console.log(`MatMul rate at batch 32: ${(probe.flops / (await probe.time()) / 1e9).toFixed(1)} GFLOP/s`);
+  await probe.release();
 }

@@ -223,7 +223,8 @@ export class Scheduler {
     };
   }
 
-  private async step(): Promise<void> {
+  /** One iteration: admit, decode every running sequence, prefill a chunk. run() calls it in a loop; a benchmark may drive it itself. */
+  async step(): Promise<void> {
     const startMs = performance.now();
     const events: RequestEvent[] = [];
     for (const s of [...this.running]) {
