@@ -122,12 +122,19 @@ describe('native attention over the paged cache', () => {
     const f = (n: number) => new Float32Array(n);
     const dims = Int32Array.of(1, 2, 1, 8, 1);
     const arena = f(1 * 2 * 1 * 64 * 8);
-    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).not.toThrow();
-    expect(() => a.attend(arena, f(15), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).toThrow(/q and out/);
-    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 70, 0), Int32Array.of(0), dims)).toThrow(/page list is shorter/);
-    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(3), dims)).toThrow(/outside the arena/);
-    expect(() => a.attend(f(10), f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), dims)).toThrow(/arena must hold/);
-    expect(() => a.attend(arena, f(16), f(8), f(8), f(16), Int32Array.of(1, 0, 0), Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1))).toThrow(/bad dims/);
+    // One token: 2 query heads and 1 KV head of head_dim 8 → qkv holds (2 + 2) * 8 floats; rotary tables for 128 positions.
+    const [cos, sin] = [f(128 * 4), f(128 * 4)];
+    const one = Int32Array.of(1, 0, 0);
+    expect(() => a.attend(arena, f(32), f(16), one, Int32Array.of(0), dims, cos, sin)).not.toThrow();
+    expect(() => a.attend(arena, f(31), f(16), one, Int32Array.of(0), dims, cos, sin)).toThrow(/qkv must hold/);
+    expect(() => a.attend(arena, f(32), f(15), one, Int32Array.of(0), dims, cos, sin)).toThrow(/out must hold/);
+    expect(() => a.attend(arena, f(32), f(16), Int32Array.of(1, 70, 0), Int32Array.of(0), dims, cos, sin)).toThrow(/page list is shorter/);
+    expect(() => a.attend(arena, f(32), f(16), Int32Array.of(1, 127, 0), Int32Array.of(0, 0), dims, cos, sin)).not.toThrow();
+    expect(() => a.attend(arena, f(32), f(16), Int32Array.of(1, 128, 0), Int32Array.of(0, 0, 0), dims, cos, sin)).toThrow(/past the rotary tables/);
+    expect(() => a.attend(arena, f(32), f(16), one, Int32Array.of(3), dims, cos, sin)).toThrow(/outside the arena/);
+    expect(() => a.attend(f(10), f(32), f(16), one, Int32Array.of(0), dims, cos, sin)).toThrow(/arena must hold/);
+    expect(() => a.attend(arena, f(32), f(16), one, Int32Array.of(0), dims, cos, f(10))).toThrow(/cos and sin/);
+    expect(() => a.attend(arena, f(32), f(16), one, Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1), cos, sin)).toThrow(/bad dims/);
   });
 
   it('the engine takes native attention on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {

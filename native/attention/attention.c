@@ -7,12 +7,15 @@
 // for BLK positions are BLK-wide multiply-adds without horizontal sums; V is [PAGE][hd].
 // Elements are float32 or float16 (the arena's type); arithmetic is float32.
 //
-// attend(arena, q, k, v, out, rows, pages, dims) for one layer (`arena` is that layer's):
-//   q, out [B * T, heads * hd] float32 (q already scaled by 1/sqrt(hd)); k, v [B * T, kvh * hd] float32;
+// attend(arena, qkv, out, rows, pages, dims, cos, sin) for one layer (`arena` is that layer's):
+//   qkv [B * T, (heads + 2 * kvh) * hd] float32: each token's q, k and v as the projection gives them (no RoPE);
+//   out [B * T, heads * hd] float32;
 //   rows Int32Array [B * 3]: new tokens n, cached length len, start of the row's page list in `pages`;
-//   dims Int32Array [T, heads, kvh, hd, pages].
-// Row b's new keys and values go to positions len … len + n - 1, then each new token attends to every
-// position up to its own. Tokens t >= n of a row (padding) get zeros.
+//   dims Int32Array [T, heads, kvh, hd, pages];
+//   cos, sin [max positions, hd / 2] float32: rotary tables (rotate-half, as ONNX Runtime's RotaryEmbedding
+//   with interleaved = 0).
+// Row b's new keys (rotated) and values go to positions len … len + n - 1, then each new token's rotated query,
+// scaled by 1/sqrt(hd), attends to every position up to its own. Tokens t >= n of a row (padding) get zeros.
 #include <node_api.h>
 #include <math.h>
 #include <stdint.h>
@@ -537,12 +540,29 @@ static void choose_kernels(void) {
 typedef struct {
   void *arena;
   int half;
-  const float *q, *k, *v;
+  const float *qkv;
+  const float *cos, *sin;
   float *out;
   const int32_t *rows;
   const int32_t *pages;
   int B, T, nh, kvh, hd, totalPages;
 } Job;
+
+// Token (b, t)'s projections: q heads, then k heads, then v heads.
+static const float *qkv_row(const Job *j, int b, int t) {
+  return j->qkv + (size_t)(b * j->T + t) * (j->nh + 2 * j->kvh) * j->hd;
+}
+
+// dst = x rotated to position pos (rotate-half: pairs (i, i + hd/2)), times scale.
+static void rope(const Job *j, const float *x, int pos, float scale, float *dst) {
+  const int half = j->hd / 2;
+  const float *c = j->cos + (size_t)pos * half, *sn = j->sin + (size_t)pos * half;
+  for (int i = 0; i < half; i++) {
+    const float a = x[i], b = x[i + half];
+    dst[i] = (a * c[i] - b * sn[i]) * scale;
+    dst[i + half] = (b * c[i] + a * sn[i]) * scale;
+  }
+}
 
 static size_t head_base(const Job *j, int32_t page, int kind, int h) {
   return (((size_t)kind * j->kvh + h) * j->totalPages + page) * (size_t)PAGE * j->hd;
@@ -554,12 +574,14 @@ static void store_new(const Job *j, int b, int h) {
   const int32_t *table = j->pages + j->rows[3 * b + 2];
   const int hd = j->hd;
   uint16_t halfRow[1024];
+  float krow[1024];
   for (int t = 0; t < n; t++) {
     const int pos = len + t;
     const int32_t page = table[pos / PAGE];
     const int off = pos % PAGE;
-    const float *krow = j->k + ((size_t)(b * j->T + t) * j->kvh + h) * hd;
-    const float *vrow = j->v + ((size_t)(b * j->T + t) * j->kvh + h) * hd;
+    const float *row = qkv_row(j, b, t);
+    rope(j, row + (size_t)(j->nh + h) * hd, pos, 1.0f, krow);
+    const float *vrow = row + (size_t)(j->nh + j->kvh + h) * hd;
     const size_t kAt = head_base(j, page, 0, h) + (size_t)(off / BLK) * hd * BLK + off % BLK;
     const size_t vAt = head_base(j, page, 1, h) + (size_t)off * hd;
     if (j->half) {
@@ -586,15 +608,18 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
   const size_t esize = j->half ? 2 : 4;
   const char *arena = j->arena;
   float *scores = scratch; // [nrows][padded]
+  float *queries = scratch + (size_t)nrows * padded; // [nrows][hd], rotated and scaled
+  const float scale = 1.0f / sqrtf((float)hd);
+  for (int r = 0; r < nrows; r++) {
+    const int t = t0 + r / group, g = r % group;
+    rope(j, qkv_row(j, b, t) + (size_t)(h * group + g) * hd, len + t, scale, queries + (size_t)r * hd);
+  }
   const float *qrow[QROWS];
   float *srow[QROWS];
 
   for (int r0 = 0; r0 < nrows; r0 += QROWS) {
     const int rn = nrows - r0 < QROWS ? nrows - r0 : QROWS;
-    for (int r = 0; r < rn; r++) {
-      const int t = t0 + (r0 + r) / group, g = (r0 + r) % group;
-      qrow[r] = j->q + ((size_t)(b * j->T + t) * j->nh + h * group + g) * hd;
-    }
+    for (int r = 0; r < rn; r++) qrow[r] = queries + (size_t)(r0 + r) * hd;
     for (int p0 = 0; p0 < positions; p0 += PAGE) {
       const char *kpage = arena + head_base(j, table[p0 / PAGE], 0, h) * esize;
       const int count = positions - p0 < PAGE ? positions - p0 : PAGE;
@@ -650,7 +675,7 @@ static void run_layer(const Job *j) {
   }
   const int group = j->nh / j->kvh;
   const size_t padded = (size_t)(maxPositions + BLK - 1) / BLK * BLK;
-  const size_t scratchFloats = (size_t)QCHUNK * group * padded + 64;
+  const size_t scratchFloats = (size_t)QCHUNK * group * (padded + j->hd) + 64;
   // Work items: (row, head, chunk of QCHUNK new tokens); a row's writes come before any of its reads.
   int *itemRow = malloc(sizeof(int) * (size_t)chunkTotal * j->kvh);
   int *itemChunk = malloc(sizeof(int) * (size_t)chunkTotal * j->kvh);
@@ -716,41 +741,45 @@ static napi_value attend(napi_env env, napi_callback_info info) {
   size_t argc = 8;
   napi_value argv[8];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc != 8) return fail(env, "attend(arena, q, k, v, out, rows, pages, dims) takes 8 arguments");
+  if (argc != 8) return fail(env, "attend(arena, qkv, out, rows, pages, dims, cos, sin) takes 8 arguments");
   Job j;
   void *p;
-  size_t arenaLen, qLen, kLen, vLen, outLen, rowsLen, pagesLen, dimsLen;
+  size_t arenaLen, qkvLen, outLen, rowsLen, pagesLen, dimsLen, cosLen, sinLen;
   if (typed(env, argv[0], napi_float32_array, &j.arena, &arenaLen)) j.half = 0;
   else if (typed(env, argv[0], napi_uint16_array, &j.arena, &arenaLen)) j.half = 1;
   else return fail(env, "arena must be a Float32Array or a Uint16Array (float16)");
-  if (!typed(env, argv[1], napi_float32_array, &p, &qLen)) return fail(env, "q must be a Float32Array");
-  j.q = p;
-  if (!typed(env, argv[2], napi_float32_array, &p, &kLen)) return fail(env, "k must be a Float32Array");
-  j.k = p;
-  if (!typed(env, argv[3], napi_float32_array, &p, &vLen)) return fail(env, "v must be a Float32Array");
-  j.v = p;
-  if (!typed(env, argv[4], napi_float32_array, &p, &outLen)) return fail(env, "out must be a Float32Array");
+  if (!typed(env, argv[1], napi_float32_array, &p, &qkvLen)) return fail(env, "qkv must be a Float32Array");
+  j.qkv = p;
+  if (!typed(env, argv[2], napi_float32_array, &p, &outLen)) return fail(env, "out must be a Float32Array");
   j.out = p;
-  if (!typed(env, argv[5], napi_int32_array, &p, &rowsLen)) return fail(env, "rows must be an Int32Array");
+  if (!typed(env, argv[3], napi_int32_array, &p, &rowsLen)) return fail(env, "rows must be an Int32Array");
   j.rows = p;
-  if (!typed(env, argv[6], napi_int32_array, &p, &pagesLen)) return fail(env, "pages must be an Int32Array");
+  if (!typed(env, argv[4], napi_int32_array, &p, &pagesLen)) return fail(env, "pages must be an Int32Array");
   j.pages = p;
-  if (!typed(env, argv[7], napi_int32_array, &p, &dimsLen) || dimsLen != 5) return fail(env, "dims must be an Int32Array of 5");
-  const int32_t *dims = p;
+  if (!typed(env, argv[5], napi_int32_array, &p, &dimsLen) || dimsLen != 5) return fail(env, "dims must be an Int32Array of 5");
+  const int32_t *dimsData = p;
+  if (!typed(env, argv[6], napi_float32_array, &p, &cosLen)) return fail(env, "cos must be a Float32Array");
+  j.cos = p;
+  if (!typed(env, argv[7], napi_float32_array, &p, &sinLen)) return fail(env, "sin must be a Float32Array");
+  j.sin = p;
+  const int32_t *dims = dimsData;
   j.T = dims[0];
   j.nh = dims[1];
   j.kvh = dims[2];
   j.hd = dims[3];
   j.totalPages = dims[4];
   j.B = (int)(rowsLen / 3);
-  if (j.T <= 0 || j.nh <= 0 || j.kvh <= 0 || j.hd <= 0 || j.hd > 1024 || j.nh % j.kvh != 0) return fail(env, "bad dims");
+  if (j.T <= 0 || j.nh <= 0 || j.kvh <= 0 || j.hd <= 0 || j.hd > 1024 || j.hd % 2 != 0 || j.nh % j.kvh != 0) return fail(env, "bad dims");
   const size_t tokens = (size_t)j.B * j.T;
-  if (qLen != tokens * j.nh * j.hd || outLen != qLen) return fail(env, "q and out must hold B * T * heads * head_dim floats");
-  if (kLen != tokens * j.kvh * j.hd || vLen != kLen) return fail(env, "k and v must hold B * T * kv_heads * head_dim floats");
+  if (qkvLen != tokens * (j.nh + 2 * j.kvh) * j.hd) return fail(env, "qkv must hold B * T * (heads + 2 * kv_heads) * head_dim floats");
+  if (outLen != tokens * j.nh * j.hd) return fail(env, "out must hold B * T * heads * head_dim floats");
+  if (cosLen != sinLen || cosLen % (j.hd / 2) != 0) return fail(env, "cos and sin must be [positions, head_dim / 2] tables of one size");
+  const size_t ropePositions = cosLen / (j.hd / 2);
   if (j.totalPages <= 0 || (size_t)j.totalPages * 2 * j.kvh * PAGE * j.hd != arenaLen) return fail(env, "the arena must hold pages * 2 * kv_heads * page positions * head_dim elements");
   for (int b = 0; b < j.B; b++) {
     const int n = j.rows[3 * b], len = j.rows[3 * b + 1], start = j.rows[3 * b + 2];
     if (n < 1 || n > j.T || len < 0 || start < 0) return fail(env, "bad row");
+    if ((size_t)len + n > ropePositions) return fail(env, "a row's positions run past the rotary tables");
     const size_t needed = (size_t)(len + n + PAGE - 1) / PAGE;
     if ((size_t)start + needed > pagesLen) return fail(env, "a row's page list is shorter than its positions");
     for (size_t i = 0; i < needed; i++) {

@@ -8,8 +8,12 @@ export const ATTENTION_ADDON_PATH = path.resolve(path.dirname(fileURLToPath(impo
 
 /** The addon's exports (native/attention/attention.c). */
 export interface AttentionBinding {
-  /** One layer (`arena` is that layer's): stores the rows' new keys and values in their pages, then writes each new token's attention to `out`. */
-  attend(arena: Float32Array | Uint16Array, q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, rows: Int32Array, pages: Int32Array, dims: Int32Array): void;
+  /**
+   * One layer (`arena` is that layer's): rotates the rows' new keys (RoPE from the cos / sin tables) and stores
+   * them and the values in their pages, then writes each new token's attention (rotated, scaled query) to `out`.
+   * `qkv` holds each token's q, k and v projections side by side.
+   */
+  attend(arena: Float32Array | Uint16Array, qkv: Float32Array, out: Float32Array, rows: Int32Array, pages: Int32Array, dims: Int32Array, cos: Float32Array, sin: Float32Array): void;
   /** Sets the number of threads (when given) and returns it. */
   threads(n?: number): number;
   /** 'AVX2' or 'portable C'. */

@@ -1,6 +1,7 @@
 import ort from 'onnxruntime-node';
 import type { LlamaConfig } from '../model/types.ts';
 import { headDim } from '../model/types.ts';
+import { ropeTables } from '../model/llama-graph.ts';
 import type { AttentionBinding } from './native-attention.ts';
 import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
 
@@ -30,6 +31,7 @@ export class PagedRunner implements ModelRunner {
   private readonly totalPages: number;
   private readonly seqs = new Map<number, { length: number; pages: number[] }>();
   private readonly dims: Int32Array;
+  private readonly rope: { cos: Float32Array; sin: Float32Array };
   private attnBuffer = new Float32Array(0);
 
   constructor(
@@ -58,6 +60,8 @@ export class PagedRunner implements ModelRunner {
     for (let l = 0; l < this.layers; l++) this.arenas.push(options.kvDtype === 'float16' ? new Uint16Array(elements) : new Float32Array(elements));
     for (let p = this.totalPages - 1; p >= 0; p--) this.freePages.push(p);
     this.dims = Int32Array.of(1, this.nh, this.kvh, this.hd, this.totalPages);
+    // The tables the whole graph's RotaryEmbedding takes (rope.cos / rope.sin), computed as the converter does.
+    this.rope = ropeTables(config);
   }
 
   kvBytes(): number {
@@ -109,7 +113,6 @@ export class PagedRunner implements ModelRunner {
     const info = new Int32Array(3 * B);
     const table = new Int32Array(tablePages);
     const ids = new BigInt64Array(B * T);
-    const pos = new BigInt64Array(B * T);
     const logitsIndex = new BigInt64Array(B);
     let at = 0;
     rows.forEach((r, b) => {
@@ -125,25 +128,20 @@ export class PagedRunner implements ModelRunner {
       info[3 * b + 1] = s.length;
       info[3 * b + 2] = at;
       for (let i = 0; i < needed; i++) table[at++] = s.pages[i];
-      for (let t = 0; t < T; t++) {
-        ids[b * T + t] = BigInt(t < n ? r.tokens[t] : 0);
-        pos[b * T + t] = BigInt(t < n ? s.length + t : s.length);
-      }
+      for (let t = 0; t < n; t++) ids[b * T + t] = BigInt(r.tokens[t]);
       logitsIndex[b] = BigInt(b * T + n - 1);
     });
     this.dims[0] = T;
     const attnSize = B * T * this.nh * this.hd;
     if (this.attnBuffer.length < attnSize) this.attnBuffer = new Float32Array(attnSize);
     const attn = new ort.Tensor('float32', this.attnBuffer.subarray(0, attnSize), [B * T, this.nh * this.hd]);
-    const positionIds = new ort.Tensor('int64', pos, [B, T]);
 
     const started = performance.now();
-    let out = await this.parts[0].run({ input_ids: new ort.Tensor('int64', ids, [B, T]), position_ids: positionIds });
+    let out = await this.parts[0].run({ input_ids: new ort.Tensor('int64', ids, [B, T]) });
     for (let l = 0; l < this.layers; l++) {
-      this.attention.attend(this.arenas[l], out.q.data as Float32Array, out.k.data as Float32Array, out.v.data as Float32Array, attn.data as Float32Array, info, table, this.dims);
+      this.attention.attend(this.arenas[l], out.qkv.data as Float32Array, attn.data as Float32Array, info, table, this.dims, this.rope.cos, this.rope.sin);
       const feeds: Record<string, ort.Tensor> = { hidden_in: out.hidden, attn };
       if (l + 1 < this.layers) {
-        feeds.position_ids = positionIds;
         out = await this.parts[l + 1].run(feeds);
       } else {
         feeds.logits_index = new ort.Tensor('int64', logitsIndex, [B]);

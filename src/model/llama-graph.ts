@@ -134,7 +134,7 @@ function req(weights: WeightMap, name: string): Float32Array {
 }
 
 /** [max_position, head_dim / 2] tables, as ONNX Runtime's RotaryEmbedding takes them. */
-function ropeTables(config: LlamaConfig): { cos: Float32Array; sin: Float32Array } {
+export function ropeTables(config: LlamaConfig): { cos: Float32Array; sin: Float32Array } {
   const hd = headDim(config);
   const half = hd / 2;
   const maxPos = config.max_position_embeddings;

@@ -10,9 +10,9 @@ import { type LlamaConfig, headDim } from './types.ts';
  * data file stay there, shared.
  *
  * Inputs: input_ids [batch, new] (part 0); hidden_in [N, H] and attn [N, heads × head_dim] (N = batch × new,
- * parts 1 … L); position_ids [batch, new] (parts 0 … L-1); logits_index [batch] (part L).
- * Outputs: hidden [N, H], q [N, heads × head_dim] (RoPE applied, scaled by 1/√head_dim), k and v
- * [N, kv_heads × head_dim] (k with RoPE); part L: logits, top_logits, top_ids.
+ * parts 1 … L); logits_index [batch] (part L).
+ * Outputs: hidden [N, H] and qkv [N, (heads + 2 × kv_heads) × head_dim], the projections as they are (the
+ * attention applies RoPE and the 1/√head_dim scale); part L: logits, top_logits, top_ids.
  */
 export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, TensorSpec>): ModelSpec[] {
   const get = (name: string): TensorSpec => {
@@ -38,7 +38,8 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
     let hidden: string;
     if (part === 0) {
       g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
-      hidden = g.op1('Reshape', [g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']), g.ints([-1, H])]);
+      g.op1('Reshape', [g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']), g.ints([-1, H])]);
+      hidden = g.nameLast('hidden');
     } else {
       g.inputs.push({ name: 'hidden_in', type: dt, dims: ['rows', H] });
       g.inputs.push({ name: 'attn', type: dt, dims: ['rows', nh * hd] });
@@ -48,29 +49,16 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
       const [gate, up] = g.op('Split', [gu, g.ints([ffn, ffn])], { axis: -1 }, 2);
       const act = g.op1('Mul', [g.op1('Mul', [gate, g.op1('Sigmoid', [gate])]), up]);
       hidden = g.op1('Add', [hidden, g.op1('MatMul', [act, g.tensor(get(`${p}.mlp.down_proj.weight_t`))])]);
+      if (part < L) hidden = g.nameLast('hidden');
     }
     if (part < L) {
-      g.inputs.push({ name: 'position_ids', type: DataType.INT64, dims: ['batch', 'new'] });
       const p = `model.layers.${part}`;
-      g.op1('Identity', [hidden]);
-      g.nameLast('hidden');
-      let qkv = g.op1('MatMul', [rmsNorm('hidden', `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
+      g.op1('MatMul', [rmsNorm(hidden, `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
       const bias = tensors.get(`${p}.self_attn.qkv.bias`);
-      if (bias) qkv = g.op1('Add', [qkv, g.tensor(bias)]);
-      const [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints([nh * hd, kvh * hd, kvh * hd])], { axis: -1 }, 3);
-      const rows3 = g.op1('Concat', [g.op1('Shape', ['position_ids']), g.ints([-1])], { axis: 0 }); // [B, T, -1]
-      const rope = (x: string, heads: number) =>
-        g.op1('RotaryEmbedding', [g.op1('Reshape', [x, rows3]), 'position_ids', g.tensor(get('rope.cos')), g.tensor(get('rope.sin'))], { interleaved: 0, num_heads: heads }, 'com.microsoft');
-      g.op1('Reshape', [g.op1('Mul', [rope(qFlat, nh), g.scalar(1 / Math.sqrt(hd), dt)]), g.ints([-1, nh * hd])]);
-      g.nameLast('q');
-      g.op1('Reshape', [rope(kFlat, kvh), g.ints([-1, kvh * hd])]);
-      g.nameLast('k');
-      g.op1('Identity', [vFlat]);
-      g.nameLast('v');
+      if (bias) g.op1('Add', [g.nodes[g.nodes.length - 1].outputs[0], g.tensor(bias)]);
+      g.nameLast('qkv');
       g.outputs.push({ name: 'hidden', type: dt, dims: ['rows', H] });
-      g.outputs.push({ name: 'q', type: dt, dims: ['rows', nh * hd] });
-      g.outputs.push({ name: 'k', type: dt, dims: ['rows', kvh * hd] });
-      g.outputs.push({ name: 'v', type: dt, dims: ['rows', kvh * hd] });
+      g.outputs.push({ name: 'qkv', type: dt, dims: ['rows', (nh + 2 * kvh) * hd] });
     } else {
       g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
       const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 });
