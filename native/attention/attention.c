@@ -757,12 +757,11 @@ static napi_value attend(napi_env env, napi_callback_info info) {
   if (!typed(env, argv[4], napi_int32_array, &p, &pagesLen)) return fail(env, "pages must be an Int32Array");
   j.pages = p;
   if (!typed(env, argv[5], napi_int32_array, &p, &dimsLen) || dimsLen != 5) return fail(env, "dims must be an Int32Array of 5");
-  const int32_t *dimsData = p;
+  const int32_t *dims = p;
   if (!typed(env, argv[6], napi_float32_array, &p, &cosLen)) return fail(env, "cos must be a Float32Array");
   j.cos = p;
   if (!typed(env, argv[7], napi_float32_array, &p, &sinLen)) return fail(env, "sin must be a Float32Array");
   j.sin = p;
-  const int32_t *dims = dimsData;
   j.T = dims[0];
   j.nh = dims[1];
   j.kvh = dims[2];

@@ -53,9 +53,9 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
     }
     if (part < L) {
       const p = `model.layers.${part}`;
-      g.op1('MatMul', [rmsNorm(hidden, `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
+      const qkv = g.op1('MatMul', [rmsNorm(hidden, `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
       const bias = tensors.get(`${p}.self_attn.qkv.bias`);
-      if (bias) g.op1('Add', [g.nodes[g.nodes.length - 1].outputs[0], g.tensor(bias)]);
+      if (bias) g.op1('Add', [qkv, g.tensor(bias)]);
       g.nameLast('qkv');
       g.outputs.push({ name: 'hidden', type: dt, dims: ['rows', H] });
       g.outputs.push({ name: 'qkv', type: dt, dims: ['rows', (nh + 2 * kvh) * hd] });
