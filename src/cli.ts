@@ -59,7 +59,8 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --threads N                  intra-op threads per worker, ONNX Runtime's and native attention's (default:
                                one per core; one for models under ~5 MFLOP per token, such as stories260K)
   --spin-wait                  let those threads busy-wait for work between operators (ONNX Runtime's
-                               default; Tally's is off: spinning threads take cores from its own threads)
+                               default; Tally's is off: spinning threads take cores from its own threads,
+                               and with native attention each layer's session spins its own pool)
   --max-num-seqs N             sequences decoded together (default 64)
   --max-num-batched-tokens N   tokens per engine step, decode + prefill chunks (default 2048)
   --max-model-len N            context limit (default: the model's)
