@@ -3,7 +3,7 @@ import type { LlamaConfig } from '../model/types.ts';
 import { headDim } from '../model/types.ts';
 import { ropeTables } from '../model/llama-graph.ts';
 import type { AttentionBinding } from './native-attention.ts';
-import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
+import { type ForwardResult, type ForwardRow, type ModelRunner, type TopLogits, topLogitsOf } from './runner.ts';
 
 export type KvCacheDtype = 'float32' | 'float16';
 
@@ -152,20 +152,8 @@ export class PagedRunner implements ModelRunner {
     for (const r of rows) this.seqs.get(r.seq)!.length += r.tokens.length;
 
     if (!full) {
-      const k = this.topLogits;
-      const topIds = out.top_ids.data as BigInt64Array;
-      const values = out.top_logits.data as Float32Array;
-      return {
-        top: rows.map((_, b) => {
-          const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
-          for (let i = 0; i < k; i++) {
-            top.ids[i] = Number(topIds[b * k + i]);
-            top.values[i] = values[b * k + i];
-          }
-          return top;
-        }),
-        runSeconds,
-      };
+      const [ids, values] = [out.top_ids.data as BigInt64Array, out.top_logits.data as Float32Array];
+      return { top: rows.map((_, b) => topLogitsOf(ids, values, b, this.topLogits)), runSeconds };
     }
     const logits = out.logits.data as Float32Array;
     const V = this.vocabSize;

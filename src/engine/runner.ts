@@ -27,6 +27,16 @@ export interface TopLogits {
   values: number[];
 }
 
+/** Row `row`'s k largest logits from a graph's top_ids / top_logits outputs ([rows, k]). */
+export function topLogitsOf(ids: BigInt64Array, values: Float32Array, row: number, k: number): TopLogits {
+  const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
+  for (let i = 0, at = row * k; i < k; i++, at++) {
+    top.ids[i] = Number(ids[at]);
+    top.values[i] = values[at];
+  }
+  return top;
+}
+
 export interface ForwardResult {
   /** Last-token logits of each row, in the order given. */
   logits: Float32Array[];
@@ -350,15 +360,7 @@ export class TallyRunner implements ModelRunner {
       const ids = out.top_ids.data as BigInt64Array;
       const values = out.top_logits.data as Float32Array;
       return {
-        top: rows.map((r) => {
-          const at = rowOf.get(r.seq)! * k;
-          const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
-          for (let i = 0; i < k; i++) {
-            top.ids[i] = Number(ids[at + i]);
-            top.values[i] = values[at + i];
-          }
-          return top;
-        }),
+        top: rows.map((r) => topLogitsOf(ids, values, rowOf.get(r.seq)!, k)),
         runSeconds,
       };
     }
