@@ -84,7 +84,11 @@ describe('Ledger', () => {
           promptTokens: i, completionTokens: 2 * i, prefillDeviceSeconds: 0.001, decodeDeviceSeconds: 0.002, usdUsage: 1e-6, usdAllocation: 2e-6, devicePriceUsdPerHour: 3.6 });
         if (i % 7 === 0) ledger.insert({ id: run + '-0', endMs: 0, arrivalMs: 0, tenant: 'dup', model: 'm', status: 'completed',
           promptTokens: 0, completionTokens: 0, prefillDeviceSeconds: 0, decodeDeviceSeconds: 0, usdUsage: 0, usdAllocation: 0, devicePriceUsdPerHour: 0 });
-        writeSync(1, id + '\\n');
+        // stdout is a non-blocking pipe: when the parent falls behind, a write fails with EAGAIN (a short line
+        // is written whole or not at all), and the child must try again rather than exit.
+        for (;;) {
+          try { writeSync(1, id + '\\n'); break; } catch (err) { if (err.code !== 'EAGAIN') throw err; }
+        }
       }
     `;
     const printed: string[] = [];
