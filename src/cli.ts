@@ -66,8 +66,10 @@ const SERVE_HELP = `tally serve — serve a model over an OpenAI-compatible HTTP
   --max-model-len N            context limit (default: the model's)
   --kv-cache-tokens N          KV capacity in tokens (default: what fits in --kv-cache-gb)
   --kv-cache-gb GB             KV memory budget (default 4)
-  --kv-cache-dtype auto|fp16   KV cache elements: the model's type, or float16 (half the memory and reads;
-                               CPU with native attention only)
+  --kv-cache-dtype auto|fp16|fp32
+                               KV cache elements. auto: float16 with native attention on the CPU (half the
+                               memory and the bytes each step reads, as llama.cpp's server), else the graph's
+                               type; fp32 keeps float32 there
   --attention native|onnx      where a Tally graph's attention runs on the CPU: native/attention over a
                                paged cache (default when that addon is built) or inside the ONNX graph
   --max-queue N                waiting requests before 429 (default 256)
@@ -135,7 +137,7 @@ async function serve(argv: string[]): Promise<void> {
     maxModelLen: number(values['max-model-len'], '--max-model-len'),
     kvCacheTokens: number(values['kv-cache-tokens'], '--kv-cache-tokens'),
     kvCacheGb: number(values['kv-cache-gb'], '--kv-cache-gb'),
-    kvCacheDtype: choice(values['kv-cache-dtype'], '--kv-cache-dtype', { auto: undefined, fp16: 'float16', float16: 'float16' } as const),
+    kvCacheDtype: choice(values['kv-cache-dtype'], '--kv-cache-dtype', { auto: undefined, fp16: 'float16', float16: 'float16', fp32: 'float32', float32: 'float32' } as const),
     attention: choice(values.attention, '--attention', { native: 'native', onnx: 'onnx' } as const),
     maxQueue: number(values['max-queue'], '--max-queue'),
     requestTimeoutSeconds: number(values['request-timeout'], '--request-timeout'),

@@ -218,8 +218,10 @@ describe('continuous batching', () => {
     const together = await Promise.all(reqs.map((r) => e.submit(r)));
     together.forEach((r, i) => expect(r.tokens, reqs[i].id).toEqual(alone[i].tokens));
     expect(Math.max(...e.steps.map((s) => s.running))).toBe(reqs.length);
-    // 2^26 bytes of KV at 5 layers × K,V × 4 KV heads × 8 dims: 1,280 bytes a token in float32, 640 in float16.
-    expect((await engineFor()).info.limits.kvCapacityTokens).toBe(52428);
+    // 2^26 bytes of KV at 5 layers × K,V × 4 KV heads × 8 dims: 1,280 bytes a token in float32, 640 in float16
+    // (the float16 graph's cache, and native attention's by default).
+    expect((await engineFor({ kvCacheDtype: 'float32' })).info.limits.kvCapacityTokens).toBe(52428);
+    expect((await engineFor()).info.limits.kvCapacityTokens).toBe(104857);
     expect(e.info.limits.kvCapacityTokens).toBe(104857);
   });
 

@@ -47,7 +47,8 @@ describe.each([
 ] as const)('%s graph', (name, config, positionIds, attention) => {
   it('matches a direct forward pass, batched and chunked, token by token', async () => {
     const { folder, weights } = folderFor(config as LlamaConfig, name.startsWith('hf') ? 'hf' : 'tally', positionIds);
-    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160, attention });
+    // The float32 cache: the reference is float32 throughout (the float16 cache is tested in paged.test.ts).
+    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160, attention, kvCacheDtype: attention === 'native' ? 'float32' : undefined });
     expect(runner.kind).toBe(name.startsWith('hf') ? 'plain' : attention === 'native' ? 'paged' : 'tally');
     const refs = [seqA, seqB, seqC].map((s) => referenceLogits(config as LlamaConfig, weights, s));
     [1, 2, 3].forEach((s) => runner.open(s));

@@ -12,6 +12,7 @@ import { ATTENTION_ADDON_PATH, loadAttentionAddon } from '../src/engine/native-a
 import { createEngine } from '../src/engine/engine.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
 import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
+import type { KvCacheDtype } from '../src/engine/paged-runner.ts';
 import path from 'node:path';
 import { SHARED_MODELS, randomLike, storiesModel } from './helpers/models.ts';
 
@@ -22,7 +23,7 @@ beforeAll(() => {
   }
 });
 
-async function runners(dir: string, kvCacheDtype?: 'float16') {
+async function runners(dir: string, kvCacheDtype: KvCacheDtype) {
   const folder = loadModelFolder(dir);
   const options = { device: { kind: 'cpu' as const }, threads: 2, maxSlots: 8, maxModelLen: 256, kvCacheBytes: 2 ** 26 };
   const native = (await createRunner(folder, { ...options, attention: 'native', kvCacheDtype })).runner;
@@ -64,7 +65,7 @@ describe('native attention over the paged cache', () => {
   ];
   for (const [name, model] of layouts) {
     it(`gives the logits attention inside the graph gives: ${name}`, async () => {
-      const { native, graph, vocab } = await runners(model());
+      const { native, graph, vocab } = await runners(model(), 'float32');
       expect(native.kind).toBe('paged');
       expect(graph.kind).toBe('tally');
       expect(await maxLogitDifference(native, graph, vocab)).toBeLessThan(1e-3);
@@ -76,7 +77,7 @@ describe('native attention over the paged cache', () => {
   it.each(layouts.slice(0, 2))('with a float16 cache: half the bytes, logits close to the float32 ones (and not identical): %s', async (_name, model) => {
     const dir = model();
     const { native, graph, vocab } = await runners(dir, 'float16');
-    const fp32 = (await runners(dir)).native;
+    const fp32 = (await runners(dir, 'float32')).native;
     expect(native.kvElementBytes).toBe(2);
     const diff = await maxLogitDifference(native, graph, vocab);
     expect(diff).toBeGreaterThan(0);
@@ -94,7 +95,8 @@ describe('native attention over the paged cache', () => {
   it('holds whole pages per sequence, returns them on close and reuses them; refuses what it cannot hold', async () => {
     const folder = loadModelFolder(storiesModel());
     const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 2, maxModelLen: 200, attention: 'native', kvCacheTokens: 128 });
-    const page = 64 * folder.config.num_hidden_layers * 2 * folder.config.num_key_value_heads * (folder.config.hidden_size / folder.config.num_attention_heads) * 4;
+    expect(runner.kvElementBytes).toBe(2);
+    const page = 64 * folder.config.num_hidden_layers * 2 * folder.config.num_key_value_heads * (folder.config.hidden_size / folder.config.num_attention_heads) * 2;
     runner.open(0);
     expect(runner.kvBytes()).toBe(0);
     await runner.forward([{ seq: 0, tokens: tokens(65, 0) }]);
@@ -137,10 +139,11 @@ describe('native attention over the paged cache', () => {
     expect(() => a.attend(arena, f(32), f(16), one, Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1), cos, sin)).toThrow(/bad dims/);
   });
 
-  it('the engine takes native attention on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
+  it('the engine takes native attention with a float16 cache on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
     const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
     const byDefault = await createEngine(base, () => {}, () => {});
     expect(byDefault.info.runner).toBe('paged');
+    expect(byDefault.info.kvCacheDtype).toBe('float16');
     // stories260K is far below SMALL_MODEL_FLOPS_PER_TOKEN: one intra-op thread unless --threads says otherwise.
     expect(byDefault.info.threads).toBe(1);
     await byDefault.release();
@@ -152,11 +155,17 @@ describe('native attention over the paged cache', () => {
     const inGraph = await createEngine({ ...base, attention: 'onnx' }, () => {}, () => {});
     expect(inGraph.info.runner).toBe('tally');
     await inGraph.release();
-    await expect(createEngine({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {})).rejects.toThrow(/--kv-cache-dtype fp16 needs native attention/);
+    expect(inGraph.info.kvCacheDtype).toBe('float32');
+    await expect(createEngine({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {})).rejects.toThrow(/--kv-cache-dtype float16: this graph's KV cache is float32, and only native attention stores another type/);
+    const fp16Graph = await createEngine({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float16' }, () => {}, () => {});
+    expect([fp16Graph.info.runner, fp16Graph.info.kvCacheDtype]).toEqual(['tally', 'float16']);
+    await fp16Graph.release();
+    await expect(createEngine({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float32' }, () => {}, () => {})).rejects.toThrow(/this graph's KV cache is float16/);
     await expect(createEngine({ ...base, modelDir: storiesModel('float16'), attention: 'native' }, () => {}, () => {})).rejects.toThrow(/--attention native: native attention runs float32 graphs/);
-    // float16 elements: the same --kv-cache-gb holds twice the tokens.
-    const half = await createEngine({ ...base, kvCacheDtype: 'float16' }, () => {}, () => {});
-    const full = await createEngine(base, () => {}, () => {});
+    // float16 elements (the default): the same --kv-cache-gb holds twice the tokens.
+    const half = await createEngine(base, () => {}, () => {});
+    const full = await createEngine({ ...base, kvCacheDtype: 'float32' }, () => {}, () => {});
+    expect(full.info.kvCacheDtype).toBe('float32');
     expect(half.info.limits.kvCapacityTokens).toBe(2 * full.info.limits.kvCapacityTokens);
     await Promise.all([half.release(), full.release()]);
   });

@@ -105,10 +105,13 @@ describe('stories260K against a port of llama2.c', () => {
     expect(refTok.decode(boyPrompt.at(-1)!, refBoy).startsWith(BOY_CONTINUATION)).toBe(true);
   });
 
-  it('Tally on the GGUF conversion: the same tokens for the whole story, and the README text', async () => {
+  it('Tally on the GGUF conversion: the same tokens for the whole story (paged cache in float16, the default, and in float32), and the README text', async () => {
     const dir = storiesModel();
     const { out, info, tokenizer } = await greedyOnEngine(dir, [[1]], 512);
-    expect(info.runner).toBe('paged');
+    expect([info.runner, info.kvCacheDtype]).toEqual(['paged', 'float16']);
+    const fp32 = await greedyOnEngine(dir, [[1]], 512, { kvCacheDtype: 'float32' });
+    expect(fp32.info.kvCacheDtype).toBe('float32');
+    expect(fp32.out[0].tokens).toEqual(refStory);
     expect(info.eosIds).toContain(1);
     const [story] = out;
     expect(story.finish).toBe('stop');

@@ -5,6 +5,7 @@ import { createRunner } from './session.ts';
 import { Scheduler, type RequestEvent, type StepRecord } from './scheduler.ts';
 import { type EngineOptions, resolveLimits } from './engine-options.ts';
 import type { SchedulerLimits } from './scheduler.ts';
+import type { KvCacheDtype } from './paged-runner.ts';
 
 export interface EngineInfo {
   model: string;
@@ -14,6 +15,7 @@ export interface EngineInfo {
   runner: 'tally' | 'plain' | 'paged';
   /** Intra-op threads on the CPU. */
   threads: number;
+  kvCacheDtype: KvCacheDtype;
   limits: SchedulerLimits;
   eosIds: number[];
   vocabSize: number;
@@ -53,7 +55,7 @@ export async function createEngine(
   return {
     scheduler,
     tokenizer,
-    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, limits, eosIds, vocabSize: runner.vocabSize },
+    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, kvCacheDtype: runner.kvElementBytes === 2 ? 'float16' : 'float32', limits, eosIds, vocabSize: runner.vocabSize },
     release: () => runner.release(),
   };
 }

@@ -112,7 +112,11 @@ export interface RunnerOptions extends SessionOptions {
   /** KV capacity: tokens, else what fits in bytes. */
   kvCacheTokens?: number;
   kvCacheBytes?: number;
-  /** Element type of the cache with native attention (default: the model's). */
+  /**
+   * Element type of the KV cache. Default: float16 with native attention (as llama.cpp's server stores its
+   * cache: half the bytes that every decode step reads), the graph's own type on the other paths, where an
+   * explicit type must match it.
+   */
   kvCacheDtype?: KvCacheDtype;
 }
 
@@ -130,7 +134,7 @@ async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): P
   if ((meta['tally.dtype'] ?? 'float32') !== 'float32') return { reason: 'native attention runs float32 graphs' };
   const addon = loadAttentionAddon();
   if ('reason' in addon) return { reason: addon.reason };
-  const kvDtype = options.kvCacheDtype ?? 'float32';
+  const kvDtype = options.kvCacheDtype ?? 'float16';
   const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? 4 * 2 ** 30) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
   const sessionOptions = baseSessionOptions(options);
   sessionOptions.extra = { session: { ...(sessionOptions.extra as { session: object }).session, model_external_initializers_file_folder_path: path.dirname(folder.onnxPath) } };
@@ -170,7 +174,6 @@ export async function createRunner(folder: ModelFolder, runnerOptions: RunnerOpt
   const paged = await createPagedRunner(folder, options);
   if (paged.runner) return { runner: paged.runner, device: 'cpu', threads, note: paged.note };
   if (options.attention === 'native') throw new Error(`--attention native: ${paged.reason ?? 'only on the CPU'}`);
-  if (options.kvCacheDtype === 'float16') throw new Error(`--kv-cache-dtype fp16 needs native attention (${paged.reason ?? 'only on the CPU'})`);
   const loaded = await createSession(folder.onnxPath, options);
   const { session } = loaded;
   let runner: ModelRunner;
@@ -190,6 +193,11 @@ export async function createRunner(folder: ModelFolder, runnerOptions: RunnerOpt
       `${folder.onnxPath} has neither Tally's interface (past_key.N, new_kv) nor a decoder-with-past interface ` +
         `(input_ids, past_key_values.N.key/value → logits, present.N.*); inputs: ${session.inputNames.join(', ')}`,
     );
+  }
+  const graphDtype = runner.kvElementBytes === 2 ? 'float16' : 'float32';
+  if (options.kvCacheDtype && options.kvCacheDtype !== graphDtype) {
+    await runner.release();
+    throw new Error(`--kv-cache-dtype ${options.kvCacheDtype}: this graph's KV cache is ${graphDtype}, and only native attention stores another type (${paged.reason ?? 'it runs on the CPU only'})`);
   }
   return { runner, device: loaded.device, threads, note: loaded.note };
 }

@@ -119,7 +119,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   };
   const engine: Engine = devices.length > 1 ? await EnginePool.start(engineOptions, devices) : await EngineClient.start(engineOptions);
   if (engine.info.deviceNote) logger.warn(engine.info.deviceNote);
-  logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, threads: engine.info.threads, limits: engine.info.limits }, 'model loaded');
+  logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, threads: engine.info.threads, kvCacheDtype: engine.info.kvCacheDtype, limits: engine.info.limits }, 'model loaded');
 
   const ledger = new Ledger(options.dataDir);
   const metrics = new Metrics();
