@@ -139,6 +139,29 @@ describe('native attention over the paged cache', () => {
     expect(() => a.attend(arena, f(32), f(16), one, Int32Array.of(0), Int32Array.of(1, 3, 2, 8, 1), cos, sin)).toThrow(/bad dims/);
   });
 
+  it('a float16 cache saturates values past its range at ±65504 instead of storing infinities (vector and scalar paths)', () => {
+    const loaded = loadAttentionAddon();
+    if ('reason' in loaded) throw new Error(loaded.reason);
+    const a = loaded.binding;
+    // One head, one token at position 0: it sees only itself, so its output is its own value row. With
+    // head_dim 12, elements 8-11 go through the scalar conversion.
+    const v = [1e6, -1e6, Infinity, -Infinity, 65504, 70000, 1.5, NaN, 1e6, -Infinity, NaN, 2];
+    const saturated = v.map((x) => (Number.isNaN(x) ? x : Math.max(-65504, Math.min(65504, x))));
+    for (const hd of [8, 12]) {
+      const dims = Int32Array.of(1, 1, 1, hd, 1);
+      const [cos, sin] = [new Float32Array(128 * (hd / 2)).fill(1), new Float32Array(128 * (hd / 2))];
+      const qkv = Float32Array.from([...Array(2 * hd).fill(0), ...v.slice(0, hd)]);
+      for (const [arena, expected] of [
+        [new Uint16Array(2 * 64 * hd), saturated.slice(0, hd)],
+        [new Float32Array(2 * 64 * hd), v.slice(0, hd)],
+      ] as const) {
+        const out = new Float32Array(hd);
+        a.attend(arena, qkv, out, Int32Array.of(1, 0, 0), Int32Array.of(0), dims, cos, sin);
+        expect([...out], `head_dim ${hd}, ${arena.constructor.name}`).toEqual(expected);
+      }
+    }
+  });
+
   it('the engine takes native attention with a float16 cache on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
     const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
     const byDefault = await createEngine(base, () => {}, () => {});

@@ -5,7 +5,7 @@
 //   page p, kind, KV head h -> ((kind * kvh + h) * pages + p) * PAGE * hd
 // K is stored in blocks of BLK positions, transposed ([PAGE / BLK][hd][BLK]), so that one query's scores
 // for BLK positions are BLK-wide multiply-adds without horizontal sums; V is [PAGE][hd].
-// Elements are float32 or float16 (the arena's type); arithmetic is float32.
+// Elements are float32 or float16 (the arena's type; float16 saturates at ±65504); arithmetic is float32.
 //
 // attend(arena, qkv, out, rows, pages, dims, cos, sin) for one layer (`arena` is that layer's):
 //   qkv [B * T, (heads + 2 * kvh) * hd] float32: each token's q, k and v as the projection gives them (no RoPE);
@@ -125,8 +125,8 @@ static uint16_t float_to_half(float f) {
   memcpy(&x, &f, 4);
   const uint16_t sign = (x >> 16) & 0x8000;
   const uint32_t absx = x & 0x7fffffff;
-  if (absx >= 0x7f800000) return sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0);
-  if (absx >= 0x477ff000) return sign | 0x7c00; // rounds past the largest half
+  if (absx > 0x7f800000) return sign | 0x7e00; // NaN
+  if (absx >= 0x477ff000) return sign | 0x7bff; // saturates (infinities too) at the largest half, 65504
   if (absx < 0x38800000) { // subnormal half or zero
     if (absx < 0x33000000) return sign;
     const uint32_t e = absx >> 23;
@@ -509,10 +509,15 @@ AVX512 static void pv_avx512(const float *const *w, int nrows, int count, const 
   }
 }
 
+// As float_to_half: values past the float16 range saturate at ±65504 (max/min keep a NaN, their second operand).
 AVX2 static void f2h_avx2(const float *src, uint16_t *dst, int n) {
+  const __m256 lo = _mm256_set1_ps(-65504.0f), hi = _mm256_set1_ps(65504.0f);
   int i = 0;
-  for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(src + i)));
+    _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; i++) dst[i] = float_to_half(src[i]);
 }
 #endif
 
