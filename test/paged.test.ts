@@ -179,7 +179,7 @@ describe('native attention over the paged cache', () => {
     expect(inGraph.info.runner).toBe('tally');
     await inGraph.release();
     expect(inGraph.info.kvCacheDtype).toBe('float32');
-    await expect(createEngine({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {})).rejects.toThrow(/--kv-cache-dtype float16: this graph's KV cache is float32, and only native attention stores another type/);
+    await expect(createEngine({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {})).rejects.toThrow(/--kv-cache-dtype float16: this graph's KV cache is float32, and only native attention stores another type \(--attention onnx\)/);
     const fp16Graph = await createEngine({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float16' }, () => {}, () => {});
     expect([fp16Graph.info.runner, fp16Graph.info.kvCacheDtype]).toEqual(['tally', 'float16']);
     await fp16Graph.release();

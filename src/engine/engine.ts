@@ -2,6 +2,7 @@ import { loadModelFolder, type ModelFolder } from '../model/folder.ts';
 import { TextTokenizer } from '../model/tokenizer.ts';
 import { modelShape } from '../meter/attribution.ts';
 import { createRunner } from './session.ts';
+import { kvCacheDtypeOf } from './runner.ts';
 import { Scheduler, type RequestEvent, type StepRecord } from './scheduler.ts';
 import { type EngineOptions, resolveLimits } from './engine-options.ts';
 import type { SchedulerLimits } from './scheduler.ts';
@@ -55,7 +56,7 @@ export async function createEngine(
   return {
     scheduler,
     tokenizer,
-    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, kvCacheDtype: runner.kvElementBytes === 2 ? 'float16' : 'float32', limits, eosIds, vocabSize: runner.vocabSize },
+    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, kvCacheDtype: kvCacheDtypeOf(runner), limits, eosIds, vocabSize: runner.vocabSize },
     release: () => runner.release(),
   };
 }

@@ -2,6 +2,7 @@ import ort from 'onnxruntime-node';
 import type { LlamaConfig } from '../model/types.ts';
 import { headDim } from '../model/types.ts';
 import { float16ToFloat32 } from '../model/half.ts';
+import type { KvCacheDtype } from './paged-runner.ts';
 
 type KvType = 'float32' | 'float16';
 type KvArray = Float32Array | Uint16Array;
@@ -60,6 +61,11 @@ export interface ModelRunner {
   /** 4 for a float32 cache, 2 for float16. */
   readonly kvElementBytes: number;
   release(): Promise<void>;
+}
+
+/** The element type of a runner's KV cache. */
+export function kvCacheDtypeOf(runner: ModelRunner): KvCacheDtype {
+  return runner.kvElementBytes === 2 ? 'float16' : 'float32';
 }
 
 const MASKED = -1e9;

@@ -4,7 +4,7 @@ import { createRequire } from 'node:module';
 import ort from 'onnxruntime-node';
 import type { ModelFolder } from '../model/folder.ts';
 import os from 'node:os';
-import { PlainRunner, TallyRunner, isPlainGraph, isTallyGraph, type ModelRunner } from './runner.ts';
+import { PlainRunner, TallyRunner, isPlainGraph, isTallyGraph, kvCacheDtypeOf, type ModelRunner } from './runner.ts';
 import { PagedRunner, type KvCacheDtype } from './paged-runner.ts';
 import { loadAttentionAddon } from './native-attention.ts';
 import { encodeModel, readInitializers, readModelMetadata } from '../model/onnx-proto.ts';
@@ -194,10 +194,11 @@ export async function createRunner(folder: ModelFolder, runnerOptions: RunnerOpt
         `(input_ids, past_key_values.N.key/value → logits, present.N.*); inputs: ${session.inputNames.join(', ')}`,
     );
   }
-  const graphDtype = runner.kvElementBytes === 2 ? 'float16' : 'float32';
+  const graphDtype = kvCacheDtypeOf(runner);
   if (options.kvCacheDtype && options.kvCacheDtype !== graphDtype) {
     await runner.release();
-    throw new Error(`--kv-cache-dtype ${options.kvCacheDtype}: this graph's KV cache is ${graphDtype}, and only native attention stores another type (${paged.reason ?? 'it runs on the CPU only'})`);
+    const why = paged.reason ?? (options.attention === 'onnx' ? '--attention onnx' : 'native attention runs on the CPU only');
+    throw new Error(`--kv-cache-dtype ${options.kvCacheDtype}: this graph's KV cache is ${graphDtype}, and only native attention stores another type (${why})`);
   }
   return { runner, device: loaded.device, threads, note: loaded.note };
 }
