@@ -160,6 +160,9 @@ describe('completions', () => {
     expect(last.usage).toMatchObject({ prompt_tokens: (await tokenize(prompt)).length, completion_tokens: 24 });
     expect(costOf(last.usage).usd.usage).toBeGreaterThan(0);
     expect(chunks.slice(0, -1).every((c) => c.usage === null)).toBe(true);
+    const { id, created } = chunks[0];
+    expect(id).toMatch(/^cmpl-/);
+    for (const c of chunks) expect(c).toMatchObject({ id, created, object: 'text_completion', model });
   });
 
   it('counts finish_reason stop vs length and honours min_tokens / ignore_eos', async () => {

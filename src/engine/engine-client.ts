@@ -19,7 +19,7 @@ const RESTART_BACKOFF_MS = [1000, 2000, 4000, 8000, 16_000, 30_000];
  * requests submitted while it restarts wait and go to the new worker. While a restart keeps failing,
  * new requests fail at once.
  */
-export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [string]; event: [RequestEvent] }> {
+export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [string] }> {
   private worker!: Worker;
   private pending = new Map<string, Listener>();
   private closing = false;
@@ -112,7 +112,6 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
   private dispatch(e: RequestEvent): void {
     const listener = this.pending.get(e.id);
     if (e.finish) this.pending.delete(e.id);
-    this.emit('event', e);
     listener?.(e);
   }
 

@@ -79,7 +79,10 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
 
   const created = Math.floor(Date.now() / 1000);
   const envelope = (object: string, choices: Part[], extra: Part = {}) => ({ id: plan.id, object, created, model: ctx.modelName, choices, ...extra });
-  const usageNull = plan.includeUsage ? { usage: null } : {};
+  // A streamed chunk is envelope(chunkObject, [part], usage null when asked for); only the part changes per token.
+  const chunkHead = JSON.stringify(envelope(format.chunkObject, [])).slice(0, -2);
+  const chunkTail = plan.includeUsage ? '],"usage":null}' : ']}';
+  const sendPart = (part: Part) => sse!.sendJson(chunkHead + JSON.stringify(part) + chunkTail);
 
   let failed: ApiError | undefined;
   const fail = (error: ApiError): void => {
@@ -121,13 +124,13 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
       // A cancelled choice did not finish: no finish_reason chunk for it.
       if (!sse || failed || event.finish === 'cancelled') return;
       const part = format.delta(choice, event);
-      if (part) sse.send(envelope(format.chunkObject, [part], usageNull));
+      if (part) sendPart(part);
     },
   );
   if (sse) {
     for (const choice of gen.choices) {
       const part = format.opening(choice);
-      if (part) sse.send(envelope(format.chunkObject, [part], usageNull));
+      if (part) sendPart(part);
     }
   }
 

@@ -55,8 +55,13 @@ export class SseStream {
 
   /** Writes one event now, or queues it while the client is not reading; nothing after the stream ended. */
   send(data: unknown): void {
+    this.sendJson(JSON.stringify(data));
+  }
+
+  /** As send, for data already serialized. */
+  sendJson(json: string): void {
     if (this.closed) return;
-    this.write(`data: ${JSON.stringify(data)}\n\n`);
+    this.write(`data: ${json}\n\n`);
   }
 
   private write(chunk: string): void {
