@@ -32,8 +32,11 @@ async function storiesSweep() {
   const { dir } = resolveModel('stories260K', (m) => console.log(m));
   const server = await startServerProcess(dir, ['--served-model-name', 'stories260K']);
   const levels = quick ? [1, 32] : [1, 4, 16, 32, 64];
-  // This machine's speed drifts: each round runs every level, HTTP then the engine loop, and medians are compared.
-  const rounds = quick ? 1 : 5;
+  // This machine's speed drifts: each round runs every level as HTTP, engine loop, engine loop, HTTP (a drift
+  // within the level's seconds cancels), and medians are compared. A side's rate in a round is both halves' tokens
+  // over both halves' seconds.
+  const rounds = quick ? 1 : 7;
+  const both = (a: number, b: number) => 2 / (1 / a + 1 / b);
   const median = (x: number[]) => [...x].sort((a, z) => a - z)[Math.floor(x.length / 2)];
   const body = (i: number) => ({ model: 'stories260K', prompt: prompt16(i), max_tokens: 256, ignore_eos: true, temperature: 0 });
   await streamLoad(server.url, body, 4, 4); // warm-up
@@ -42,10 +45,16 @@ async function storiesSweep() {
   for (let r = 0; r < rounds; r++) {
     for (const c of levels) {
       const requests = Math.max(c * 2, 8);
-      const httpResult = await streamLoad(server.url, body, c, requests);
-      if (httpResult.errors) throw new Error(`${httpResult.errors} HTTP errors at concurrency ${c}`);
-      http.get(c)!.push(httpResult.tokensPerSecond);
-      engine.get(c)!.push((await engineLoop(engineOptions(dir), prompt16, c, requests, 256)).tokensPerSecond);
+      const overHttp = async () => {
+        const result = await streamLoad(server.url, body, c, requests);
+        if (result.errors) throw new Error(`${result.errors} HTTP errors at concurrency ${c}`);
+        return result.tokensPerSecond;
+      };
+      const inLoop = async () => (await engineLoop(engineOptions(dir), prompt16, c, requests, 256)).tokensPerSecond;
+      const h1 = await overHttp();
+      const [e1, e2] = [await inLoop(), await inLoop()];
+      http.get(c)!.push(both(h1, await overHttp()));
+      engine.get(c)!.push(both(e1, e2));
     }
   }
   const rows = levels.map((c) => {
@@ -53,7 +62,7 @@ async function storiesSweep() {
     return { c, http: median(h), engine: median(e), rounds: h.map((x, i) => `${x.toFixed(0)}/${e[i].toFixed(0)}`).join(' ') };
   });
   await server.stop();
-  console.log(`\n1-2. stories260K, 16-token prompts, 256 generated tokens (ignore_eos), streaming; medians of ${rounds} alternating rounds`);
+  console.log(`\n1-2. stories260K, 16-token prompts, 256 generated tokens (ignore_eos), streaming; medians of ${rounds} rounds of HTTP, engine, engine, HTTP`);
   console.log('concurrency | HTTP tok/s | engine loop tok/s | HTTP / engine | HTTP vs c=1 | rounds (HTTP/engine tok/s)');
   for (const r of rows) {
     console.log(`${String(r.c).padStart(11)} | ${r.http.toFixed(0).padStart(10)} | ${r.engine.toFixed(0).padStart(17)} | ${(r.http / r.engine).toFixed(3).padStart(13)} | ${(r.http / rows[0].http).toFixed(2).padStart(10)}x | ${r.rounds}`);
