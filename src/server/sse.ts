@@ -55,7 +55,7 @@ export class SseStream {
 
   /** Writes one event now, or queues it while the client is not reading; nothing after the stream ended. */
   send(data: unknown): void {
-    this.sendJson(JSON.stringify(data));
+    if (!this.closed) this.sendJson(JSON.stringify(data));
   }
 
   /** As send, for data already serialized. */
