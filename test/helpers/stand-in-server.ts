@@ -61,11 +61,13 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
   const timers = new Set<NodeJS.Timeout>();
   let generations = 0;
 
+  // Never early: a timer can fire up to ~2 ms before its delay by the clock (libuv's loop time lags, whole ms).
   const at = (ms: number, fn: () => void) => {
     const t = setTimeout(() => {
       timers.delete(t);
-      fn();
-    }, Math.max(0, ms - performance.now()));
+      if (performance.now() < ms) at(ms, fn);
+      else fn();
+    }, Math.max(0, Math.ceil(ms - performance.now())));
     timers.add(t);
   };
 
