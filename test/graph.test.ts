@@ -88,30 +88,36 @@ describe.each([
   });
 });
 
-describe('top logits of Tally graphs', () => {
-  it('forwardTop gives each row its 16 largest logits, largest first, ties to the lower id, as the full rows have them', async () => {
+describe.each([
+  ['whole graph', 'onnx' as const],
+  ['parts around native attention', 'native' as const],
+])('top logits of Tally graphs (%s)', (_, attention) => {
+  it('forwardTop gives each row its k largest logits (16 at most, the default), largest first, ties to the lower id, as the full rows have them', async () => {
     const { folder } = folderFor(tiny, 'tally');
     const open = async () => {
-      const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 4, maxModelLen: 160 });
+      const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, attention, maxSlots: 4, maxModelLen: 160 });
       [1, 2, 3].forEach((s) => runner.open(s));
       return runner;
     };
     const [full, top] = [await open(), await open()];
+    expect(full.kind).toBe(attention === 'native' ? 'paged' : 'tally');
     expect(full.topLogits).toBe(16);
-    const steps = [
-      [{ seq: 1, tokens: seqA.slice(0, 5) }, { seq: 2, tokens: seqB }],
-      [{ seq: 3, tokens: seqC }, { seq: 1, tokens: [seqA[5]] }, { seq: 2, tokens: [4] }],
-      [{ seq: 2, tokens: [9] }, { seq: 3, tokens: [1] }],
+    const steps: [{ seq: number; tokens: number[] }[], number | undefined][] = [
+      [[{ seq: 1, tokens: seqA.slice(0, 5) }, { seq: 2, tokens: seqB }], undefined],
+      [[{ seq: 3, tokens: seqC }, { seq: 1, tokens: [seqA[5]] }, { seq: 2, tokens: [4] }], 1],
+      [[{ seq: 2, tokens: [9] }, { seq: 3, tokens: [1] }], 2],
+      [[{ seq: 1, tokens: [7] }, { seq: 3, tokens: [2] }], 5],
     ];
-    for (const rows of steps) {
+    for (const [rows, k] of steps) {
       const { logits } = await full.forward(rows);
-      const { top: got } = await top.forwardTop!(rows);
+      const { top: got } = await top.forwardTop!(rows, k);
       logits.forEach((row, r) => {
-        const ids = Array.from(row.keys()).sort((a, b) => row[b] - row[a] || a - b).slice(0, 16);
+        const ids = Array.from(row.keys()).sort((a, b) => row[b] - row[a] || a - b).slice(0, k ?? 16);
         expect(got[r].ids).toEqual(ids);
         expect(got[r].values).toEqual(ids.map((i) => row[i]));
       });
     }
+    await expect(top.forwardTop!([{ seq: 1, tokens: [3] }], 17)).rejects.toThrow(/k must be an integer in 1 … 16, got 17/);
     await full.release();
     await top.release();
   });

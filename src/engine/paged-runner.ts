@@ -3,7 +3,7 @@ import type { LlamaConfig } from '../model/types.ts';
 import { headDim } from '../model/types.ts';
 import { ropeTables } from '../model/llama-graph.ts';
 import type { AttentionBinding } from './native-attention.ts';
-import { type ForwardResult, type ForwardRow, type ModelRunner, type TopLogits, topLogitsOf } from './runner.ts';
+import { type ForwardResult, type ForwardRow, type ModelRunner, type TopLogits, graphTopLogits, topKTensor, topLogitsOf } from './runner.ts';
 
 export type KvCacheDtype = 'float32' | 'float16';
 
@@ -46,8 +46,7 @@ export class PagedRunner implements ModelRunner {
     this.kvh = config.num_key_value_heads;
     this.hd = headDim(config);
     if (parts.length !== this.layers + 1) throw new Error(`expected ${this.layers + 1} graph parts, got ${parts.length}`);
-    const top = parts[this.layers].outputMetadata.find((m) => m.name === 'top_ids');
-    this.topLogits = top && top.isTensor && typeof top.shape[1] === 'number' ? top.shape[1] : 0;
+    this.topLogits = graphTopLogits(parts[this.layers], this.vocabSize).most;
     this.kvElementBytes = options.kvDtype === 'float16' ? 2 : 4;
     this.pagePositions = attention.pagePositions;
     this.pageElements = this.layers * 2 * this.kvh * this.pagePositions * this.hd;
@@ -92,13 +91,14 @@ export class PagedRunner implements ModelRunner {
     return { logits: logits!, runSeconds };
   }
 
-  async forwardTop(rows: ForwardRow[]): Promise<{ top: TopLogits[]; runSeconds: number }> {
-    const { top, runSeconds } = await this.run(rows, false);
+  async forwardTop(rows: ForwardRow[], k = this.topLogits): Promise<{ top: TopLogits[]; runSeconds: number }> {
+    const { top, runSeconds } = await this.run(rows, false, k);
     return { top: top!, runSeconds };
   }
 
-  private async run(rows: ForwardRow[], full: boolean): Promise<{ logits?: Float32Array[]; top?: TopLogits[]; runSeconds: number }> {
+  private async run(rows: ForwardRow[], full: boolean, k = 1): Promise<{ logits?: Float32Array[]; top?: TopLogits[]; runSeconds: number }> {
     if (rows.length === 0) return { logits: [], top: [], runSeconds: 0 };
+    const topK = topKTensor(k, this.topLogits);
     const B = rows.length;
     let T = 0;
     let tablePages = 0;
@@ -145,16 +145,14 @@ export class PagedRunner implements ModelRunner {
         out = await this.parts[l + 1].run(feeds);
       } else {
         feeds.logits_index = new ort.Tensor('int64', logitsIndex, [B]);
+        feeds.top_k = topK;
         out = await this.parts[l + 1].run(feeds, full ? ['logits'] : ['top_logits', 'top_ids']);
       }
     }
     const runSeconds = (performance.now() - started) / 1000;
     for (const r of rows) this.seqs.get(r.seq)!.length += r.tokens.length;
 
-    if (!full) {
-      const [ids, values] = [out.top_ids.data as BigInt64Array, out.top_logits.data as Float32Array];
-      return { top: rows.map((_, b) => topLogitsOf(ids, values, b, this.topLogits)), runSeconds };
-    }
+    if (!full) return { top: rows.map((_, b) => topLogitsOf(out, b)), runSeconds };
     const logits = out.logits.data as Float32Array;
     const V = this.vocabSize;
     return { logits: rows.map((_, b) => logits.subarray(b * V, (b + 1) * V)), runSeconds };

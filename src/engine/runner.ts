@@ -2,6 +2,7 @@ import ort from 'onnxruntime-node';
 import type { LlamaConfig } from '../model/types.ts';
 import { headDim } from '../model/types.ts';
 import { float16ToFloat32 } from '../model/half.ts';
+import { TOP_LOGITS } from '../model/llama-graph.ts';
 import type { KvCacheDtype } from './paged-runner.ts';
 
 type KvType = 'float32' | 'float16';
@@ -28,14 +29,33 @@ export interface TopLogits {
   values: number[];
 }
 
-/** Row `row`'s k largest logits from a graph's top_ids / top_logits outputs ([rows, k]). */
-export function topLogitsOf(ids: BigInt64Array, values: Float32Array, row: number, k: number): TopLogits {
+/**
+ * The most top logits per row a Tally graph (whole, or its last part) gives: with a `top_k` input (graph version
+ * 8 on), TOP_LOGITS or the vocabulary; before, its outputs' fixed width. 0: no top outputs.
+ */
+export function graphTopLogits(session: ort.InferenceSession, vocabSize: number): { most: number; input: boolean } {
+  if (session.inputNames.includes('top_k')) return { most: Math.min(TOP_LOGITS, vocabSize), input: true };
+  const top = session.outputMetadata.find((m) => m.name === 'top_ids');
+  return { most: top && top.isTensor && typeof top.shape[1] === 'number' ? top.shape[1] : 0, input: false };
+}
+
+/** Row `row`'s largest logits from a graph's top_ids / top_logits outputs ([rows, k]). */
+export function topLogitsOf(out: ort.InferenceSession.OnnxValueMapType, row: number): TopLogits {
+  const ids = out.top_ids.data as BigInt64Array;
+  const values = out.top_logits.data as Float32Array;
+  const k = out.top_ids.dims[1];
   const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
   for (let i = 0, at = row * k; i < k; i++, at++) {
     top.ids[i] = Number(ids[at]);
     top.values[i] = values[at];
   }
   return top;
+}
+
+/** A graph's `top_k` feed: k, within 1 … most. */
+export function topKTensor(k: number, most: number): ort.Tensor {
+  if (!Number.isInteger(k) || k < 1 || k > most) throw new RangeError(`top logits: k must be an integer in 1 … ${most}, got ${k}`);
+  return new ort.Tensor('int64', BigInt64Array.of(BigInt(k)), [1]);
 }
 
 export interface ForwardResult {
@@ -52,10 +72,13 @@ export interface ModelRunner {
   close(seq: number): void;
   cachedLength(seq: number): number;
   forward(rows: ForwardRow[]): Promise<ForwardResult>;
-  /** How many top logits per row forwardTop returns (0: the runner has no forwardTop). */
+  /** The most top logits per row forwardTop returns (0: the runner has no forwardTop). */
   readonly topLogits: number;
-  /** As forward, but returns only each row's top logits (no copy of the full rows). */
-  forwardTop?(rows: ForwardRow[]): Promise<{ top: TopLogits[]; runSeconds: number }>;
+  /**
+   * As forward, but returns only each row's `k` largest logits (no copy of the full rows); k defaults to, and is
+   * at most, topLogits. Graphs before version 8 return topLogits whatever k.
+   */
+  forwardTop?(rows: ForwardRow[], k?: number): Promise<{ top: TopLogits[]; runSeconds: number }>;
   /** Bytes of KV-cache memory held now. */
   kvBytes(): number;
   /** 4 for a float32 cache, 2 for float16. */
@@ -106,6 +129,7 @@ export class TallyRunner implements ModelRunner {
   private readonly kvType: KvType;
   readonly kvElementBytes: number;
   readonly topLogits: number;
+  private readonly topKInput: boolean;
   private keys: KvArray[] = [];
   private values: KvArray[] = [];
   private slotSeq: (number | undefined)[] = [];
@@ -127,8 +151,9 @@ export class TallyRunner implements ModelRunner {
     this.maxSlots = options.maxSlots;
     this.kvType = kvTypeOf(session, 'past_key.0');
     this.kvElementBytes = this.kvType === 'float16' ? 2 : 4;
-    const top = session.outputMetadata.find((m) => m.name === 'top_ids');
-    this.topLogits = top && top.isTensor && typeof top.shape[1] === 'number' ? top.shape[1] : 0;
+    const top = graphTopLogits(session, this.vocabSize);
+    this.topLogits = top.most;
+    this.topKInput = top.input;
   }
 
   private slotStride(cap = this.cap): number {
@@ -273,13 +298,13 @@ export class TallyRunner implements ModelRunner {
     return { logits: logits!, runSeconds };
   }
 
-  async forwardTop(rows: ForwardRow[]): Promise<{ top: TopLogits[]; runSeconds: number }> {
+  async forwardTop(rows: ForwardRow[], k = this.topLogits): Promise<{ top: TopLogits[]; runSeconds: number }> {
     if (this.topLogits === 0) throw new Error('this graph has no top_ids output');
-    const { top, runSeconds } = await this.run(rows, false);
+    const { top, runSeconds } = await this.run(rows, false, k);
     return { top: top!, runSeconds };
   }
 
-  private async run(rows: ForwardRow[], full: boolean): Promise<{ logits?: Float32Array[]; top?: TopLogits[]; runSeconds: number }> {
+  private async run(rows: ForwardRow[], full: boolean, k = 1): Promise<{ logits?: Float32Array[]; top?: TopLogits[]; runSeconds: number }> {
     if (rows.length === 0) return { logits: [], top: [], runSeconds: 0 };
     let maxEnd = 0;
     for (const r of rows) {
@@ -324,6 +349,7 @@ export class TallyRunner implements ModelRunner {
       new_mask: new ort.Tensor('float32', newMask, [B, 1, 1, T, T]),
       logits_index: new ort.Tensor('int64', logitsIndex, [B]),
     };
+    if (this.topKInput) feeds.top_k = topKTensor(k, this.topLogits);
     const stride = this.slotStride();
     const kvType = this.kvType;
     const dummy = fresh ? kvArray(kvType, B * this.kvh * this.hd) : undefined;
@@ -361,15 +387,7 @@ export class TallyRunner implements ModelRunner {
     });
 
     const rowOf = new Map(ordered.map((r, b) => [r.seq, b]));
-    if (!full) {
-      const k = this.topLogits;
-      const ids = out.top_ids.data as BigInt64Array;
-      const values = out.top_logits.data as Float32Array;
-      return {
-        top: rows.map((r) => topLogitsOf(ids, values, rowOf.get(r.seq)!, k)),
-        runSeconds,
-      };
-    }
+    if (!full) return { top: rows.map((r) => topLogitsOf(out, rowOf.get(r.seq)!)), runSeconds };
     const logits = logitsAsFloat32(out.logits);
     const V = this.vocabSize;
     return {

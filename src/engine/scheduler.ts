@@ -312,9 +312,16 @@ export class Scheduler {
         this.forwardFault = undefined;
         throw new Error(message);
       }
-      const k = this.runner.topLogits;
-      if (this.runner.forwardTop && sampling.every((s) => s.sampler.greedy && this.bannedFor(s).length < k)) {
-        const { top, runSeconds } = await this.runner.forwardTop(rows);
+      // A greedy row's token is the largest logit it may take: among its k largest when fewer than k are banned.
+      let k = 1;
+      let greedy = this.runner.forwardTop !== undefined && this.runner.topLogits > 0;
+      for (const s of sampling) {
+        if (!greedy) break;
+        k = Math.max(k, this.bannedFor(s).length + 1);
+        greedy = s.sampler.greedy && k <= this.runner.topLogits;
+      }
+      if (greedy) {
+        const { top, runSeconds } = await this.runner.forwardTop!(rows, k);
         return { outputs: top.map((t) => ({ top: t })), runSeconds };
       }
       const { logits, runSeconds } = await this.runner.forward(rows);

@@ -12,9 +12,9 @@ import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.t
  */
 export type GraphInterface = 'tally' | 'hf';
 
-export const TALLY_GRAPH_VERSION = '7';
+export const TALLY_GRAPH_VERSION = '8';
 
-/** How many of the largest logits per row Tally's graphs also return (greedy rows need nothing else). */
+/** The most of a row's largest logits that runners ask Tally's graphs for (greedy rows need nothing else). */
 export const TOP_LOGITS = 16;
 
 export class GraphBuilder {
@@ -59,17 +59,19 @@ export class GraphBuilder {
 
   /**
    * Tally's logits outputs from the final-normed rows [B, H]: `logits` [B, V] in float32 and each row's
-   * largest `top_logits` / `top_ids`, largest first, ties to the lower id (as an argmax over the row): enough
-   * for greedy rows, so the full logits need not be fetched (a copy of batch × vocab floats per step).
+   * `top_k` largest (an input, [1]) as `top_logits` / `top_ids`, largest first, ties to the lower id (as an
+   * argmax over the row): enough for greedy rows, so the full logits need not be fetched (a copy of batch ×
+   * vocab floats per step). A row's plain greedy token needs top_k 1, one more per token it may not be: ONNX
+   * Runtime's TopK costs several times more at k = 16 than at 1 or 2 (stories260K at batch 32: ~6 µs a row).
    */
   logitsOutputs(normed: string, headWeight: string, vocab: number): void {
     this.toFloat32(this.op1('Gemm', [normed, headWeight], { transB: 1 }));
     this.nameLast('logits');
     this.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', vocab] });
-    const k = Math.min(TOP_LOGITS, vocab);
-    this.nodes.push({ opType: 'TopK', inputs: ['logits', this.ints([k])], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
-    this.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', k] });
-    this.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', k] });
+    this.inputs.push({ name: 'top_k', type: DataType.INT64, dims: [1] });
+    this.nodes.push({ opType: 'TopK', inputs: ['logits', 'top_k'], outputs: ['top_logits', 'top_ids'], name: 'TopK_logits', attributes: { axis: -1, largest: 1, sorted: 1 } });
+    this.outputs.push({ name: 'top_logits', type: DataType.FLOAT, dims: ['batch', 'top_k'] });
+    this.outputs.push({ name: 'top_ids', type: DataType.INT64, dims: ['batch', 'top_k'] });
   }
 
   /** x as float32 (a Cast in float16 graphs). */
