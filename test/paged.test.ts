@@ -162,6 +162,34 @@ describe('native attention over the paged cache', () => {
     }
   });
 
+  it('positions past a row\'s length never reach its output, whatever a reused page holds there (NaN here)', () => {
+    const loaded = loadAttentionAddon();
+    if ('reason' in loaded) throw new Error(loaded.reason);
+    const a = loaded.binding;
+    let seed = 5;
+    const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32 - 0.5) * 4;
+    // 2 query heads on 1 KV head; head_dim 8 (the AVX-512 machines' fused kernel) and 16; a token at a time up to
+    // 70 positions (odd and even counts, a second page), so every step's last block and page are partly stale.
+    for (const hd of [8, 16]) {
+      const dims = Int32Array.of(1, 2, 1, hd, 2);
+      const [cos, sin] = [new Float32Array(128 * (hd / 2)).fill(1), new Float32Array(128 * (hd / 2))];
+      const qkv = Array.from({ length: 70 }, () => Float32Array.from({ length: 4 * hd }, rnd));
+      for (const make of [(n: number) => new Float32Array(n), (n: number) => new Uint16Array(n)]) {
+        const outputs = (stale: number) => {
+          const arena = make(2 * 2 * 64 * hd).fill(stale);
+          return qkv.map((x, len) => {
+            const out = new Float32Array(2 * hd);
+            a.attend(arena, x, out, Int32Array.of(1, len, 0), Int32Array.of(1, 0), dims, cos, sin);
+            return [...out];
+          });
+        };
+        const clean = outputs(0);
+        expect(clean.flat().every(Number.isFinite)).toBe(true);
+        expect(outputs(make(1) instanceof Uint16Array ? 0x7e00 : NaN), `head_dim ${hd}`).toEqual(clean);
+      }
+    }
+  });
+
   it('the engine takes native attention with a float16 cache on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
     const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
     const byDefault = await createEngine(base, () => {}, () => {});

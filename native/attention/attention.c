@@ -32,6 +32,17 @@
 #define BLK 16
 #define QROWS 4
 
+// Asks for `bytes` from `p` on into the cache ahead of use. A decode step's cache (every row's pages, in L3 at
+// best) is read as many short runs of lines, one run per page, that the hardware prefetcher picks up late.
+static inline void prefetch(const void *p, size_t bytes) {
+#if defined(__x86_64__)
+  for (size_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // Page-level kernels from block- and row-level ones.
 #define PAGE_KERNELS(NAME, QK_BLOCK, PV_ROW, ATTR)                                                                        \
   ATTR static void qk_##NAME(const float *const *q, int nrows, const void *kpage, int blocks, int hd, float *const *s, int half) { \
@@ -46,6 +57,14 @@
     for (int r = 0; r < nrows; r++) PV_ROW(w[r], count, vpage, hd, acc[r], half);                                       \
   }
 
+// A row's pages of one KV head: page i's keys at arena + (kbase + table[i] * PAGE * hd) elements, values at vbase.
+struct Pages {
+  const void *arena;
+  const int32_t *table;
+  size_t kbase, vbase;
+  int half;
+};
+
 typedef struct {
   // One page (float32, or float16 when `half`) for up to QROWS query rows: scores of `blocks` blocks of BLK
   // positions into s[r][0 …), and acc[r] += the first `count` positions' values weighted by w[r].
@@ -54,6 +73,9 @@ typedef struct {
   void (*softmax)(float *s, int m);
   void (*h2f)(const uint16_t *src, float *dst, int n);
   void (*f2h)(const float *src, uint16_t *dst, int n);
+  // head_dim 8 (NULL: none): one token's nrows (<= QROWS) query rows over its `own` positions, all of it in one
+  // pass per page (scores, softmax, values): see attend8_avx512.
+  void (*attend8)(const float *const *q, int nrows, const struct Pages *pages, int own, float *scores, float *const *out);
 } Kernels;
 
 // ---- portable kernels ----
@@ -509,6 +531,121 @@ AVX512 static void pv_avx512(const float *const *w, int nrows, int count, const 
   }
 }
 
+// Scores of R query rows (head_dim 8) against NB blocks of a key page, `end` positions of which are live (the
+// rest score -inf), into s[r * padded + …]; vmax[r] keeps their maximum. R * NB independent accumulators.
+INLINE_AVX512 void scores8(const float *const *q, const void *kpage, int end, float *s, int padded, __m512 *vmax, const int R, const int NB, const int HALF) {
+  __m512 acc[QROWS][4];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+  for (int d = 0; d < 8; d++) {
+    __m512 k[4];
+    for (int b = 0; b < NB; b++) k[b] = load16(kpage, (size_t)b * 8 * BLK + (size_t)d * BLK, HALF);
+    for (int r = 0; r < R; r++) {
+      const __m512 x = _mm512_set1_ps(q[r][d]);
+      for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(x, k[b], acc[r][b]);
+    }
+  }
+  for (int b = 0; b < NB; b++) {
+    const int valid = end - b * BLK;
+    const __mmask16 live = valid >= BLK ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+    for (int r = 0; r < R; r++) {
+      const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, acc[r][b]);
+      _mm512_storeu_ps(s + (size_t)r * padded + b * BLK, x);
+      vmax[r] = _mm512_max_ps(vmax[r], x);
+    }
+  }
+}
+
+// head_dim 8, R query rows of one token: a first pass over the key pages stores the scores (one 16-wide
+// multiply-add per head_dim element and block of 16 positions, keys transposed) and keeps their maximum; a second
+// pass takes exp(score - max), sums it and weights the values with it at once (two positions per 16-wide vector,
+// each weight spread to its position's 8 lanes by a permute). The output is divided by the sum at the end.
+// Positions past `own` in the last block weigh zero, and their values (a reused page's stale bytes) are not read.
+INLINE_AVX512 void attend8_rows(const float *const *q, const struct Pages *pg, int own, float *scores, float *const *out, const int R, const int HALF) {
+  const size_t esize = HALF ? 2 : 4, pageElements = (size_t)PAGE * 8;
+  const char *arena = pg->arena;
+  const int padded = (own + BLK - 1) / BLK * BLK;
+  __m512 vmax[QROWS];
+  for (int r = 0; r < R; r++) vmax[r] = _mm512_set1_ps(-INFINITY);
+  for (int p0 = 0; p0 < own; p0 += PAGE) {
+    const char *kpage = arena + (pg->kbase + (size_t)pg->table[p0 / PAGE] * pageElements) * esize;
+    if (own - p0 > PAGE) {
+      const int ncount = own - p0 - PAGE < PAGE ? own - p0 - PAGE : PAGE;
+      prefetch(arena + (pg->kbase + (size_t)pg->table[p0 / PAGE + 1] * pageElements) * esize, (size_t)(ncount + BLK - 1) / BLK * BLK * 8 * esize);
+    }
+    const int end = own - p0 < PAGE ? own - p0 : PAGE;
+    prefetch(arena + (pg->vbase + (size_t)pg->table[p0 / PAGE] * pageElements) * esize, (size_t)end * 8 * esize);
+    switch ((end + BLK - 1) / BLK) {
+      case 1: scores8(q, kpage, end, scores + p0, padded, vmax, R, 1, HALF); break;
+      case 2: scores8(q, kpage, end, scores + p0, padded, vmax, R, 2, HALF); break;
+      case 3: scores8(q, kpage, end, scores + p0, padded, vmax, R, 3, HALF); break;
+      default: scores8(q, kpage, end, scores + p0, padded, vmax, R, 4, HALF); break;
+    }
+  }
+  __m512 bmax[QROWS], sum[QROWS], acc[QROWS][4];
+  for (int r = 0; r < R; r++) {
+    bmax[r] = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[r]));
+    sum[r] = acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+  }
+  // pair[i]: lanes 0-7 take weight 2i, lanes 8-15 weight 2i + 1.
+  __m512i pair[8];
+  for (int i = 0; i < 8; i++) pair[i] = _mm512_inserti64x4(_mm512_set1_epi32(2 * i), _mm256_set1_epi32(2 * i + 1), 1);
+  for (int p0 = 0; p0 < own; p0 += PAGE) {
+    const char *vpage = arena + (pg->vbase + (size_t)pg->table[p0 / PAGE] * pageElements) * esize;
+    const int end = own - p0 < PAGE ? own - p0 : PAGE;
+    for (int b0 = 0; b0 < end; b0 += BLK) {
+      const int valid = end - b0;
+      const __mmask16 live = valid >= BLK ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+      __m512 e[QROWS];
+      for (int r = 0; r < R; r++) {
+        e[r] = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + (size_t)r * padded + p0 + b0), bmax[r])));
+        sum[r] = _mm512_add_ps(sum[r], e[r]);
+      }
+      const size_t at = (size_t)b0 * 8;
+      if (valid >= BLK) {
+        for (int i = 0; i < 8; i++) {
+          const __m512 v = load16(vpage, at + 16 * (size_t)i, HALF);
+          for (int r = 0; r < R; r++) acc[r][i & 3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair[i], e[r]), v, acc[r][i & 3]);
+        }
+        continue;
+      }
+      for (int i = 0; 2 * i < valid; i++) {
+        __m512 v;
+        if (2 * i + 1 < valid) {
+          v = load16(vpage, at + 16 * (size_t)i, HALF);
+        } else { // the last live position is 2i: its pair's upper half is not read
+          v = HALF ? _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)vpage + at + 16 * (size_t)i))))
+                   : _mm512_castps256_ps512(_mm256_loadu_ps((const float *)vpage + at + 16 * (size_t)i));
+          v = _mm512_maskz_mov_ps(0x00ff, v);
+        }
+        for (int r = 0; r < R; r++) acc[r][i & 3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pair[i], e[r]), v, acc[r][i & 3]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const __m512 t = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+    const __m256 both = _mm256_add_ps(_mm512_castps512_ps256(t), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+    _mm256_storeu_ps(out[r], _mm256_mul_ps(both, _mm256_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]))));
+  }
+}
+
+AVX512 static void attend8_avx512(const float *const *q, int nrows, const struct Pages *pg, int own, float *scores, float *const *out) {
+  if (pg->half) {
+    switch (nrows) {
+      case 1: return attend8_rows(q, pg, own, scores, out, 1, 1);
+      case 2: return attend8_rows(q, pg, own, scores, out, 2, 1);
+      case 3: return attend8_rows(q, pg, own, scores, out, 3, 1);
+      default: return attend8_rows(q, pg, own, scores, out, 4, 1);
+    }
+  }
+  switch (nrows) {
+    case 1: return attend8_rows(q, pg, own, scores, out, 1, 0);
+    case 2: return attend8_rows(q, pg, own, scores, out, 2, 0);
+    case 3: return attend8_rows(q, pg, own, scores, out, 3, 0);
+    default: return attend8_rows(q, pg, own, scores, out, 4, 0);
+  }
+}
+
 // As float_to_half: values past the float16 range saturate at ±65504 (max/min keep a NaN, their second operand).
 AVX2 static void f2h_avx2(const float *src, uint16_t *dst, int n) {
   const __m256 lo = _mm256_set1_ps(-65504.0f), hi = _mm256_set1_ps(65504.0f);
@@ -521,19 +658,20 @@ AVX2 static void f2h_avx2(const float *src, uint16_t *dst, int n) {
 }
 #endif
 
-static Kernels kernels = {qk_plain, pv_plain, softmax_plain, h2f_plain, f2h_plain};
+static Kernels kernels = {qk_plain, pv_plain, softmax_plain, h2f_plain, f2h_plain, NULL};
 static const char *kernel_name = "portable C";
 
 static void choose_kernels(void) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    kernels = (Kernels){qk_avx2, pv_avx2, softmax_avx2, h2f_avx2, f2h_avx2};
+    kernels = (Kernels){qk_avx2, pv_avx2, softmax_avx2, h2f_avx2, f2h_avx2, NULL};
     kernel_name = "AVX2";
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && !getenv("TALLY_ATTENTION_NO_AVX512")) {
       kernels.qk = qk_avx512;
       kernels.pv = pv_avx512;
       kernels.softmax = softmax_avx512;
+      kernels.attend8 = attend8_avx512;
       kernel_name = "AVX-512";
     }
   }
@@ -602,17 +740,6 @@ static void store_new(const Job *j, int b, int h) {
   }
 }
 
-// Asks for `bytes` from `p` on into the cache ahead of use. A decode step's cache (every row's pages, in L3 at
-// best) is read as many short runs of lines, one run per page, that the hardware prefetcher picks up late.
-static inline void prefetch(const void *p, size_t bytes) {
-#if defined(__x86_64__)
-  for (size_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // Row b's keys and values on KV head h, up to PREFETCH_BYTES of them: the next work item's, fetched while this one computes.
 #define PREFETCH_BYTES (48 * 1024)
 static void prefetch_item(const Job *j, int b, int h) {
@@ -650,6 +777,21 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
   }
   const float *qrow[QROWS];
   float *srow[QROWS];
+  if (hd == 8 && kernels.attend8) {
+    const struct Pages pg = {arena, table, head_base(j, 0, 0, h), head_base(j, 0, 1, h), j->half};
+    float *orow[QROWS];
+    for (int t = t0; t < t1; t++) {
+      for (int g0 = 0; g0 < group; g0 += QROWS) {
+        const int rn = group - g0 < QROWS ? group - g0 : QROWS;
+        for (int i = 0; i < rn; i++) {
+          qrow[i] = queries + (size_t)((t - t0) * group + g0 + i) * hd;
+          orow[i] = j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g0 + i) * hd;
+        }
+        kernels.attend8(qrow, rn, &pg, len + t + 1, scores, orow);
+      }
+    }
+    return;
+  }
 
   for (int r0 = 0; r0 < nrows; r0 += QROWS) {
     const int rn = nrows - r0 < QROWS ? nrows - r0 : QROWS;
