@@ -73,8 +73,8 @@ typedef struct {
   void (*softmax)(float *s, int m);
   void (*h2f)(const uint16_t *src, float *dst, int n);
   void (*f2h)(const float *src, uint16_t *dst, int n);
-  // head_dim 8 (NULL: none): one token's nrows (<= QROWS) query rows over its `own` positions, all of it in one
-  // pass per page (scores, softmax, values): see attend8_avx512.
+  // head_dim 8 (NULL: none): one token's nrows (<= QROWS) query rows over its `own` positions, scores, softmax
+  // and values in two passes over its pages: see attend8_rows.
   void (*attend8)(const float *const *q, int nrows, const struct Pages *pages, int own, float *scores, float *const *out);
 } Kernels;
 
