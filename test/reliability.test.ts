@@ -4,6 +4,8 @@
  */
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
+import http from 'node:http';
+import express from 'express';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -249,6 +251,77 @@ describe('SseStream backpressure', () => {
     expect(stalls[1]).toContain('more than 1000 bytes');
     expect(big.bufferedBytes).toBe(0);
     c.res.emit('close');
+  });
+});
+
+describe('SseStream over a real socket', () => {
+  // ~10 MB: more than the loopback socket buffers on both sides hold, so the writer has to wait for the reader.
+  const events = Array.from({ length: 2000 }, (_, i) => ({ i, text: `${i} `.repeat(1000) + "— é 🙂" }));
+  const expected = events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('') + 'data: [DONE]\n\n';
+
+  /** A server whose one route streams `events` at once and records how its response was written. */
+  async function sseServer() {
+    const seen: { resWrites: number; peak: number }[] = [];
+    const app = express();
+    app.get('/sse', (_req, res) => {
+      const record = { resWrites: 0, peak: 0 };
+      seen.push(record);
+      const write = res.write.bind(res);
+      res.write = ((...args: Parameters<typeof res.write>) => (record.resWrites++, write(...args))) as typeof res.write;
+      const sse = new SseStream(res, { maxBufferedBytes: 64 * 2 ** 20, stallTimeoutMs: 10_000, onStall: () => res.destroy() });
+      sse.open();
+      // Most at once, so that the socket pushes back while the reader waits; the rest over the next ~600 ms, so
+      // that writes go on after the socket drains, not only at the end.
+      let at = 1500;
+      for (const e of events.slice(0, at)) sse.send(e);
+      const batch = () => {
+        for (const e of events.slice(at, (at += 25))) sse.send(e);
+        if (at < events.length) return void setTimeout(batch, 30);
+        sse.end();
+        record.peak = sse.peakBufferedBytes;
+      };
+      setTimeout(batch, 30);
+    });
+    const server = app.listen(0, '127.0.0.1');
+    await new Promise((r) => server.once('listening', r));
+    return { port: (server.address() as net.AddressInfo).port, seen, close: () => new Promise((r) => server.close(r)) };
+  }
+
+  it('a reader that stops, then reads again, gets every event of a chunked stream intact and in order', async () => {
+    const srv = await sseServer();
+    try {
+      const body = await new Promise<string>((resolve, reject) => {
+        http.get({ port: srv.port, path: '/sse', agent: false }, (res) => {
+          expect(res.headers['transfer-encoding']).toBe('chunked');
+          res.pause();
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => resolve(Buffer.concat(chunks).toString()));
+          setTimeout(() => res.resume(), 300);
+        }).on('error', reject);
+      });
+      expect(body).toBe(expected);
+      // The socket pushed back (events waited) and the events went around res.write: only res.end used it.
+      expect(srv.seen[0].peak).toBeGreaterThan(100_000);
+      expect(srv.seen[0].resWrites).toBe(0);
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('an HTTP/1.0 client (no chunked encoding) gets the same events through res.write', async () => {
+    const srv = await sseServer();
+    try {
+      const c = rawClient(srv.port);
+      c.socket.write('GET /sse HTTP/1.0\r\nHost: x\r\n\r\n');
+      await c.closed;
+      const [head, ...rest] = Buffer.from(c.received(), 'latin1').toString().split('\r\n\r\n');
+      expect(head).not.toMatch(/transfer-encoding/i);
+      expect(rest.join('\r\n\r\n')).toBe(expected);
+      expect(srv.seen[0].resWrites).toBeGreaterThan(0);
+    } finally {
+      await srv.close();
+    }
   });
 });
 
