@@ -1,6 +1,6 @@
-import { createEngine } from '../src/engine/engine.ts';
-import type { EngineOptions } from '../src/engine/engine-options.ts';
-import type { GenerationRequest } from '../src/engine/scheduler.ts';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
+import type { EngineOptions } from '../src/engine/protocol.ts';
+import type { GenerationRequest } from '../src/engine/protocol.ts';
 
 export const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
 
@@ -31,7 +31,7 @@ export async function engineLoop(
   let t0 = 0;
   let finish!: () => void;
   const finished = new Promise<void>((r) => (finish = r));
-  const engine = await createEngine(
+  const engine = await createEngineCore(
     options,
     (events) => {
       for (const e of events) {

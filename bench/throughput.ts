@@ -13,14 +13,14 @@ import { resolveModel, modelsDir } from '../src/model/resolve.ts';
 import { convertRandomLike } from '../src/model/convert.ts';
 import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
 import { isModelFolder, loadModelFolder } from '../src/model/folder.ts';
-import { createEngine } from '../src/engine/engine.ts';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
 import { DataType, encodeModel, rawBytes } from '../src/model/onnx-proto.ts';
 import { seededUniform } from '../src/model/random.ts';
 import type { LlamaConfig } from '../src/model/types.ts';
 import { headDim } from '../src/model/types.ts';
 import { GREEDY } from './lib.ts';
-import type { EngineOptions } from '../src/engine/engine-options.ts';
-import { loadAttentionAddon } from '../src/engine/native-attention.ts';
+import type { EngineOptions } from '../src/engine/protocol.ts';
+import { loadAttentionAddon } from '../src/engine/runners/native-attention.ts';
 
 const quick = process.argv.includes('--quick');
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -148,13 +148,13 @@ async function pairedDecodeRates(
   extra: Partial<EngineOptions> = {},
   between?: () => Promise<void>,
 ): Promise<[number, number]> {
-  const engines: Awaited<ReturnType<typeof createEngine>>[] = [];
+  const engines: Awaited<ReturnType<typeof createEngineCore>>[] = [];
   const tokens = [0, 0];
   const seconds = [0, 0];
   const done = [0, 0];
   for (const k of [0, 1]) {
     engines.push(
-      await createEngine(
+      await createEngineCore(
         { ...engineOptions(modelDir), maxNumBatchedTokens: 4096, ...extra },
         (events) => {
           for (const e of events) {

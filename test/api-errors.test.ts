@@ -1,8 +1,8 @@
 /** Every error the API reports: OpenAI's body, the right status, and a server that keeps answering. */
 import OpenAI from 'openai';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import type { EngineClient } from '../src/engine/engine-client.ts';
-import type { GenerationRequest, RequestEvent } from '../src/engine/scheduler.ts';
+import type { EngineClient } from '../src/engine/client/engine-client.ts';
+import type { GenerationRequest, RequestEvent } from '../src/engine/protocol.ts';
 import { storiesModel } from './helpers/models.ts';
 import { startTestServer, type TestServer } from './helpers/server.ts';
 

@@ -5,13 +5,14 @@
  * add up to the steps' busy time.
  */
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { createEngine } from '../src/engine/engine.ts';
-import { createRunner } from '../src/engine/session.ts';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
+import { loadRunner } from '../src/engine/runners/load.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
-import type { EngineOptions } from '../src/engine/engine-options.ts';
-import type { SamplingParams } from '../src/engine/sampler.ts';
-import { Scheduler, type GenerationRequest, type RequestEvent, type StepRecord } from '../src/engine/scheduler.ts';
-import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
+import type { EngineOptions } from '../src/engine/protocol.ts';
+import type { SamplingParams } from '../src/engine/protocol.ts';
+import { Scheduler } from '../src/engine/core/scheduler.ts';
+import type { GenerationRequest, RequestEvent, StepRecord } from '../src/engine/protocol.ts';
+import type { ForwardRow, ModelRunner } from '../src/engine/runners/runner.ts';
 import { modelShape } from '../src/meter/attribution.ts';
 import type { TextTokenizer } from '../src/model/tokenizer.ts';
 import { storiesModel } from './helpers/models.ts';
@@ -37,7 +38,7 @@ async function startEngine(options: Partial<EngineOptions> = {}) {
   const steps: StepRecord[] = [];
   const listeners: ((e: RequestEvent) => void)[] = [];
   let counter = 0;
-  const engine = await createEngine(
+  const engine = await createEngineCore(
     { modelDir: storiesModel(), device: { kind: 'cpu' }, threads: 1, maxNumSeqs: 8, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 26, ...options },
     (events) => {
       for (const e of events) {
@@ -198,7 +199,7 @@ describe('continuous batching', () => {
 
     // With attention inside the graph (the slot runner) every request, run concurrently, gets the same tokens.
     const inGraph = await engineFor({ attention: 'onnx' });
-    expect(inGraph.info.runner).toBe('tally');
+    expect(inGraph.info.runner).toBe('slot');
     const again = await Promise.all(Object.values(reqs).map((r) => inGraph.submit(r)));
     for (const r of again) expect(r.tokens, r.final!.id).toEqual(expected.get(r.final!.id)!.tokens);
   });
@@ -227,7 +228,7 @@ describe('continuous batching', () => {
 
   it('all-greedy passes fetch only the top logits, and give the tokens that full logits give', async () => {
     const folder = loadModelFolder(storiesModel());
-    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 8, maxModelLen: 512 });
+    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 8, maxModelLen: 512 });
     const calls = { full: 0, top: 0 };
     const counted: ModelRunner = Object.assign(Object.create(runner), {
       forward: (rows: ForwardRow[]) => (calls.full++, runner.forward(rows)),
@@ -386,8 +387,8 @@ describe('continuous batching', () => {
   it('the slot runner (attention in the graph) regroups sequences when every slot is taken (two occupied slots swap places)', async () => {
     const folder = loadModelFolder(storiesModel());
     const opts = { device: { kind: 'cpu' as const }, threads: 1, maxSlots: 3, maxModelLen: 64, attention: 'onnx' as const };
-    const { runner } = await createRunner(folder, opts);
-    const { runner: alone } = await createRunner(folder, opts);
+    const { runner } = await loadRunner(folder, opts);
+    const { runner: alone } = await loadRunner(folder, opts);
     try {
       const prompts = [[1, 403, 407], [1, 261, 378], [1, 432, 383]];
       prompts.forEach((_, i) => runner.open(i + 1));

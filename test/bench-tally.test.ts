@@ -8,17 +8,18 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runBenchCommand } from '../src/bench/bench-cli.ts';
 import type { BenchResult } from '../src/bench/run.ts';
-import { type RunningServer, startServer } from '../src/server/start.ts';
+import { type RunningServer } from '../src/server/start.ts';
 import { storiesModel } from './helpers/models.ts';
 // For its side effect: until EngineClient bootstraps tsx in its worker itself, this helper patches
 // worker_threads so that the engine worker (a .ts file) starts on Node 20.
 import './helpers/server.ts';
+import { startServerWith } from './helpers/server.ts';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-tally-'));
 let server: RunningServer;
 
 beforeAll(async () => {
-  server = await startServer({ model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', dataDir: path.join(tmp, 'data'), logLevel: 'silent', devicePrice: '2' });
+  server = await startServerWith({ model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', dataDir: path.join(tmp, 'data'), logLevel: 'silent', devicePrice: '2' });
 });
 
 afterAll(async () => {

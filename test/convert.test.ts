@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import { afterAll, describe, expect, it } from 'vitest';
-import { createRunner } from '../src/engine/session.ts';
+import { loadRunner } from '../src/engine/runners/load.ts';
 import { convertCheckpoint, convertRandomLike, readCheckpoint } from '../src/model/convert.ts';
 import { loadModelFolder, writeModelFolder } from '../src/model/folder.ts';
 import { buildLlamaGraph } from '../src/model/llama-graph.ts';
@@ -31,7 +31,7 @@ const readJson = (dir: string, f: string) => JSON.parse(fs.readFileSync(path.joi
 
 /** Last-position logits after each chunk of `chunks`, for one sequence. */
 async function logitsOf(dir: string, chunks: number[][]): Promise<Float32Array[]> {
-  const { runner } = await createRunner(loadModelFolder(dir), { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
+  const { runner } = await loadRunner(loadModelFolder(dir), { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
   try {
     runner.open(1);
     const result: Float32Array[] = [];
@@ -132,7 +132,7 @@ describe('tally convert --dtype fp16', () => {
       expect(d, `chunk ${i}`).toBeGreaterThan(0); // really computed in fp16
       expect(d, `chunk ${i}`).toBeLessThan(0.1);
     });
-    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
+    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
     expect(runner.kvElementBytes).toBe(2);
     await runner.release();
   });
@@ -141,7 +141,7 @@ describe('tally convert --dtype fp16', () => {
     const hf = out('stories-fp16-hf');
     const r = run([GGUF, hf, '--dtype', 'fp16', '--format', 'hf']);
     expect(r.status, r.stderr).toBe(0);
-    const { runner } = await createRunner(loadModelFolder(hf), { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
+    const { runner } = await loadRunner(loadModelFolder(hf), { device: { kind: 'cpu' }, threads: 1, maxSlots: 1, maxModelLen: 256 });
     expect(runner.kind).toBe('plain');
     expect(runner.kvElementBytes).toBe(2);
     await runner.release();

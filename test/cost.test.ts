@@ -2,10 +2,12 @@ import type { AddressInfo } from 'node:net';
 import express from 'express';
 import { calcPrice } from '@pydantic/genai-prices';
 import { describe, expect, it } from 'vitest';
-import { buildCostReport, costRouter, HOURS_PER_MONTH, parseDuration } from '../src/meter/cost-report.ts';
+import { buildCostReport, HOURS_PER_MONTH, parseDuration } from '../src/meter/cost-report.ts';
+import { costRouter } from '../src/server/cost-routes.ts';
+import type { ApiError } from '../src/server/errors.ts';
 import { CostMeter, type WindowTotals } from '../src/meter/meter.ts';
 import { DEFAULT_API_MODELS, DEVICE_PRESETS, quoteApi, resolveDevicePrice } from '../src/meter/prices.ts';
-import type { StepRecord } from '../src/engine/scheduler.ts';
+import type { StepRecord } from '../src/engine/protocol.ts';
 import { Metrics, metricsHandler } from '../src/telemetry/metrics.ts';
 
 function totals(over: Partial<WindowTotals> = {}): WindowTotals {
@@ -140,6 +142,8 @@ describe('GET /v1/cost and /metrics', () => {
 
     const app = express();
     app.use(costRouter(meter, { apiModels: ['anthropic:claude-haiku-4-5'] }));
+    // The routes throw ApiErrors for the server's one error handler (createApp's) to answer; this app's stands in for it.
+    app.use((err: ApiError, _req: express.Request, res: express.Response, _next: express.NextFunction) => void res.status(err.status).json(err.body()));
     app.get('/metrics', metricsHandler(metrics));
     const server = app.listen(0, '127.0.0.1');
     await new Promise((r) => server.once('listening', r));

@@ -18,8 +18,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { format, pick } from '../src/dashboard/public/format.js';
 import { breakEvenPlot, priceBars, type DashboardSnapshot } from '../src/dashboard/snapshot.ts';
 import { Ledger } from '../src/meter/ledger.ts';
-import { startServer, type RunningServer } from '../src/server/start.ts';
+import {  type RunningServer } from '../src/server/start.ts';
 import { storiesModel } from './helpers/models.ts';
+import { startServerWith } from './helpers/server.ts';
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const HAVE_CHROMIUM = fs.existsSync(CHROMIUM);
@@ -95,7 +96,7 @@ let server: RunningServer;
 beforeAll(async () => {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-dashboard-'));
   fs.mkdirSync(OUT, { recursive: true });
-  server = await startServer({
+  server = await startServerWith({
     model: storiesModel(),
     host: '127.0.0.1',
     port: 0,

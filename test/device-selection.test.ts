@@ -3,9 +3,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import './helpers/server.ts'; // lets EngineClient's .ts worker start under vitest on Node 20
-import { EngineClient } from '../src/engine/engine-client.ts';
-import { DEFAULT_ENGINE_OPTIONS } from '../src/engine/engine-options.ts';
-import { createSession, cudaProviderProblem, parseDevice } from '../src/engine/session.ts';
+import { EngineClient } from '../src/engine/client/engine-client.ts';
+import { ENGINE_DEFAULTS } from '../src/engine/protocol.ts';
+import { resolveServeConfig } from '../src/config/serve-config.ts';
+import { createSession, cudaProviderProblem } from '../src/engine/runners/ort-session.ts';
+import { parseDevice } from '../src/config/serve-config.ts';
 import { storiesModel } from './helpers/models.ts';
 
 /** onnxruntime-node's CUDA provider is not installed here (npm ci skips it), as on any CPU machine. */
@@ -25,7 +27,8 @@ describe('parseDevice', () => {
   });
 
   it.each(['', 'gpu', 'CUDA', 'cuda:', 'cuda:-1', 'cuda:1.5', 'cuda:x', 'cpu:0', ' cpu'])('refuses %j', (value) => {
-    expect(() => parseDevice(value)).toThrow(`--device must be cpu, cuda, cuda:N or auto (got "${value}")`);
+    expect(() => parseDevice(value)).toThrow(`must be cpu, cuda, cuda:N or auto (got "${value}")`);
+    expect(() => resolveServeConfig({ device: value })).toThrow(`--device "${value}": must be cpu, cuda, cuda:N or auto (got "${value}")`);
   });
 });
 
@@ -63,7 +66,7 @@ describe.skipIf(!noProvider)('device selection without the CUDA provider', () =>
   });
 
   const engine = (device: string) =>
-    EngineClient.start({ modelDir: storiesModel(), device: parseDevice(device), maxNumSeqs: 4, maxNumBatchedTokens: 256, kvCacheBytes: DEFAULT_ENGINE_OPTIONS.kvCacheBytes });
+    EngineClient.start({ modelDir: storiesModel(), device: parseDevice(device), maxNumSeqs: 4, maxNumBatchedTokens: 256, kvCacheBytes: ENGINE_DEFAULTS.kvCacheBytes });
 
   it('the engine refuses to start on --device cuda with the message alone, no stack trace', async () => {
     const err = (await engine('cuda').then(

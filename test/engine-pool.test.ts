@@ -1,9 +1,10 @@
 import { describe, expect, it } from 'vitest';
-import { EnginePool } from '../src/engine/engine-pool.ts';
-import { EngineClient } from '../src/engine/engine-client.ts';
+import { EnginePool } from '../src/engine/client/engine-pool.ts';
+import { EngineClient } from '../src/engine/client/engine-client.ts';
 import { CostMeter } from '../src/meter/meter.ts';
-import type { GenerationRequest, RequestEvent, StepRecord } from '../src/engine/scheduler.ts';
+import type { GenerationRequest, RequestEvent, StepRecord } from '../src/engine/protocol.ts';
 import { storiesModel } from './helpers/models.ts';
+import { startServerWith } from './helpers/server.ts';
 
 const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
 const request = (id: string, maxTokens: number, promptIds = [1, 403, 407, 261]): GenerationRequest => ({
@@ -75,16 +76,16 @@ describe('several engine workers in one server (--devices)', () => {
 
 describe('tally serve --devices', () => {
   it('runs one worker per device behind one endpoint and reports busy time per device', async () => {
-    const { startServer, parseDeviceList } = await import('../src/server/start.ts');
-    expect(parseDeviceList('cuda', '0,1')).toEqual([{ kind: 'cuda', index: 0 }, { kind: 'cuda', index: 1 }]);
-    expect(parseDeviceList('cpu', 'cpu,cpu')).toEqual([{ kind: 'cpu' }, { kind: 'cpu' }]);
-    expect(() => parseDeviceList('cpu', 'gpu7')).toThrow(/--device must be/);
+    const { deviceList } = await import('../src/config/serve-config.ts');
+    expect(deviceList({ device: 'cuda', devices: '0,1' })).toEqual([{ kind: 'cuda', index: 0 }, { kind: 'cuda', index: 1 }]);
+    expect(deviceList({ device: 'cpu', devices: 'cpu,cpu' })).toEqual([{ kind: 'cpu' }, { kind: 'cpu' }]);
+    expect(() => deviceList({ device: 'cpu', devices: 'gpu7' })).toThrow(/--devices "gpu7": must be cpu, cuda, cuda:N or auto/);
     const fs = await import('node:fs');
     const os = await import('node:os');
     const path = await import('node:path');
     const pino = (await import('pino')).pino;
     const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-devices-'));
-    const server = await startServer(
+    const server = await startServerWith(
       { model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', devices: 'cpu,cpu', threads: 1, dataDir, logLevel: 'silent', maxNumSeqs: 4 },
       pino({ level: 'silent' }),
     );

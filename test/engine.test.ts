@@ -7,12 +7,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createEngine } from '../src/engine/engine.ts';
-import { EngineClient } from '../src/engine/engine-client.ts';
-import type { EngineOptions } from '../src/engine/engine-options.ts';
-import type { SamplingParams } from '../src/engine/sampler.ts';
-import type { GenerationRequest, RequestEvent } from '../src/engine/scheduler.ts';
-import { cudaProviderProblem } from '../src/engine/session.ts';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
+import { EngineClient } from '../src/engine/client/engine-client.ts';
+import type { EngineOptions } from '../src/engine/protocol.ts';
+import type { SamplingParams } from '../src/engine/protocol.ts';
+import type { GenerationRequest, RequestEvent } from '../src/engine/protocol.ts';
+import { cudaProviderProblem } from '../src/engine/runners/ort-session.ts';
 import { readCheckpoint } from '../src/model/convert.ts';
 import { writeModelFolder } from '../src/model/folder.ts';
 import { buildLlamaGraph } from '../src/model/llama-graph.ts';
@@ -41,7 +41,7 @@ const baseOptions = (modelDir: string): EngineOptions => ({
 async function startEngine(options: EngineOptions) {
   const events = new Map<string, RequestEvent[]>();
   const done = new Map<string, (o: Outcome) => void>();
-  const engine = await createEngine(
+  const engine = await createEngineCore(
     options,
     (evs) => {
       for (const e of evs) {
@@ -160,7 +160,7 @@ describe('graph I/O detection', () => {
       opsets: [{ domain: '', version: 17 }],
       metadata: {},
     });
-    await expect(createEngine(baseOptions(dir), () => {}, () => {})).rejects.toThrow(/converted by an older Tally .*convert the checkpoint again with `tally convert`/);
+    await expect(createEngineCore(baseOptions(dir), () => {}, () => {})).rejects.toThrow(/converted by an older Tally .*convert the checkpoint again with `tally convert`/);
   });
 
   it('an ONNX graph with neither interface is refused with a clear error', async () => {
@@ -173,7 +173,7 @@ describe('graph I/O detection', () => {
       opsets: [{ domain: '', version: 17 }],
       metadata: {},
     });
-    await expect(createEngine(baseOptions(dir), () => {}, () => {})).rejects.toThrow(
+    await expect(createEngineCore(baseOptions(dir), () => {}, () => {})).rejects.toThrow(
       /model\.onnx has neither Tally's interface \(past_key\.N, new_kv\) nor a decoder-with-past interface .*inputs: x$/,
     );
   });
@@ -181,7 +181,7 @@ describe('graph I/O detection', () => {
 
 describe.skipIf(cudaProviderProblem() === undefined)('devices on a machine without the CUDA provider', () => {
   it('--device cuda fails, naming the missing CUDA provider library', async () => {
-    const err = await createEngine({ ...baseOptions(storiesModel()), device: { kind: 'cuda', index: 0 } }, () => {}, () => {}).catch((e: Error) => e);
+    const err = await createEngineCore({ ...baseOptions(storiesModel()), device: { kind: 'cuda', index: 0 } }, () => {}, () => {}).catch((e: Error) => e);
     expect(err).toBeInstanceOf(Error);
     expect((err as Error).message).toMatch(/libonnxruntime_providers_cuda\.so is missing/);
     expect((err as Error).message).toMatch(/npm run install-cuda/);

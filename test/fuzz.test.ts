@@ -9,8 +9,9 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type RunningServer, startServer } from '../src/server/start.ts';
+import { type RunningServer } from '../src/server/start.ts';
 import { randomLike } from './helpers/models.ts';
+import { startServerWith } from './helpers/server.ts';
 
 const KEY = 'sk-fuzz-key-0123456789';
 const CASES = 3000;
@@ -218,7 +219,7 @@ describe('fuzz', () => {
   beforeAll(async () => {
     const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-fuzz-'));
     const logger = pino({ level: 'info' }, { write: (line: string) => void logs.push(JSON.parse(line)) });
-    server = await startServer(
+    server = await startServerWith(
       { model: randomLike('SmolLM2-135M-Instruct'), servedModelName: 'SmolLM2', host: '127.0.0.1', port: 0, device: 'cpu', dataDir, logLevel: 'info', maxNumSeqs: 4, maxModelLen: 512, kvCacheGb: 0.1, threads: 1, apiKeys: [`fuzzer:${KEY}`] },
       logger,
     );

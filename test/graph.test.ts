@@ -6,7 +6,7 @@ import { buildLlamaGraph } from '../src/model/llama-graph.ts';
 import { randomWeights } from '../src/model/random.ts';
 import type { LlamaConfig } from '../src/model/types.ts';
 import { writeModelFolder, loadModelFolder } from '../src/model/folder.ts';
-import { createRunner } from '../src/engine/session.ts';
+import { loadRunner } from '../src/engine/runners/load.ts';
 import { referenceLogits } from './helpers/reference-llama.ts';
 
 const tiny: LlamaConfig = {
@@ -48,8 +48,8 @@ describe.each([
   it('matches a direct forward pass, batched and chunked, token by token', async () => {
     const { folder, weights } = folderFor(config as LlamaConfig, name.startsWith('hf') ? 'hf' : 'tally', positionIds);
     // The float32 cache: the reference is float32 throughout (the float16 cache is tested in paged.test.ts).
-    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160, attention, kvCacheDtype: attention === 'native' ? 'float32' : undefined });
-    expect(runner.kind).toBe(name.startsWith('hf') ? 'plain' : attention === 'native' ? 'paged' : 'tally');
+    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160, attention, kvCacheDtype: attention === 'native' ? 'float32' : undefined });
+    expect(runner.kind).toBe(name.startsWith('hf') ? 'plain' : attention === 'native' ? 'paged' : 'slot');
     const refs = [seqA, seqB, seqC].map((s) => referenceLogits(config as LlamaConfig, weights, s));
     [1, 2, 3].forEach((s) => runner.open(s));
     // Prefill A in two chunks and B in one, batched; C alone; then decode all three together.
@@ -95,12 +95,12 @@ describe.each([
   it('forwardTop gives each row its k largest logits (16 at most, the default), largest first, ties to the lower id, as the full rows have them', async () => {
     const { folder } = folderFor(tiny, 'tally');
     const open = async () => {
-      const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, attention, maxSlots: 4, maxModelLen: 160 });
+      const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, attention, maxSlots: 4, maxModelLen: 160 });
       [1, 2, 3].forEach((s) => runner.open(s));
       return runner;
     };
     const [full, top] = [await open(), await open()];
-    expect(full.kind).toBe(attention === 'native' ? 'paged' : 'tally');
+    expect(full.kind).toBe(attention === 'native' ? 'paged' : 'slot');
     expect(full.topLogits).toBe(16);
     const steps: [{ seq: number; tokens: number[] }[], number | undefined][] = [
       [[{ seq: 1, tokens: seqA.slice(0, 5) }, { seq: 2, tokens: seqB }], undefined],

@@ -10,7 +10,7 @@ import type { IProbe } from 'kubernetes-models/v1/Probe';
 import ts from 'typescript';
 import { describe, expect, it } from 'vitest';
 import { parseAllDocuments } from 'yaml';
-import { parseDevice } from '../src/engine/session.ts';
+import { parseDevice } from '../src/config/serve-config.ts';
 import { resolveDevicePrice } from '../src/meter/prices.ts';
 import { Metrics } from '../src/telemetry/metrics.ts';
 

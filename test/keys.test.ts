@@ -7,10 +7,11 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Ledger } from '../src/meter/ledger.ts';
 import { formatKeyEntry, keyDigest, parseKeysFile, readKeysFile } from '../src/server/api-keys.ts';
-import { runKeysCommand } from '../src/server/keys-cli.ts';
-import { type RunningServer, startServer } from '../src/server/start.ts';
+import { runKeysCommand } from '../src/cli/keys.ts';
+import { type RunningServer } from '../src/server/start.ts';
 import { TenantLimiter } from '../src/server/tenant-limits.ts';
 import { storiesModel } from './helpers/models.ts';
+import { startServerWith } from './helpers/server.ts';
 
 const tmp = (prefix: string) => fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 
@@ -103,7 +104,7 @@ describe('a server with a keys file', () => {
   const k: Record<string, string> = {};
 
   const start = () =>
-    startServer(
+    startServerWith(
       {
         model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', dataDir, logLevel: 'info', maxNumSeqs: 8, kvCacheGb: 0.25, threads: 1,
         apiKeysFile: file,

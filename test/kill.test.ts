@@ -12,8 +12,8 @@ import Database from 'better-sqlite3';
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
 import { Ledger } from '../src/meter/ledger.ts';
-import { startServer } from '../src/server/start.ts';
 import { storiesModel } from './helpers/models.ts';
+import { FAULT_WORKER, injectFault, startServerWith } from './helpers/server.ts';
 
 const tmp = (prefix: string) => fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 
@@ -58,9 +58,10 @@ describe('engine worker crash', () => {
   it('fails the requests in flight with 500 and a clear message, restarts the worker, serves on; the ledger matches', async () => {
     const dataDir = tmp('tally-kill-worker-');
     const logs: Record<string, unknown>[] = [];
-    const s = await startServer(
+    const s = await startServerWith(
       { model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', dataDir, logLevel: 'info', maxNumSeqs: 8, kvCacheGb: 0.25, threads: 1 },
       pino({ level: 'info' }, { write: (line: string) => void logs.push(JSON.parse(line)) }),
+      FAULT_WORKER,
     );
     const answers: Answer[] = [];
     try {
@@ -72,7 +73,7 @@ describe('engine worker crash', () => {
         while (s.engine.inFlight < 7 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
         await new Promise((r) => setTimeout(r, 100));
         const restarting = once(s.engine, 'restart');
-        s.engine.injectFault(fault);
+        injectFault(fault);
         // Submitted once the worker has died, while the new one loads: it waits for it.
         await restarting;
         const during = complete(s.url, { prompt: 'Once upon a time', max_tokens: 8 });

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import Database from 'better-sqlite3';
-import { runCostCommand } from '../src/meter/cost-cli.ts';
+import { runCostCommand } from '../src/cli/cost.ts';
 import { Ledger, type LedgerRecord } from '../src/meter/ledger.ts';
 import { CostMeter } from '../src/meter/meter.ts';
 import type { FinishedRequest } from '../src/meter/types.ts';

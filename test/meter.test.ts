@@ -2,8 +2,9 @@ import { describe, expect, it } from 'vitest';
 import { type ModelShape, chunkFlops, splitSeconds } from '../src/meter/attribution.ts';
 import { CostMeter, costHeaders, unitCosts } from '../src/meter/meter.ts';
 import type { FinishedRequest } from '../src/meter/types.ts';
-import { Scheduler, type RequestEvent, type StepRecord } from '../src/engine/scheduler.ts';
-import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
+import { Scheduler } from '../src/engine/core/scheduler.ts';
+import type { RequestEvent, StepRecord } from '../src/engine/protocol.ts';
+import type { ForwardRow, ModelRunner } from '../src/engine/runners/runner.ts';
 import type { TextTokenizer } from '../src/model/tokenizer.ts';
 import { Metrics } from '../src/telemetry/metrics.ts';
 
@@ -66,7 +67,7 @@ describe('attribution', () => {
     const vocab = 16;
     const lengths = new Map<number, number>();
     const runner: ModelRunner = {
-      kind: 'tally',
+      kind: 'slot',
       vocabSize: vocab,
       open: (seq) => void lengths.set(seq, 0),
       close: (seq) => void lengths.delete(seq),

@@ -7,14 +7,16 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
-import { createRunner, defaultThreads } from '../src/engine/session.ts';
-import { ATTENTION_ADDON_PATH, loadAttentionAddon } from '../src/engine/native-attention.ts';
-import { createEngine } from '../src/engine/engine.ts';
+import { loadRunner, defaultThreads } from '../src/engine/runners/load.ts';
+import { ATTENTION_ADDON_PATH, loadAttentionAddon } from '../src/engine/runners/native-attention.ts';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
-import type { ForwardRow, ModelRunner } from '../src/engine/runner.ts';
-import type { KvCacheDtype } from '../src/engine/paged-runner.ts';
+import type { ForwardRow, ModelRunner } from '../src/engine/runners/runner.ts';
+import type { KvCacheDtype } from '../src/engine/protocol.ts';
 import path from 'node:path';
 import { SHARED_MODELS, randomLike, storiesModel } from './helpers/models.ts';
+import { explainEngineError } from '../src/config/serve-config.ts';
+import { EngineOptionError } from '../src/engine/protocol.ts';
 
 beforeAll(() => {
   if (!fs.existsSync(ATTENTION_ADDON_PATH)) {
@@ -26,8 +28,8 @@ beforeAll(() => {
 async function runners(dir: string, kvCacheDtype: KvCacheDtype) {
   const folder = loadModelFolder(dir);
   const options = { device: { kind: 'cpu' as const }, threads: 2, maxSlots: 8, maxModelLen: 256, kvCacheBytes: 2 ** 26 };
-  const native = (await createRunner(folder, { ...options, attention: 'native', kvCacheDtype })).runner;
-  const graph = (await createRunner(folder, { ...options, attention: 'onnx' })).runner;
+  const native = (await loadRunner(folder, { ...options, attention: 'native', kvCacheDtype })).runner;
+  const graph = (await loadRunner(folder, { ...options, attention: 'onnx' })).runner;
   return { native, graph, vocab: folder.config.vocab_size };
 }
 
@@ -67,7 +69,7 @@ describe('native attention over the paged cache', () => {
     it(`gives the logits attention inside the graph gives: ${name}`, async () => {
       const { native, graph, vocab } = await runners(model(), 'float32');
       expect(native.kind).toBe('paged');
-      expect(graph.kind).toBe('tally');
+      expect(graph.kind).toBe('slot');
       expect(await maxLogitDifference(native, graph, vocab)).toBeLessThan(1e-3);
       await native.release();
       await graph.release();
@@ -94,7 +96,7 @@ describe('native attention over the paged cache', () => {
 
   it('holds whole pages per sequence, returns them on close and reuses them; refuses what it cannot hold', async () => {
     const folder = loadModelFolder(storiesModel());
-    const { runner } = await createRunner(folder, { device: { kind: 'cpu' }, maxSlots: 2, maxModelLen: 200, attention: 'native', kvCacheTokens: 128 });
+    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, maxSlots: 2, maxModelLen: 200, attention: 'native', kvCacheTokens: 128 });
     expect(runner.kvElementBytes).toBe(2);
     const page = 64 * folder.config.num_hidden_layers * 2 * folder.config.num_key_value_heads * (folder.config.hidden_size / folder.config.num_attention_heads) * 2;
     runner.open(0);
@@ -192,30 +194,34 @@ describe('native attention over the paged cache', () => {
 
   it('the engine takes native attention with a float16 cache on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
     const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
-    const byDefault = await createEngine(base, () => {}, () => {});
+    const byDefault = await createEngineCore(base, () => {}, () => {});
     expect(byDefault.info.runner).toBe('paged');
     expect(byDefault.info.kvCacheDtype).toBe('float16');
     // stories260K is far below SMALL_MODEL_FLOPS_PER_TOKEN: one intra-op thread unless --threads says otherwise.
     expect(byDefault.info.threads).toBe(1);
     await byDefault.release();
-    const twoThreads = await createEngine({ ...base, threads: 2 }, () => {}, () => {});
+    const twoThreads = await createEngineCore({ ...base, threads: 2 }, () => {}, () => {});
     expect(twoThreads.info.threads).toBe(2);
     await twoThreads.release();
     const smol = JSON.parse(fs.readFileSync(path.join(SHARED_MODELS, 'SmolLM2-135M-Instruct', 'config.json'), 'utf8'));
     expect(defaultThreads(smol)).toBe(os.availableParallelism());
-    const inGraph = await createEngine({ ...base, attention: 'onnx' }, () => {}, () => {});
-    expect(inGraph.info.runner).toBe('tally');
+    const inGraph = await createEngineCore({ ...base, attention: 'onnx' }, () => {}, () => {});
+    expect(inGraph.info.runner).toBe('slot');
     await inGraph.release();
     expect(inGraph.info.kvCacheDtype).toBe('float32');
-    await expect(createEngine({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {})).rejects.toThrow(/--kv-cache-dtype float16: this graph's KV cache is float32, and only native attention stores another type \(--attention onnx\)/);
-    const fp16Graph = await createEngine({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float16' }, () => {}, () => {});
-    expect([fp16Graph.info.runner, fp16Graph.info.kvCacheDtype]).toEqual(['tally', 'float16']);
+    const refused = await createEngineCore({ ...base, attention: 'onnx', kvCacheDtype: 'float16' }, () => {}, () => {}).catch((e: Error) => e);
+    expect(refused).toBeInstanceOf(EngineOptionError);
+    expect((refused as EngineOptionError).option).toBe('kvCacheDtype');
+    // The engine does not know flags; the configuration says the message with the flag that set the option.
+    expect(explainEngineError(refused).message).toBe("--kv-cache-dtype float16: this graph's KV cache is float32, and only native attention stores another type (attention is set to onnx)");
+    const fp16Graph = await createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float16' }, () => {}, () => {});
+    expect([fp16Graph.info.runner, fp16Graph.info.kvCacheDtype]).toEqual(['slot', 'float16']);
     await fp16Graph.release();
-    await expect(createEngine({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float32' }, () => {}, () => {})).rejects.toThrow(/this graph's KV cache is float16/);
-    await expect(createEngine({ ...base, modelDir: storiesModel('float16'), attention: 'native' }, () => {}, () => {})).rejects.toThrow(/--attention native: native attention runs float32 graphs/);
+    await expect(createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float32' }, () => {}, () => {})).rejects.toThrow(/this graph's KV cache is float16/);
+    await expect(createEngineCore({ ...base, modelDir: storiesModel('float16'), attention: 'native' }, () => {}, () => {})).rejects.toThrow(/^native: native attention runs float32 graphs/);
     // float16 elements (the default): the same --kv-cache-gb holds twice the tokens.
-    const half = await createEngine(base, () => {}, () => {});
-    const full = await createEngine({ ...base, kvCacheDtype: 'float32' }, () => {}, () => {});
+    const half = await createEngineCore(base, () => {}, () => {});
+    const full = await createEngineCore({ ...base, kvCacheDtype: 'float32' }, () => {}, () => {});
     expect(full.info.kvCacheDtype).toBe('float32');
     expect(half.info.limits.kvCapacityTokens).toBe(2 * full.info.limits.kvCapacityTokens);
     await Promise.all([half.release(), full.release()]);

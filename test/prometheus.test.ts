@@ -15,9 +15,10 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
 import { streamLoad } from '../bench/http-load.ts';
-import { startServer, type RunningServer } from '../src/server/start.ts';
+import {  type RunningServer } from '../src/server/start.ts';
 import { Metrics } from '../src/telemetry/metrics.ts';
 import { storiesModel } from './helpers/models.ts';
+import { startServerWith } from './helpers/server.ts';
 
 const PROMETHEUS = process.env.PROMETHEUS_PATH ?? '/usr/bin/prometheus';
 const PROMTOOL = process.env.PROMTOOL_PATH ?? '/usr/bin/promtool';
@@ -148,7 +149,7 @@ describe.skipIf(!HAVE_PROMETHEUS)(`Prometheus scraping two Tally replicas${HAVE_
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-prom-'));
     const model = storiesModel();
     replicas = await Promise.all(
-      PRICES.map((price, i) => startServer({ model, host: '127.0.0.1', port: 0, device: 'cpu', threads: 1, dataDir: path.join(tmp, `data-${i}`), logLevel: 'silent', devicePrice: price })),
+      PRICES.map((price, i) => startServerWith({ model, host: '127.0.0.1', port: 0, device: 'cpu', threads: 1, dataDir: path.join(tmp, `data-${i}`), logLevel: 'silent', devicePrice: price })),
     );
     // Traffic before Prometheus starts: Tally's labelled counters appear with a replica's first request,
     // and their first samples must already hold a good part of the later increase (see the tolerance below).

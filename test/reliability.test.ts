@@ -13,8 +13,10 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Ledger } from '../src/meter/ledger.ts';
 import { SseStream } from '../src/server/sse.ts';
-import { type RunningServer, type ServeOptions, startServer } from '../src/server/start.ts';
+import { type RunningServer } from '../src/server/start.ts';
 import { storiesModel } from './helpers/models.ts';
+import { FAULT_WORKER, injectFault, startServerWith } from './helpers/server.ts';
+import type { ServeConfig } from '../src/config/serve-config.ts';
 
 interface Started {
   s: RunningServer;
@@ -22,13 +24,14 @@ interface Started {
   dataDir: string;
 }
 
-async function start(opts: Partial<ServeOptions> = {}): Promise<Started> {
+async function start(opts: Partial<ServeConfig> = {}): Promise<Started> {
   const logs: Record<string, unknown>[] = [];
   const logger = pino({ level: 'info' }, { write: (line: string) => void logs.push(JSON.parse(line)) });
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-rel-'));
-  const s = await startServer(
+  const s = await startServerWith(
     { model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', dataDir, logLevel: 'info', maxNumSeqs: 8, kvCacheGb: 0.25, threads: 1, ...opts },
     logger,
+    FAULT_WORKER,
   );
   return { s, logs, dataDir };
 }
@@ -333,7 +336,7 @@ describe('engine faults', () => {
       const pending = [post(s.url, LONG), post(s.url, { ...LONG, stream: true })];
       await until(() => s.engine.inFlight === 2, 2000);
       await new Promise((r) => setTimeout(r, 50));
-      s.engine.injectFault('forward-error');
+      injectFault('forward-error');
       const [whole, streamed] = await Promise.all(pending);
       expectOpenAIError(whole.status, whole.text, 500);
       expect(whole.json().error.message).toContain('injected ONNX Runtime error');

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { SequenceSampler, type SamplingParams } from '../src/engine/sampler.js';
+import { SequenceSampler } from '../src/engine/core/sampler.ts';
+import type { SamplingParams } from '../src/engine/protocol.ts';
 
 const OFF: SamplingParams = {
   temperature: 1,

@@ -137,12 +137,14 @@ describe('start-up', () => {
       (e: { code: number; output: string }) => e,
     );
     expect(err?.code).toBe(1);
-    expect(err?.output).toContain(`could not load the model in ${broken}`);
+    expect(err?.output).toContain(`tally serve: could not load the model in ${broken}`);
     const missing = await serve(['--model', 'no-such-model', '--data-dir', tmp('tally-broken-data-')]).then(
       () => undefined,
       (e: { code: number; output: string }) => e,
     );
     expect(missing?.code).toBe(1);
-    expect(missing?.output).toMatch(/model ."no-such-model." not found/);
+    // One readable line on stderr, not a JSON log record.
+    expect(missing?.output).toMatch(/^tally serve: model "no-such-model" not found in .*, or pass --model PATH to a folder with config\.json and onnx\/model\.onnx\.$/m);
+    expect(missing?.output).not.toMatch(/"level":\s*60/);
   });
 });

@@ -8,9 +8,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createEngine } from '../src/engine/engine.ts';
-import type { EngineOptions } from '../src/engine/engine-options.ts';
-import type { GenerationRequest, RequestEvent } from '../src/engine/scheduler.ts';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
+import type { EngineOptions } from '../src/engine/protocol.ts';
+import type { GenerationRequest, RequestEvent } from '../src/engine/protocol.ts';
 import { convertCheckpoint } from '../src/model/convert.ts';
 import { Llama2cTokenizer, Llama2cTransformer, generateGreedy } from './helpers/llama2c-reference.ts';
 import { SHARED_MODELS, storiesModel } from './helpers/models.ts';
@@ -34,7 +34,7 @@ interface Generation {
 async function greedyOnEngine(modelDir: string, prompts: number[][], maxTokens: number, options: Partial<EngineOptions> = {}) {
   const results = new Map<string, Generation>();
   const done = new Map<string, () => void>();
-  const engine = await createEngine(
+  const engine = await createEngineCore(
     { modelDir, device: { kind: 'cpu' }, threads: 1, maxNumSeqs: 4, maxNumBatchedTokens: 512, kvCacheBytes: 2 ** 26, ...options },
     (events: RequestEvent[]) => {
       for (const e of events) {
@@ -127,7 +127,7 @@ describe('stories260K against a port of llama2.c', () => {
     const dir = path.join(tmp, 'from-bin');
     convertCheckpoint(BIN, dir, { tokenizer: path.join(STORIES, 'tok512.model') });
     const { out, info } = await greedyOnEngine(dir, [[1]], 512, { attention: 'onnx' });
-    expect(info.runner).toBe('tally');
+    expect(info.runner).toBe('slot');
     expect(info.limits.maxModelLen).toBe(512);
     const [story] = out;
     expect(story.finish).toBe('stop');
@@ -139,7 +139,7 @@ describe('stories260K against a port of llama2.c', () => {
     const dir = storiesModel('float16');
     expect(fs.existsSync(path.join(dir, 'onnx', 'model_fp16.onnx'))).toBe(true);
     const { out, info } = await greedyOnEngine(dir, [[1], boyPrompt], 512);
-    expect(info.runner).toBe('tally');
+    expect(info.runner).toBe('slot');
     const [story, boy] = out;
     expect(story.finish).toBe('stop');
     expect(story.tokens).toEqual(refStory);

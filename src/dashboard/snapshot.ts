@@ -7,7 +7,8 @@
  * /metrics serves, and `ledger` groups the ledger's rows by tenant and by model. Every figure the page
  * shows is a field of this object, formatted by public/format.js; the page computes nothing.
  */
-import { buildCostReport, type CostWindowReport, type Pricing } from '../meter/cost-report.ts';
+import { ledgerPerMillion } from '../meter/cost-math.ts';
+import { buildCostReport, type CostWindowReport, meterCostReport } from '../meter/cost-report.ts';
 import type { Ledger, LedgerRow } from '../meter/ledger.ts';
 import type { CostMeter } from '../meter/meter.ts';
 import type { Metrics } from '../telemetry/metrics.ts';
@@ -112,8 +113,6 @@ export interface DashboardSnapshot {
   ledger: LedgerTables | null;
 }
 
-const perMillion = (usd: number, tokens: number) => (tokens > 0 ? (usd / tokens) * 1e6 : null);
-
 function tableRows(rows: LedgerRow[]): LedgerTableRow[] {
   return rows.map((r) => {
     const tokens = r.promptTokens + r.completionTokens;
@@ -126,7 +125,7 @@ function tableRows(rows: LedgerRow[]): LedgerTableRow[] {
       device_seconds: r.prefillDeviceSeconds + r.decodeDeviceSeconds,
       usd_usage: r.usdUsage,
       usd_allocation: r.usdAllocation,
-      usd_per_million_tokens: { usage: perMillion(r.usdUsage, tokens), allocation: perMillion(r.usdAllocation, tokens) },
+      usd_per_million_tokens: ledgerPerMillion(r),
     };
   });
 }
@@ -244,11 +243,9 @@ export class SnapshotSource {
       gauge(metrics, 'tally:kv_cache_usage_perc', meter.model),
     ]);
     const now = this.clock();
-    const pricing: Pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
-    // As costRouter builds GET /v1/cost's body.
-    const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
-    const cost = { ...buildCostReport(meter.window(meter.allocationWindowMs, now), pricing, { apiModels: this.sources.apiModels, telemetry: this.sources.telemetry }), ...perDevice };
-    const recent = buildCostReport(meter.window(RECENT_WINDOW_MS, now), pricing, { apiModels: [] });
+    // Exactly what GET /v1/cost answers.
+    const cost = meterCostReport(meter, meter.allocationWindowMs, { apiModels: this.sources.apiModels, telemetry: this.sources.telemetry }, now);
+    const recent = buildCostReport(meter.window(RECENT_WINDOW_MS, now), meter.pricing(), { apiModels: [] });
     return {
       object: 'dashboard_snapshot',
       seq: ++this.seq,

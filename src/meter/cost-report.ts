@@ -1,8 +1,9 @@
-import { Router, type Request, type Response } from 'express';
-import { type CostMeter, type WindowTotals, RING_SECONDS, unitCosts } from './meter.ts';
+import { HOURS_PER_MONTH } from './cost-math.ts';
+import { type CostMeter, type WindowTotals, unitCosts } from './meter.ts';
 import { type ApiQuote, DEFAULT_API_MODELS, quoteApi } from './prices.ts';
+import type { Pricing } from './types.ts';
 
-export const HOURS_PER_MONTH = 730;
+export { HOURS_PER_MONTH };
 const UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
 /** "90s", "15m", "1.5h", "7d" → ms; undefined if malformed or not positive. */
@@ -13,12 +14,7 @@ export function parseDuration(text: string): number | undefined {
   return ms > 0 && Number.isFinite(ms) ? ms : undefined;
 }
 
-export interface Pricing {
-  devices: number;
-  devicePriceUsdPerHour: number;
-  /** Device price plus measured power, per device-hour. */
-  usdPerDeviceHour: number;
-}
+export type { Pricing };
 
 export interface CostReportOptions {
   /** "provider:model" ids (default DEFAULT_API_MODELS). */
@@ -120,34 +116,8 @@ export function buildCostReport(t: WindowTotals, pricing: Pricing, options: Cost
 
 export type CostWindowReport = ReturnType<typeof buildCostReport>;
 
-function badRequest(res: Response, message: string, param: string, code: string): void {
-  res.status(400).json({ error: { message, type: 'invalid_request_error', param, code } });
-}
-
-/** GET /v1/cost?window=15m[&models=provider:model,...][&target_tokens_per_month=N] */
-export function costRouter(meter: CostMeter, options: CostReportOptions = {}): Router {
-  const router = Router();
-  router.get('/v1/cost', (req: Request, res: Response) => {
-    const q = req.query as Record<string, unknown>;
-    const windowText = q.window ?? '15m';
-    const windowMs = typeof windowText === 'string' ? parseDuration(windowText) : undefined;
-    if (windowMs === undefined) return badRequest(res, `Invalid window "${String(windowText)}": use a number and a unit s, m, h or d, e.g. 15m.`, 'window', 'invalid_window');
-    if (windowMs > RING_SECONDS * 1000) return badRequest(res, 'The window may be at most 24h; `tally cost` reports longer periods from the ledger.', 'window', 'invalid_window');
-    let apiModels = options.apiModels;
-    if (q.models !== undefined) {
-      if (typeof q.models !== 'string' || q.models.trim() === '') return badRequest(res, 'models must be a comma-separated list of provider:model ids.', 'models', 'invalid_value');
-      apiModels = q.models.split(',').map((s) => s.trim()).filter(Boolean);
-    }
-    let target = options.targetTokensPerMonth;
-    if (q.target_tokens_per_month !== undefined) {
-      target = Number(q.target_tokens_per_month);
-      if (typeof q.target_tokens_per_month !== 'string' || !Number.isFinite(target) || target < 0) {
-        return badRequest(res, 'target_tokens_per_month must be a non-negative number.', 'target_tokens_per_month', 'invalid_value');
-      }
-    }
-    const pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
-    const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
-    res.json({ ...buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }), ...perDevice });
-  });
-  return router;
+/** GET /v1/cost's body for the meter's last `windowMs`: the window's report at the meter's prices, and per-device busy time. */
+export function meterCostReport(meter: CostMeter, windowMs: number, options: CostReportOptions = {}, now?: number) {
+  const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
+  return { ...buildCostReport(meter.window(windowMs, now), meter.pricing(), options), ...perDevice };
 }

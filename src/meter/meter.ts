@@ -1,7 +1,8 @@
-import type { StepRecord } from '../engine/scheduler.ts';
+import type { StepRecord } from '../engine/protocol.ts';
 import type { LiveCost, Metrics } from '../telemetry/metrics.ts';
 import type { Ledger, LedgerRecord } from './ledger.ts';
-import type { CostReport, FinishedRequest, RequestMeter } from './types.ts';
+import type { CostReport, FinishedRequest, Pricing, RequestMeter } from './types.ts';
+import { perMillion, usdOf } from './cost-math.ts';
 
 /**
  * Cost model.
@@ -112,7 +113,6 @@ export interface UnitCosts {
   usdPerMillion: { usage: PerMillion; allocation: PerMillion };
 }
 
-const perMillion = (usd: number, tokens: number) => (tokens > 0 ? (usd / tokens) * 1e6 : null);
 const scale = (v: number | null, f: number) => (v === null ? null : v * f);
 
 /** Utilization, allocation factor, costs and $/M tokens of a window. */
@@ -182,6 +182,11 @@ export class CostMeter implements RequestMeter {
   }
 
   /** USD per device-hour now: the device price plus measured power at the power price. */
+  /** The prices now (power, where measured, moves the hourly rate). */
+  pricing(): Pricing {
+    return { devices: this.devices, devicePriceUsdPerHour: this.devicePriceUsdPerHour, usdPerDeviceHour: this.usdPerDeviceHour() };
+  }
+
   usdPerDeviceHour(): number {
     const power = this.powerPriceUsdPerKwh !== undefined && this.watts !== undefined ? ((this.watts / 1000) * this.powerPriceUsdPerKwh) / this.devices : 0;
     return this.devicePriceUsdPerHour + power;
@@ -215,7 +220,7 @@ export class CostMeter implements RequestMeter {
     this.busyTotal += busy;
     if (record.device !== undefined) this.busyByDevice.set(record.device, (this.busyByDevice.get(record.device) ?? 0) + busy);
     this.buckets.add(now, 'busyDeviceSeconds', busy);
-    this.buckets.add(now, 'busyUsd', (busy * this.usdPerDeviceHour()) / 3600);
+    this.buckets.add(now, 'busyUsd', usdOf(busy, this.usdPerDeviceHour()));
     this.metrics?.observeStep(record, this.model, busy);
   }
 
@@ -232,8 +237,8 @@ export class CostMeter implements RequestMeter {
     const rate = this.usdPerDeviceHour();
     const prefill = Math.max(0, req.prefillSeconds) * this.devicesPerStep;
     const decode = Math.max(0, req.decodeSeconds) * this.devicesPerStep;
-    const prefillUsd = (prefill * rate) / 3600;
-    const decodeUsd = (decode * rate) / 3600;
+    const prefillUsd = usdOf(prefill, rate);
+    const decodeUsd = usdOf(decode, rate);
     const usage = prefillUsd + decodeUsd;
     const factor = unitCosts(this.window(this.allocationWindowMs, now)).allocationFactor;
     const add = (field: Field, v: number) => this.buckets.add(now, field, v);

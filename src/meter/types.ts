@@ -19,6 +19,14 @@ export interface FinishedRequest {
   interTokenSeconds: number[];
 }
 
+/** The prices a cost report is computed at. */
+export interface Pricing {
+  devices: number;
+  devicePriceUsdPerHour: number;
+  /** Device price plus measured power, per device-hour. */
+  usdPerDeviceHour: number;
+}
+
 /** The `usage.cost` object of a response. */
 export interface CostReport {
   device_seconds: { prefill: number; decode: number };

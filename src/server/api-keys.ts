@@ -56,12 +56,12 @@ export function generateKey(): string {
 }
 
 /**
- * API keys from `--api-key` (repeatable) and TALLY_API_KEYS, each `KEY` or `NAME:KEY`, comma-separated in
- * the variable. Returns key → tenant name; empty when keys are off.
+ * API keys as the configuration gives them (`--api-key`, repeatable, else TALLY_API_KEYS split at commas), each
+ * `KEY` or `NAME:KEY`. Returns key → tenant name; empty when keys are off.
  */
-export function loadApiKeys(cliKeys: string[] | undefined, envKeys: string | undefined): Map<string, string> {
+export function loadApiKeys(given: string[] | undefined): Map<string, string> {
   const keys = new Map<string, string>();
-  const entries = [...(cliKeys ?? []), ...(envKeys ?? '').split(',')].map((s) => s.trim()).filter(Boolean);
+  const entries = (given ?? []).map((s) => s.trim()).filter(Boolean);
   for (const entry of entries) {
     const at = entry.indexOf(':');
     const [name, key] = at > 0 ? [entry.slice(0, at), entry.slice(at + 1)] : [undefined, entry];

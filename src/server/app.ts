@@ -9,7 +9,7 @@ import { ANONYMOUS, authenticate } from './auth.ts';
 import { chatHandler } from './chat.ts';
 import { ChatTemplate } from './chat-template.ts';
 import { completionsHandler } from './completions.ts';
-import type { RequestLocals, ServerContext, ServerState } from './context.ts';
+import { API_LIMIT_DEFAULTS, type RequestLocals, type ServerContext, ServerLifecycle, type ServerState } from './context.ts';
 import { ApiError, badRequest, fromBodyParser, serverError } from './errors.ts';
 import { TokenText } from './logprobs.ts';
 import { makeSchemas } from './schemas.ts';
@@ -17,10 +17,7 @@ import { checkCapacity } from './serve.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
 
-export type { ServerContext, ServerLimits } from './context.ts';
-
-/** The sampler returns at most this many top logprobs. */
-const SAMPLER_MAX_LOGPROBS = 20;
+export { ServerLifecycle, type ServerContext, type ServerLimits } from './context.ts';
 /** Deeper JSON bodies are refused (templates and validators recurse). */
 const MAX_JSON_DEPTH = 64;
 
@@ -107,29 +104,27 @@ function defaultMaxPromptChars(ctx: ServerContext): number {
   return ctx.engine.info.limits.maxModelLen * longest * 4;
 }
 
-export function createApp(ctx: ServerContext): Express {
+export function createApp(context: ServerContext): Express {
+  const limits = { ...API_LIMIT_DEFAULTS, ...context.limits };
+  limits.maxLogprobs = Math.min(limits.maxLogprobs, API_LIMIT_DEFAULTS.maxLogprobs);
+  const ctx = { ...context, limits: { ...limits, maxPromptChars: limits.maxPromptChars ?? defaultMaxPromptChars(context) } };
   const keys = ctx.keys ?? new KeyStore(ctx.apiKeys);
   const state: ServerState = {
     ctx,
-    schemas: makeSchemas({ ...ctx.limits, maxLogprobs: Math.min(ctx.limits.maxLogprobs, SAMPLER_MAX_LOGPROBS) }),
+    schemas: makeSchemas(ctx.limits),
     chatTemplate: loadChatTemplate(ctx),
     tokenText: new TokenText(ctx.tokenizer),
     created: Math.floor(Date.now() / 1000),
-    draining: false,
+    lifecycle: ctx.lifecycle ?? new ServerLifecycle(),
     limiter: ctx.tenantLimiter ?? new TenantLimiter((tenant) => keys.policy(tenant)),
-    maxPromptChars: ctx.limits.maxPromptChars ?? defaultMaxPromptChars(ctx),
   };
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
-  /** While draining, /health answers 503 and new generations are refused. */
-  app.locals.setDraining = (draining = true) => {
-    state.draining = draining;
-  };
 
   app.use(requestLog(ctx));
   app.get('/health', (_req, res) => {
-    if (state.draining) res.status(503).json({ status: 'draining' });
+    if (state.lifecycle.draining) res.status(503).json({ status: 'draining' });
     else res.json({ status: 'ok' });
   });
   app.use(['/v1', '/tokenize', '/detokenize'], authenticate(keys));

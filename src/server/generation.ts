@@ -2,8 +2,8 @@
  * One API request's engine requests (prompts × n choices): submits them, follows their events, and
  * when the last one ends reports the request to the meter with its timings and device seconds.
  */
-import type { Engine } from '../engine/engine-pool.ts';
-import type { FinishReason, GeneratedToken, GenerationRequest, RequestEvent } from '../engine/scheduler.ts';
+import type { EngineHandle } from '../engine/client/engine-handle.ts';
+import type { FinishReason, GeneratedToken, GenerationRequest, RequestEvent } from '../engine/protocol.ts';
 import type { CostReport, FinishedRequest, RequestMeter } from '../meter/types.ts';
 import type { Logger } from 'pino';
 
@@ -55,7 +55,7 @@ export class Generation {
   private resolve!: (o: Outcome) => void;
 
   constructor(
-    private readonly engine: Engine,
+    private readonly engine: EngineHandle,
     private readonly meter: RequestMeter,
     private readonly logger: Logger,
     private readonly meta: GenerationMeta,

@@ -1,5 +1,5 @@
 /** Token strings and bytes for logprobs, and the two OpenAI logprobs shapes. */
-import type { GeneratedToken } from '../engine/scheduler.ts';
+import type { GeneratedToken } from '../engine/protocol.ts';
 import type { TextTokenizer } from '../model/tokenizer.ts';
 
 /** GPT-2's byte-level alphabet, inverted: vocabulary character → byte. */

@@ -1,6 +1,6 @@
 /** From validated request bodies to the engine's GenerationRequest, with the checks that need the model. */
-import type { GenerationRequest } from '../engine/scheduler.ts';
-import type { SamplingParams } from '../engine/sampler.ts';
+import type { GenerationRequest } from '../engine/protocol.ts';
+import type { SamplingParams } from '../engine/protocol.ts';
 import { ApiError, badRequest } from './errors.ts';
 import type { ChatMessage, SamplingBody } from './schemas.ts';
 import type { ServerState } from './context.ts';
@@ -47,10 +47,10 @@ export function resolveMaxTokens(state: ServerState, promptTokens: number, reque
  * body of megabytes would hold it for seconds).
  */
 export function checkPromptChars(state: ServerState, chars: number, param: string): void {
-  if (chars > state.maxPromptChars) {
+  if (chars > state.ctx.limits.maxPromptChars) {
     throw badRequest(
       `The ${param} has ${chars} characters, more than this model's context of ${state.ctx.engine.info.limits.maxModelLen} tokens can hold ` +
-        `(this server tokenizes at most ${state.maxPromptChars} characters). Please reduce the length of the ${param}.`,
+        `(this server tokenizes at most ${state.ctx.limits.maxPromptChars} characters). Please reduce the length of the ${param}.`,
       param,
       'context_length_exceeded',
     );

@@ -3,14 +3,13 @@
  * whole responses, engine errors, the request timeout, and cancellation when the client goes away.
  */
 import type { Response } from 'express';
-import type { GenerationRequest, RequestEvent } from '../engine/scheduler.ts';
+import type { GenerationRequest, RequestEvent } from '../engine/protocol.ts';
+import { costHeaders } from '../meter/meter.ts';
 import type { RequestLocals, ServerState } from './context.ts';
 import { ApiError, badRequest, serverError } from './errors.ts';
 import { type Choice, Generation, type Outcome, type Usage } from './generation.ts';
 import { SseStream } from './sse.ts';
 
-const DEFAULT_STREAM_BUFFER_BYTES = 256 * 1024;
-const DEFAULT_STREAM_STALL_MS = 30_000;
 
 type Part = Record<string, unknown>;
 
@@ -44,7 +43,7 @@ export function choiceCapacity(state: ServerState): number {
 /** Refuses work the server cannot take now: 503 while draining, 400 past what it can ever run, 429 past maxNumSeqs + maxQueue. */
 export function checkCapacity(state: ServerState, choices: number): void {
   const { ctx } = state;
-  if (state.draining) throw new ApiError(503, 'The server is shutting down.', 'server_error', null, 'server_unavailable');
+  if (state.lifecycle.draining) throw new ApiError(503, 'The server is shutting down.', 'server_error', null, 'server_unavailable');
   if (ctx.engine.available === false) {
     throw new ApiError(503, 'The engine is down and restarting; please retry shortly.', 'server_error', null, 'engine_unavailable', { 'Retry-After': '5' });
   }
@@ -55,17 +54,6 @@ export function checkCapacity(state: ServerState, choices: number): void {
   if (ctx.engine.inFlight + choices > capacity) {
     throw new ApiError(429, 'The server is overloaded; please retry shortly.', 'rate_limit_exceeded', null, 'server_overloaded', { 'Retry-After': '1' });
   }
-}
-
-export function costHeaders(usage: Usage): Record<string, string> {
-  const cost = usage.cost;
-  if (!cost) return {};
-  return {
-    'x-tally-cost-usd-usage': String(cost.usd.usage),
-    'x-tally-cost-usd-allocation': String(cost.usd.allocation),
-    'x-tally-device-seconds-prefill': String(cost.device_seconds.prefill),
-    'x-tally-device-seconds-decode': String(cost.device_seconds.decode),
-  };
 }
 
 export async function serveGeneration(state: ServerState, res: Response, plan: GenerationPlan, format: ResponseFormat): Promise<void> {
@@ -106,8 +94,8 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
   };
   const sse = plan.stream
     ? new SseStream(res, {
-        maxBufferedBytes: ctx.limits.streamBufferBytes ?? DEFAULT_STREAM_BUFFER_BYTES,
-        stallTimeoutMs: ctx.limits.streamStallTimeoutMs ?? DEFAULT_STREAM_STALL_MS,
+        maxBufferedBytes: ctx.limits.streamBufferBytes,
+        stallTimeoutMs: ctx.limits.streamStallTimeoutMs,
         onStall: stalled,
       })
     : undefined;
@@ -164,6 +152,6 @@ export async function serveGeneration(state: ServerState, res: Response, plan: G
     if (plan.includeUsage) sse.send(envelope(format.chunkObject, [], { usage: outcome.usage }));
     sse.end();
   } else {
-    res.set(costHeaders(outcome.usage)).json(envelope(format.object, gen.choices.map((c) => format.choice(c)), { usage: outcome.usage }));
+    res.set(outcome.usage.cost ? costHeaders(outcome.usage.cost) : {}).json(envelope(format.object, gen.choices.map((c) => format.choice(c)), { usage: outcome.usage }));
   }
 }

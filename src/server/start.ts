@@ -1,86 +1,37 @@
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { pino, type Logger } from 'pino';
-import { EngineClient } from '../engine/engine-client.ts';
-import { DEFAULT_ENGINE_OPTIONS } from '../engine/engine-options.ts';
-import { parseDevice, type AttentionMode, type DeviceSpec } from '../engine/session.ts';
-import type { KvCacheDtype } from '../engine/paged-runner.ts';
-import { EnginePool, type Engine } from '../engine/engine-pool.ts';
+import type { Logger } from 'pino';
+import { deviceList, engineOptionsOf, explainEngineError, type ServeConfig } from '../config/serve-config.ts';
+import { ENGINE_WORKER, EngineClient } from '../engine/client/engine-client.ts';
+import type { EngineHandle } from '../engine/client/engine-handle.ts';
+import { EnginePool } from '../engine/client/engine-pool.ts';
 import { loadModelFolder } from '../model/folder.ts';
 import { resolveModel } from '../model/resolve.ts';
 import { TextTokenizer } from '../model/tokenizer.ts';
 import { Ledger } from '../meter/ledger.ts';
 import { CostMeter } from '../meter/meter.ts';
 import type { RequestMeter } from '../meter/types.ts';
-import { costRouter } from '../meter/cost-report.ts';
-import { dashboardRouter } from '../dashboard/router.ts';
 import { resolveDevicePrice } from '../meter/prices.ts';
+import { dashboardRouter } from '../dashboard/router.ts';
 import { Metrics, metricsHandler } from '../telemetry/metrics.ts';
 import { DeviceTelemetry } from '../telemetry/device.ts';
-import { createApp } from './app.ts';
+import { createApp, ServerLifecycle } from './app.ts';
 import { KeyStore, loadApiKeys } from './api-keys.ts';
+import { costRouter } from './cost-routes.ts';
+import { createLogger } from './logger.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 
-export interface ServeOptions {
-  model?: string;
-  servedModelName?: string;
-  host: string;
-  port: number;
-  device: string;
-  /** One engine worker per device: a comma-separated list (see parseDeviceList). */
-  devices?: string;
-  threads?: number;
-  spinWait?: boolean;
-  maxNumSeqs?: number;
-  maxNumBatchedTokens?: number;
-  maxModelLen?: number;
-  kvCacheTokens?: number;
-  kvCacheGb?: number;
-  kvCacheDtype?: KvCacheDtype;
-  attention?: AttentionMode;
-  maxQueue?: number;
-  requestTimeoutSeconds?: number;
-  apiKeys?: string[];
-  /** Hashed keys with per-tenant limits (see api-keys.ts); also TALLY_API_KEYS_FILE. */
-  apiKeysFile?: string;
-  devicePrice?: string;
-  powerPrice?: number;
-  dataDir: string;
-  logLevel: string;
-  /** false: no cost meter, ledger or cost metrics (for measuring the meter's own overhead). */
-  meter?: boolean;
-  /** Seconds SIGTERM waits for requests in flight before cancelling them. */
-  shutdownGraceSeconds?: number;
-  /**
-   * Seconds a connection may sit without progress (default 60): a request whose headers and body take longer
-   * to arrive gets 408, a stream whose client reads nothing for this long is cancelled, and a socket with no
-   * generation pending and no traffic is closed.
-   */
-  idleTimeoutSeconds?: number;
-  /** Request bodies larger than this get 413 (default 4 MiB). */
-  maxBodyBytes?: number;
-  /** Connections beyond this are refused at accept (default 1024). */
-  maxConnections?: number;
-}
-
-/**
- * `--devices`: one engine worker per entry, each a device (`cuda:1`, `cpu`) or a bare index of
- * --device's kind (`--device cuda --devices 0,1`); for the CPU, N entries are N CPU workers.
- */
-export function parseDeviceList(device: string, devices: string | undefined): DeviceSpec[] {
-  const base = parseDevice(device);
-  if (!devices) return [base];
-  return devices.split(',').map((item) => {
-    const entry = item.trim();
-    if (/^\d+$/.test(entry)) return base.kind === 'cuda' || base.kind === 'auto' ? parseDevice(`cuda:${entry}`) : base;
-    return parseDevice(entry);
-  });
+/** What a server is started with besides its configuration. */
+export interface ServerDeps {
+  logger?: Logger;
+  /** The engine worker's entry module (tests run one that can inject faults). */
+  engineWorker?: URL;
 }
 
 export interface RunningServer {
   url: string;
   server: http.Server;
-  engine: Engine;
+  engine: EngineHandle;
   meter: CostMeter;
   logger: Logger;
   /** Stops admitting, lets requests in flight finish (up to the grace period), flushes the ledger. */
@@ -92,44 +43,38 @@ const UNMETERED: RequestMeter = {
   requestRejected: () => {},
 };
 
-export async function startServer(options: ServeOptions, logger: Logger = pino({ level: options.logLevel })): Promise<RunningServer> {
-  const model = resolveModel(options.model, (msg) => logger.info(msg));
+export async function startServer(config: ServeConfig, deps: ServerDeps = {}): Promise<RunningServer> {
+  const logger = deps.logger ?? createLogger(config.logLevel, config.logFormat);
+  const model = resolveModel(config.model, (msg) => logger.info(msg));
   const folder = loadModelFolder(model.dir);
-  const modelName = options.servedModelName ?? model.name;
-  const price = resolveDevicePrice(options.devicePrice);
-  const apiKeys = loadApiKeys(options.apiKeys, process.env.TALLY_API_KEYS);
-  const apiKeysFile = options.apiKeysFile ?? (process.env.TALLY_API_KEYS_FILE || undefined);
-  const keys = new KeyStore(apiKeys, apiKeysFile, (err) => logger.error({ err: err.message }, 'the API keys file no longer parses; keeping the keys loaded before'));
-  if (apiKeysFile) logger.info({ file: apiKeysFile, keys: keys.entries().length - apiKeys.size }, 'API keys file');
-  const idleMs = (options.idleTimeoutSeconds ?? 60) * 1000;
+  const modelName = config.servedModelName ?? model.name;
+  const price = resolveDevicePrice(config.devicePrice);
+  const apiKeys = loadApiKeys(config.apiKeys);
+  const keys = new KeyStore(apiKeys, config.apiKeysFile, (err) => logger.error({ err: err.message }, 'the API keys file no longer parses; keeping the keys loaded before'));
+  if (config.apiKeysFile) logger.info({ file: config.apiKeysFile, keys: keys.entries().length - apiKeys.size }, 'API keys file');
+  const idleMs = config.idleTimeoutSeconds * 1000;
 
-  const devices = parseDeviceList(options.device, options.devices);
-  const engineOptions = {
-    modelDir: folder.dir,
-    device: devices[0],
-    threads: options.threads,
-    spinWait: options.spinWait,
-    maxNumSeqs: options.maxNumSeqs ?? DEFAULT_ENGINE_OPTIONS.maxNumSeqs,
-    maxNumBatchedTokens: options.maxNumBatchedTokens ?? DEFAULT_ENGINE_OPTIONS.maxNumBatchedTokens,
-    maxModelLen: options.maxModelLen,
-    kvCacheTokens: options.kvCacheTokens,
-    kvCacheBytes: options.kvCacheGb !== undefined ? options.kvCacheGb * 2 ** 30 : DEFAULT_ENGINE_OPTIONS.kvCacheBytes,
-    kvCacheDtype: options.kvCacheDtype,
-    attention: options.attention,
-  };
-  const engine: Engine = devices.length > 1 ? await EnginePool.start(engineOptions, devices) : await EngineClient.start(engineOptions);
+  const devices = deviceList(config);
+  const engineOptions = engineOptionsOf(config, folder.dir, devices[0]);
+  const worker = deps.engineWorker ?? ENGINE_WORKER;
+  let engine: EngineHandle;
+  try {
+    engine = devices.length > 1 ? await EnginePool.start(engineOptions, devices, worker) : await EngineClient.start(engineOptions, worker);
+  } catch (err) {
+    throw explainEngineError(err);
+  }
   if (engine.info.deviceNote) logger.warn(engine.info.deviceNote);
   logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, threads: engine.info.threads, kvCacheDtype: engine.info.kvCacheDtype, limits: engine.info.limits }, 'model loaded');
 
-  const ledger = new Ledger(options.dataDir);
+  const ledger = new Ledger(config.dataDir);
   const metrics = new Metrics();
-  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
+  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: config.powerPrice, ledger, metrics, model: modelName });
   const telemetry = new DeviceTelemetry({ engineDevice: engine.info.device });
-  if (options.meter !== false) telemetry.onPower((watts) => meter.observePower(watts));
+  const metering = !config.noMeter;
+  if (metering) telemetry.onPower((watts) => meter.observePower(watts));
   const firstSample = await telemetry.start();
   metrics.setTelemetrySource(() => telemetry.latest());
   logger.info({ source: firstSample.source, devices: firstSample.devices.map((d) => d.name), notes: firstSample.notes }, 'device telemetry');
-  const metering = options.meter !== false;
   if (metering) engine.on('step', (record) => meter.observeStep(record));
   engine.on('restart', (why) => logger.error({ why }, 'engine worker restarted'));
   // Budgets count what each tenant has spent so far, on the usage basis, from the ledger.
@@ -138,6 +83,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     ledger.query({ by: 'tenant' }).map((row) => [row.key, row.usdUsage] as [string, number]),
   );
 
+  const lifecycle = new ServerLifecycle();
   const app = createApp({
     engine,
     tokenizer: TextTokenizer.load(folder.dir),
@@ -148,13 +94,11 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     apiKeys,
     keys,
     tenantLimiter,
+    lifecycle,
     limits: {
-      maxQueue: options.maxQueue ?? 256,
-      requestTimeoutMs: (options.requestTimeoutSeconds ?? 600) * 1000,
-      maxBodyBytes: options.maxBodyBytes ?? 4 * 2 ** 20,
-      maxN: 16,
-      maxStop: 16,
-      maxLogprobs: 20,
+      maxQueue: config.maxQueue,
+      requestTimeoutMs: config.requestTimeoutSeconds * 1000,
+      maxBodyBytes: config.maxBodyBytes,
       streamStallTimeoutMs: idleMs,
     },
     mount: (express) => {
@@ -164,10 +108,10 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     },
   });
 
-  const server = createHttpServer(app, { idleMs, maxConnections: options.maxConnections ?? 1024 });
+  const server = createHttpServer(app, { idleMs, maxConnections: config.maxConnections });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(options.port, options.host, () => resolve());
+    server.listen(config.port, config.host, () => resolve());
   });
   const address = server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
@@ -175,10 +119,10 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
   logger.info({ url, price_usd_per_hour: price.usdPerHour, price_preset: price.name }, 'serving');
 
   let closed = false;
-  const shutdown = async (graceSeconds = options.shutdownGraceSeconds ?? 30) => {
+  const shutdown = async (graceSeconds = config.shutdownGraceSeconds) => {
     if (closed) return;
     closed = true;
-    app.locals.setDraining?.(true);
+    lifecycle.draining = true;
     server.close();
     const waitIdle = async (ms: number) => {
       const deadline = Date.now() + ms;
@@ -228,14 +172,18 @@ export function createHttpServer(app: http.RequestListener, opts: { idleMs: numb
   return server;
 }
 
-/** `tally serve`: runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. */
-export async function runServer(options: ServeOptions): Promise<void> {
-  const logger = pino({ level: options.logLevel });
+/**
+ * `tally serve`: runs until SIGTERM or SIGINT, then shuts down gracefully and exits 0. A start that fails (no
+ * model, CUDA missing, an option the model cannot take) is one line on stderr and exit code 1.
+ */
+export async function runServer(config: ServeConfig): Promise<void> {
+  const logger = createLogger(config.logLevel, config.logFormat);
   let running: RunningServer;
   try {
-    running = await startServer(options, logger);
+    running = await startServer(config, { logger });
   } catch (err) {
-    logger.fatal((err as Error).message);
+    logger.flush();
+    process.stderr.write(`tally serve: ${(err as Error).message}\n`);
     process.exit(1);
   }
   const stop = (signal: string) => {

@@ -1,7 +1,7 @@
 import type { TelemetrySample } from './device.ts';
 import type { Request, Response } from 'express';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { StepRecord } from '../engine/scheduler.ts';
+import type { StepRecord } from '../engine/protocol.ts';
 import type { CostReport, FinishedRequest } from '../meter/types.ts';
 
 type Basis = 'usage' | 'allocation';

@@ -1,13 +1,17 @@
 /** Starts an engine and the API on 127.0.0.1 with an in-memory meter and captured logs, for tests. */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import pino from 'pino';
-import { EngineClient } from '../../src/engine/engine-client.ts';
-import type { EngineOptions } from '../../src/engine/engine-options.ts';
+import { BroadcastChannel } from 'node:worker_threads';
+import pino, { type Logger } from 'pino';
+import { resolveServeConfig, type ServeConfig } from '../../src/config/serve-config.ts';
+import { EngineClient } from '../../src/engine/client/engine-client.ts';
+import type { EngineOptions } from '../../src/engine/protocol.ts';
+import { type RunningServer, startServer } from '../../src/server/start.ts';
+import { FAULT_CHANNEL, type WorkerFault } from './fault-worker.ts';
 import { loadModelFolder } from '../../src/model/folder.ts';
 import { TextTokenizer } from '../../src/model/tokenizer.ts';
 import type { CostReport, FinishedRequest, RequestMeter } from '../../src/meter/types.ts';
-import { createApp, type ServerLimits } from '../../src/server/app.ts';
+import { createApp, ServerLifecycle, type ServerLimits } from '../../src/server/app.ts';
 
 /** A stand-in for the real meter: device seconds at a fixed price, everything recorded. */
 export class TestMeter implements RequestMeter {
@@ -37,6 +41,7 @@ export const TEST_LIMITS: ServerLimits = {
   maxN: 8,
   maxStop: 4,
   maxLogprobs: 20,
+  streamStallTimeoutMs: 30_000,
 };
 
 export interface TestServer {
@@ -72,9 +77,10 @@ export async function startTestServer(opts: {
   const meter = new TestMeter();
   const logs: Record<string, unknown>[] = [];
   const logger = pino({ level: 'info' }, { write: (line: string) => void logs.push(JSON.parse(line)) });
+  const lifecycle = new ServerLifecycle();
   const app = createApp({
     engine: opts.wrapEngine ? opts.wrapEngine(engine) : engine,
-    tokenizer, folder, modelName: folder.name, meter, logger, apiKeys: opts.apiKeys,
+    tokenizer, folder, modelName: folder.name, meter, logger, apiKeys: opts.apiKeys, lifecycle,
     limits: { ...TEST_LIMITS, ...opts.limits },
   });
   const server = http.createServer(app);
@@ -90,11 +96,28 @@ export async function startTestServer(opts: {
     meter,
     logs,
     modelName: folder.name,
-    setDraining: (draining) => app.locals.setDraining(draining),
+    setDraining: (draining) => {
+      lifecycle.draining = draining;
+    },
     async close() {
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await engine.close();
     },
   };
+}
+
+/** The engine worker entry that takes injected faults (see fault-worker.ts). */
+export const FAULT_WORKER = new URL('./fault-worker-entry.js', import.meta.url);
+
+/** Breaks the engine worker started from FAULT_WORKER (every such worker in this process). */
+export function injectFault(fault: WorkerFault): void {
+  const channel = new BroadcastChannel(FAULT_CHANNEL);
+  channel.postMessage(fault);
+  channel.close();
+}
+
+/** A real server (startServer) from configuration overrides, as `tally serve` with those flags would start it. */
+export function startServerWith(overrides: Partial<ServeConfig>, logger?: Logger, engineWorker?: URL): Promise<RunningServer> {
+  return startServer(resolveServeConfig({}, {}, overrides), { logger, engineWorker });
 }

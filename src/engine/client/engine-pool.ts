@@ -1,32 +1,14 @@
 import { EventEmitter } from 'node:events';
-import { EngineClient } from './engine-client.ts';
-import type { WorkerFault } from './worker.ts';
-import type { EngineOptions } from './engine-options.ts';
-import type { EngineInfo } from './engine.ts';
-import type { DeviceSpec } from './session.ts';
-import type { GenerationRequest, RequestEvent, StepRecord } from './scheduler.ts';
-
-/** What the server needs of an engine: one worker (EngineClient) or several (EnginePool). */
-export interface Engine extends EventEmitter {
-  readonly info: EngineInfo;
-  /** Worker restarts since start. */
-  readonly restarts: number;
-  readonly inFlight: number;
-  /** false while a worker is restarting and cannot take requests. */
-  readonly available: boolean;
-  submit(request: GenerationRequest, listener: (event: RequestEvent) => void): void;
-  cancel(id: string): void;
-  cancelAll(): void;
-  injectFault(fault: WorkerFault): void;
-  close(): Promise<void>;
-}
+import type { DeviceSpec, EngineInfo, EngineOptions, GenerationRequest, RequestEvent, StepRecord } from '../protocol.ts';
+import { ENGINE_WORKER, EngineClient } from './engine-client.ts';
+import type { EngineHandle } from './engine-handle.ts';
 
 /**
  * One engine worker per device in one server (`--devices 0,1,…`). A request goes to the worker with the
  * fewest outstanding tokens (prompt + max_tokens of what it has in flight); step records carry their
  * device so that cost is metered per device.
  */
-export class EnginePool extends EventEmitter<{ step: [StepRecord]; restart: [string] }> implements Engine {
+export class EnginePool extends EventEmitter<{ step: [StepRecord]; restart: [string] }> implements EngineHandle {
   private readonly owner = new Map<string, { worker: number; tokens: number }>();
   private readonly outstanding: number[];
 
@@ -39,10 +21,10 @@ export class EnginePool extends EventEmitter<{ step: [StepRecord]; restart: [str
     });
   }
 
-  static async start(options: EngineOptions, devices: DeviceSpec[]): Promise<EnginePool> {
+  static async start(options: EngineOptions, devices: DeviceSpec[], workerEntry: URL = ENGINE_WORKER): Promise<EnginePool> {
     const workers: EngineClient[] = [];
     try {
-      for (const device of devices) workers.push(await EngineClient.start({ ...options, device }));
+      for (const device of devices) workers.push(await EngineClient.start({ ...options, device }, workerEntry));
     } catch (err) {
       await Promise.all(workers.map((w) => w.close()));
       throw err;
@@ -101,11 +83,6 @@ export class EnginePool extends EventEmitter<{ step: [StepRecord]; restart: [str
 
   cancelAll(): void {
     for (const w of this.workers) w.cancelAll();
-  }
-
-  /** Fault injection for tests: on the first worker. */
-  injectFault(fault: WorkerFault): void {
-    this.workers[0].injectFault(fault);
   }
 
   async close(): Promise<void> {

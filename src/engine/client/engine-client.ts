@@ -1,11 +1,10 @@
 import { Worker } from 'node:worker_threads';
 import { EventEmitter } from 'node:events';
-import type { EngineOptions } from './engine-options.ts';
-import type { EngineInfo } from './engine.ts';
-import type { GenerationRequest, RequestEvent, StepRecord } from './scheduler.ts';
-import type { FromWorker, ToWorker, WorkerFault } from './worker.ts';
+import { type EngineInfo, EngineOptionError, type EngineOptions, type FromWorker, type GenerationRequest, type RequestEvent, type StepRecord, type ToWorker } from '../protocol.ts';
+import type { EngineHandle } from './engine-handle.ts';
 
-const WORKER_URL = new URL('./worker-entry.js', import.meta.url);
+/** The engine worker's entry module (engine/core). */
+export const ENGINE_WORKER = new URL('../core/worker-entry.js', import.meta.url);
 
 type Listener = (event: RequestEvent) => void;
 
@@ -19,7 +18,7 @@ const RESTART_BACKOFF_MS = [1000, 2000, 4000, 8000, 16_000, 30_000];
  * requests submitted while it restarts wait and go to the new worker. While a restart keeps failing,
  * new requests fail at once.
  */
-export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [string] }> {
+export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [string] }> implements EngineHandle {
   private worker!: Worker;
   private pending = new Map<string, Listener>();
   private closing = false;
@@ -35,16 +34,23 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
   info!: EngineInfo;
   restarts = 0;
 
-  private constructor(private readonly options: EngineOptions) {
+  private constructor(
+    private readonly options: EngineOptions,
+    private readonly workerEntry: URL,
+  ) {
     super();
   }
 
-  /** Starts the worker and loads the model; rejects with a message that names the model folder if it cannot. */
-  static async start(options: EngineOptions): Promise<EngineClient> {
-    const client = new EngineClient(options);
+  /**
+   * Starts the worker (`workerEntry`, default the engine's own) and loads the model; rejects with a message that
+   * names the model folder if it cannot (an EngineOptionError when an option is what stands in the way).
+   */
+  static async start(options: EngineOptions, workerEntry: URL = ENGINE_WORKER): Promise<EngineClient> {
+    const client = new EngineClient(options, workerEntry);
     try {
       await client.spawn();
     } catch (err) {
+      if (err instanceof EngineOptionError) throw err;
       throw new Error(`could not load the model in ${options.modelDir}: ${(err as Error).message}`, { cause: err });
     }
     return client;
@@ -52,7 +58,7 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
 
   private spawn(): Promise<void> {
     return new Promise((resolve, reject) => {
-      const worker = new Worker(WORKER_URL, { workerData: this.options });
+      const worker = new Worker(this.workerEntry, { workerData: this.options });
       this.worker = worker;
       this.exited = new Promise((r) => worker.once('exit', () => r()));
       let ready = false;
@@ -69,7 +75,7 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
           if (this.closing) worker.postMessage({ type: 'stop' } satisfies ToWorker);
           resolve();
         } else if (m.type === 'fatal') {
-          if (!ready) reject(new Error(m.message));
+          if (!ready) reject(m.option ? new EngineOptionError(m.option, m.message) : new Error(m.message));
           else this.failAll(`the engine failed (${m.message}); it is restarting`);
         }
       });
@@ -153,19 +159,6 @@ export class EngineClient extends EventEmitter<{ step: [StepRecord]; restart: [s
   /** Cancels every request in flight; each ends with a 'cancelled' event at the engine's next step. */
   cancelAll(): void {
     for (const id of this.pending.keys()) this.post({ type: 'cancel', id });
-  }
-
-  /** Fault injection for tests (see WorkerFault); crashes happen between steps, never mid forward pass. */
-  injectFault(fault: WorkerFault): void {
-    this.post({ type: 'fault', fault });
-  }
-
-  /**
-   * Kills the worker thread outright. Only safe while it is idle: terminating it during a forward pass can
-   * abort the whole process (ONNX Runtime's N-API binding). Prefer injectFault('exit').
-   */
-  async terminateWorker(): Promise<void> {
-    await this.worker.terminate();
   }
 
   /**

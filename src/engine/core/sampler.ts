@@ -6,18 +6,7 @@
  * Nothing sorts the whole vocabulary: greedy is one argmax pass, top-k/top-p/top-logprobs use bounded heaps.
  */
 import { randomBytes } from 'node:crypto';
-
-export interface SamplingParams {
-  temperature: number;        // 0 = greedy (argmax)
-  topP: number;               // 1 = off
-  topK: number;               // 0 or -1 = off
-  minP: number;               // 0 = off (vLLM semantics: drop tokens with prob < minP * maxProb)
-  repetitionPenalty: number;  // 1 = off (vLLM/HF semantics: over prompt AND generated tokens; logit>0 → /p, else *p)
-  presencePenalty: number;    // 0 = off (OpenAI semantics: over generated tokens only, subtract once if count>0)
-  frequencyPenalty: number;   // 0 = off (subtract count * penalty, generated tokens only)
-  seed?: number;              // same seed + same logits sequence ⇒ same tokens; no seed ⇒ random seed
-  logprobs?: number;          // undefined = none; 0 = the chosen token's logprob only; N = also top N (max 20)
-}
+import { MAX_TOP_LOGPROBS, type SamplingParams } from '../protocol.ts';
 
 export interface SampleResult { token: number; logprob?: number; topLogprobs?: { token: number; logprob: number }[] }
 
@@ -25,7 +14,6 @@ export interface SampleResult { token: number; logprob?: number; topLogprobs?: {
 const GREEDY_TEMPERATURE = 1e-5;
 /** First nucleus size tried for top_p without top_k; doubled while its mass is still < top_p. */
 const TOP_P_INITIAL_K = 64;
-const MAX_TOP_LOGPROBS = 20;
 
 /** murmur3 fmix32 after a golden-ratio add (the splitmix32 step); a bijection on uint32. */
 function mix32(x: number): number {

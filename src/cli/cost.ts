@@ -1,8 +1,10 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { parseDuration } from './cost-report.ts';
-import { LEDGER_FILE, Ledger, type LedgerGroup, type LedgerRow } from './ledger.ts';
+import { defaultDataDir } from '../config/serve-config.ts';
+import { ledgerPerMillion } from '../meter/cost-math.ts';
+import { parseDuration } from '../meter/cost-report.ts';
+import { LEDGER_FILE, Ledger, type LedgerGroup, type LedgerRow } from '../meter/ledger.ts';
 
 const HELP = `tally cost — what the served requests cost, from the ledger
 
@@ -53,7 +55,7 @@ export async function runCostCommand(argv: string[], io: Io = stdio, now: () => 
     if (!Number.isFinite(at)) return usage(io, `--since takes a duration like 24h or a date like 2026-11-01 (got "${values.since}")`);
     since = new Date(at);
   }
-  const dataDir = values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally';
+  const dataDir = values['data-dir'] ?? defaultDataDir(process.env);
   if (!existsSync(join(dataDir, LEDGER_FILE))) {
     io.err(`tally cost: no ledger at ${join(dataDir, LEDGER_FILE)} (serve with --data-dir ${dataDir} first)\n`);
     return 1;
@@ -94,10 +96,8 @@ function usage(io: Io, message: string): number {
   return 2;
 }
 
-const perMillion = (usd: number, tokens: number) => (tokens > 0 ? (usd / tokens) * 1e6 : null);
 
 function json(r: LedgerRow) {
-  const tokens = r.promptTokens + r.completionTokens;
   return {
     key: r.key,
     requests: r.requests,
@@ -106,7 +106,7 @@ function json(r: LedgerRow) {
     completion_tokens: r.completionTokens,
     device_seconds: { prefill: r.prefillDeviceSeconds, decode: r.decodeDeviceSeconds },
     usd: { usage: r.usdUsage, allocation: r.usdAllocation },
-    usd_per_million_tokens: { usage: perMillion(r.usdUsage, tokens), allocation: perMillion(r.usdAllocation, tokens) },
+    usd_per_million_tokens: ledgerPerMillion(r),
   };
 }
 
@@ -118,7 +118,7 @@ function usd(x: number | null): string {
 function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
   const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
   const line = (r: LedgerRow) => {
-    const tokens = r.promptTokens + r.completionTokens;
+    const perM = ledgerPerMillion(r);
     return [
       r.key,
       String(r.requests),
@@ -129,8 +129,8 @@ function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
       r.decodeDeviceSeconds.toFixed(3),
       usd(r.usdUsage),
       usd(r.usdAllocation),
-      usd(perMillion(r.usdUsage, tokens)),
-      usd(perMillion(r.usdAllocation, tokens)),
+      usd(perM.usage),
+      usd(perM.allocation),
     ];
   };
   const body = [head, ...rows.map(line), line(total)];

@@ -1,25 +1,19 @@
-import { loadModelFolder, type ModelFolder } from '../model/folder.ts';
-import { TextTokenizer } from '../model/tokenizer.ts';
-import { modelShape } from '../meter/attribution.ts';
-import { createRunner } from './session.ts';
-import { kvCacheDtypeOf } from './runner.ts';
-import { Scheduler, type RequestEvent, type StepRecord } from './scheduler.ts';
-import { type EngineOptions, resolveLimits } from './engine-options.ts';
-import type { SchedulerLimits } from './scheduler.ts';
-import type { KvCacheDtype } from './paged-runner.ts';
+import { loadModelFolder, type ModelFolder } from '../../model/folder.ts';
+import { TextTokenizer } from '../../model/tokenizer.ts';
+import { modelShape } from '../../meter/attribution.ts';
+import { loadRunner } from '../runners/load.ts';
+import { kvCacheDtypeOf, type ModelRunner } from '../runners/runner.ts';
+import type { EngineInfo, EngineOptions, RequestEvent, StepRecord } from '../protocol.ts';
+import { Scheduler } from './scheduler.ts';
+import { resolveLimits } from './limits.ts';
 
-export interface EngineInfo {
-  model: string;
-  modelDir: string;
-  device: string;
-  deviceNote?: string;
-  runner: 'tally' | 'plain' | 'paged';
-  /** Intra-op threads on the CPU. */
-  threads: number;
-  kvCacheDtype: KvCacheDtype;
-  limits: SchedulerLimits;
-  eosIds: number[];
-  vocabSize: number;
+/** The worker side of the engine: the loaded model's runner and the scheduler that drives it. */
+export interface EngineCore {
+  scheduler: Scheduler;
+  runner: ModelRunner;
+  info: EngineInfo;
+  tokenizer: TextTokenizer;
+  release(): Promise<void>;
 }
 
 /** generation_config's eos ids, else the tokenizer's. */
@@ -30,15 +24,15 @@ export function eosIdsOf(folder: ModelFolder, tokenizer: TextTokenizer): number[
 }
 
 /** Loads a model folder and builds its scheduler, in whatever thread calls it. */
-export async function createEngine(
+export async function createEngineCore(
   options: EngineOptions,
   emit: (events: RequestEvent[]) => void,
   onStep: (record: StepRecord) => void,
-): Promise<{ scheduler: Scheduler; info: EngineInfo; tokenizer: TextTokenizer; release: () => Promise<void> }> {
+): Promise<EngineCore> {
   const folder = loadModelFolder(options.modelDir);
   const tokenizer = TextTokenizer.load(folder.dir);
   const checked = resolveLimits(folder, options);
-  const { runner, device, threads, note } = await createRunner(folder, {
+  const { runner, device, threads, note } = await loadRunner(folder, {
     device: options.device,
     threads: options.threads,
     spinWait: options.spinWait,
@@ -49,12 +43,13 @@ export async function createEngine(
     kvCacheTokens: options.kvCacheTokens,
     kvCacheBytes: options.kvCacheBytes,
   });
-  // The cache's element type is known once the session is open; --kv-cache-gb holds twice the tokens in float16.
+  // The cache's element type is known once the session is open; the byte budget holds twice the tokens in float16.
   const limits = resolveLimits(folder, options, runner.kvElementBytes);
   const eosIds = eosIdsOf(folder, tokenizer);
   const scheduler = new Scheduler(runner, tokenizer, modelShape(folder.config), eosIds, limits, emit, onStep);
   return {
     scheduler,
+    runner,
     tokenizer,
     info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, kvCacheDtype: kvCacheDtypeOf(runner), limits, eosIds, vocabSize: runner.vocabSize },
     release: () => runner.release(),

@@ -2,7 +2,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { type ApiKeyEntry, generateKey, keyDigest, readKeysFile, validTenantName, writeKeysFile } from './api-keys.ts';
+import { type ApiKeyEntry, generateKey, keyDigest, readKeysFile, validTenantName, writeKeysFile } from '../server/api-keys.ts';
+import { defaultDataDir, SERVE_OPTIONS } from '../config/serve-config.ts';
 
 export const KEYS_HELP = `tally keys — manage API keys (stored as SHA-256 digests, with per-key limits)
 
@@ -19,7 +20,7 @@ export const KEYS_HELP = `tally keys — manage API keys (stored as SHA-256 dige
 
 Serve with: tally serve --api-keys-file FILE`;
 
-export const DEFAULT_KEYS_FILE = path.join('.tally', 'api-keys');
+export const DEFAULT_KEYS_FILE = path.join(SERVE_OPTIONS.dataDir.default, 'api-keys');
 
 function limit(value: string | undefined, flag: string, integer: boolean): number | undefined {
   if (value === undefined) return undefined;
@@ -92,7 +93,7 @@ export async function runKeysCommand(argv: string[], out: (s: string) => void = 
       }
       case 'list': {
         if (name) throw new Error('usage: tally keys list');
-        const spend = await spendByTenant(values['data-dir'] ?? process.env.TALLY_DATA_DIR ?? '.tally');
+        const spend = await spendByTenant(values['data-dir'] ?? defaultDataDir(process.env));
         const rows = entries.map((e) => [
           e.name,
           `sha256:${e.digest.toString('hex').slice(0, 12)}…`,

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** Where scripts/build-native.js leaves the addon. */
-export const ATTENTION_ADDON_PATH = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../native/attention/build/Release/attention.node');
+export const ATTENTION_ADDON_PATH = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../native/attention/build/Release/attention.node');
 
 /** The addon's exports (native/attention/attention.c). */
 export interface AttentionBinding {

@@ -1,11 +1,12 @@
 import ort from 'onnxruntime-node';
-import type { LlamaConfig } from '../model/types.ts';
-import { headDim } from '../model/types.ts';
-import { ropeTables } from '../model/llama-graph.ts';
+import type { LlamaConfig } from '../../model/types.ts';
+import { headDim } from '../../model/types.ts';
+import { ropeTables } from '../../model/llama-graph.ts';
+import type { KvCacheDtype } from '../protocol.ts';
 import type { AttentionBinding } from './native-attention.ts';
-import { type ForwardResult, type ForwardRow, type ModelRunner, type TopLogits, graphTopLogits, topKTensor, topLogitsOf } from './runner.ts';
-
-export type KvCacheDtype = 'float32' | 'float16';
+import { PageTable } from './page-table.ts';
+import { graphTopLogits, topKTensor, topLogitsOf } from './graph-io.ts';
+import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
 
 /**
  * Runner for Tally graphs on the CPU with attention in native code: the graph is cut at each layer's
@@ -27,9 +28,7 @@ export class PagedRunner implements ModelRunner {
   private readonly pageElements: number;
   /** One arena per layer (a typed array holds at most 2^32 elements; per layer they stay well below). */
   private readonly arenas: (Float32Array | Uint16Array)[] = [];
-  private readonly freePages: number[] = [];
-  private readonly totalPages: number;
-  private readonly seqs = new Map<number, { length: number; pages: number[] }>();
+  private readonly pages: PageTable;
   private readonly dims: Int32Array;
   private readonly rope: { cos: Float32Array; sin: Float32Array };
   private attnBuffer = new Float32Array(0);
@@ -52,38 +51,31 @@ export class PagedRunner implements ModelRunner {
     this.pageElements = this.layers * 2 * this.kvh * this.pagePositions * this.hd;
     // Every sequence may hold one partly used page beyond the tokens the scheduler counts.
     const tokens = Math.min(options.kvTokens, options.maxSlots * options.maxModelLen);
-    this.totalPages = Math.ceil(tokens / this.pagePositions) + options.maxSlots;
-    // Pages are touched (and so take memory) only once used; freed pages are reused first.
-    const elements = this.totalPages * (this.pageElements / this.layers);
+    const totalPages = Math.ceil(tokens / this.pagePositions) + options.maxSlots;
+    // Pages are touched (and so take memory) only once used.
+    const elements = totalPages * (this.pageElements / this.layers);
     if (elements > 2 ** 32 - 1) throw new Error(`a KV cache of ${tokens} tokens is more than one layer's arena can hold (2^32 elements); lower --kv-cache-gb or --kv-cache-tokens`);
     for (let l = 0; l < this.layers; l++) this.arenas.push(options.kvDtype === 'float16' ? new Uint16Array(elements) : new Float32Array(elements));
-    for (let p = this.totalPages - 1; p >= 0; p--) this.freePages.push(p);
-    this.dims = Int32Array.of(1, this.nh, this.kvh, this.hd, this.totalPages);
+    this.pages = new PageTable(totalPages, this.pagePositions, options.maxSlots);
+    this.dims = Int32Array.of(1, this.nh, this.kvh, this.hd, totalPages);
     // The tables the whole graph's RotaryEmbedding takes (rope.cos / rope.sin), computed as the converter does.
     this.rope = ropeTables(config);
   }
 
   kvBytes(): number {
-    return (this.totalPages - this.freePages.length) * this.pageElements * this.kvElementBytes;
+    return this.pages.usedPages * this.pageElements * this.kvElementBytes;
   }
 
   cachedLength(seq: number): number {
-    const s = this.seqs.get(seq);
-    if (!s) throw new Error(`sequence ${seq} is not open`);
-    return s.length;
+    return this.pages.length(seq);
   }
 
   open(seq: number): void {
-    if (this.seqs.has(seq)) throw new Error(`sequence ${seq} is already open`);
-    if (this.seqs.size >= this.options.maxSlots) throw new Error(`no free KV slot (max ${this.options.maxSlots})`);
-    this.seqs.set(seq, { length: 0, pages: [] });
+    this.pages.open(seq);
   }
 
   close(seq: number): void {
-    const s = this.seqs.get(seq);
-    if (!s) return;
-    for (let i = s.pages.length - 1; i >= 0; i--) this.freePages.push(s.pages[i]);
-    this.seqs.delete(seq);
+    this.pages.close(seq);
   }
 
   async forward(rows: ForwardRow[]): Promise<ForwardResult> {
@@ -103,9 +95,7 @@ export class PagedRunner implements ModelRunner {
     let T = 0;
     let tablePages = 0;
     for (const r of rows) {
-      const s = this.seqs.get(r.seq);
-      if (!s) throw new Error(`sequence ${r.seq} is not open`);
-      const end = s.length + r.tokens.length;
+      const end = this.pages.length(r.seq) + r.tokens.length;
       if (end > this.options.maxModelLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.options.maxModelLen}`);
       T = Math.max(T, r.tokens.length);
       tablePages += Math.ceil(end / this.pagePositions);
@@ -116,18 +106,13 @@ export class PagedRunner implements ModelRunner {
     const logitsIndex = new BigInt64Array(B);
     let at = 0;
     rows.forEach((r, b) => {
-      const s = this.seqs.get(r.seq)!;
       const n = r.tokens.length;
-      const needed = Math.ceil((s.length + n) / this.pagePositions);
-      while (s.pages.length < needed) {
-        const page = this.freePages.pop();
-        if (page === undefined) throw new Error('the KV cache has no free page');
-        s.pages.push(page);
-      }
+      const length = this.pages.length(r.seq);
+      const pages = this.pages.reserve(r.seq, length + n);
       info[3 * b] = n;
-      info[3 * b + 1] = s.length;
+      info[3 * b + 1] = length;
       info[3 * b + 2] = at;
-      for (let i = 0; i < needed; i++) table[at++] = s.pages[i];
+      for (let i = 0; i < pages.length; i++) table[at++] = pages[i];
       for (let t = 0; t < n; t++) ids[b * T + t] = BigInt(r.tokens[t]);
       logitsIndex[b] = BigInt(b * T + n - 1);
     });
@@ -150,7 +135,7 @@ export class PagedRunner implements ModelRunner {
       }
     }
     const runSeconds = (performance.now() - started) / 1000;
-    for (const r of rows) this.seqs.get(r.seq)!.length += r.tokens.length;
+    for (const r of rows) this.pages.advance(r.seq, r.tokens.length);
 
     if (!full) return { top: rows.map((_, b) => topLogitsOf(out, b)), runSeconds };
     const logits = out.logits.data as Float32Array;

@@ -1,95 +1,8 @@
 import ort from 'onnxruntime-node';
-import type { LlamaConfig } from '../model/types.ts';
-import { headDim } from '../model/types.ts';
-import { float16ToFloat32 } from '../model/half.ts';
-import { TOP_LOGITS } from '../model/llama-graph.ts';
-import type { KvCacheDtype } from './paged-runner.ts';
-
-type KvType = 'float32' | 'float16';
-type KvArray = Float32Array | Uint16Array;
-
-function kvTypeOf(session: ort.InferenceSession, input: string): KvType {
-  const meta = session.inputMetadata.find((m) => m.name === input);
-  return meta && meta.isTensor && meta.type === 'float16' ? 'float16' : 'float32';
-}
-
-function kvArray(type: KvType, length: number): KvArray {
-  return type === 'float16' ? new Uint16Array(length) : new Float32Array(length);
-}
-
-/** One row of a forward pass: a sequence and the new tokens appended at its cached length. */
-export interface ForwardRow {
-  seq: number;
-  tokens: number[];
-}
-
-/** The largest logits of a row, largest first (ties: lower id first). */
-export interface TopLogits {
-  ids: number[];
-  values: number[];
-}
-
-/**
- * The most top logits per row a Tally graph (whole, or its last part) gives: with a `top_k` input (graph version
- * 8 on), TOP_LOGITS or the vocabulary; before, its outputs' fixed width. 0: no top outputs.
- */
-export function graphTopLogits(session: ort.InferenceSession, vocabSize: number): { most: number; input: boolean } {
-  if (session.inputNames.includes('top_k')) return { most: Math.min(TOP_LOGITS, vocabSize), input: true };
-  const top = session.outputMetadata.find((m) => m.name === 'top_ids');
-  return { most: top && top.isTensor && typeof top.shape[1] === 'number' ? top.shape[1] : 0, input: false };
-}
-
-/** Row `row`'s largest logits from a graph's top_ids / top_logits outputs ([rows, k]). */
-export function topLogitsOf(out: ort.InferenceSession.OnnxValueMapType, row: number): TopLogits {
-  const ids = out.top_ids.data as BigInt64Array;
-  const values = out.top_logits.data as Float32Array;
-  const k = out.top_ids.dims[1];
-  const top: TopLogits = { ids: new Array<number>(k), values: new Array<number>(k) };
-  for (let i = 0, at = row * k; i < k; i++, at++) {
-    top.ids[i] = Number(ids[at]);
-    top.values[i] = values[at];
-  }
-  return top;
-}
-
-/** A graph's `top_k` feed: k, within 1 … most. */
-export function topKTensor(k: number, most: number): ort.Tensor {
-  if (!Number.isInteger(k) || k < 1 || k > most) throw new RangeError(`top logits: k must be an integer in 1 … ${most}, got ${k}`);
-  return new ort.Tensor('int64', BigInt64Array.of(BigInt(k)), [1]);
-}
-
-export interface ForwardResult {
-  /** Last-token logits of each row, in the order given. */
-  logits: Float32Array[];
-  /** Wall time of session.run, seconds (on CUDA the binding returns after the device has finished). */
-  runSeconds: number;
-}
-
-export interface ModelRunner {
-  readonly kind: 'tally' | 'plain' | 'paged';
-  readonly vocabSize: number;
-  open(seq: number): void;
-  close(seq: number): void;
-  cachedLength(seq: number): number;
-  forward(rows: ForwardRow[]): Promise<ForwardResult>;
-  /** The most top logits per row forwardTop returns (0: the runner has no forwardTop). */
-  readonly topLogits: number;
-  /**
-   * As forward, but returns only each row's `k` largest logits (no copy of the full rows); k defaults to, and is
-   * at most, topLogits. Graphs before version 8 return topLogits whatever k.
-   */
-  forwardTop?(rows: ForwardRow[], k?: number): Promise<{ top: TopLogits[]; runSeconds: number }>;
-  /** Bytes of KV-cache memory held now. */
-  kvBytes(): number;
-  /** 4 for a float32 cache, 2 for float16. */
-  readonly kvElementBytes: number;
-  release(): Promise<void>;
-}
-
-/** The element type of a runner's KV cache. */
-export function kvCacheDtypeOf(runner: ModelRunner): KvCacheDtype {
-  return runner.kvElementBytes === 2 ? 'float16' : 'float32';
-}
+import type { LlamaConfig } from '../../model/types.ts';
+import { headDim } from '../../model/types.ts';
+import { type KvArray, type KvType, graphTopLogits, kvArray, kvTypeOf, logitsAsFloat32, topKTensor, topLogitsOf } from './graph-io.ts';
+import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
 
 const MASKED = -1e9;
 
@@ -102,12 +15,6 @@ function copyElements(src: KvArray, from: number, dst: KvArray, to: number, coun
   for (let i = 0; i < count; i++) dst[to + i] = src[from + i];
 }
 
-function logitsAsFloat32(t: ort.Tensor): Float32Array {
-  if (t.type === 'float32') return t.data as Float32Array;
-  if (t.type === 'float16') return float16ToFloat32(t.data as Uint16Array);
-  throw new Error(`unsupported logits type ${t.type}`);
-}
-
 /**
  * Runner for graphs that `tally convert` writes: the KV cache lives in per-layer slot buffers owned
  * here and goes into the graph as zero-copy input views; only new positions come back.
@@ -115,8 +22,8 @@ function logitsAsFloat32(t: ort.Tensor): Float32Array {
  * Rows of one forward must sit in contiguous slots, so the runner moves sequences between slots when
  * the batch changes (copying only their cached positions).
  */
-export class TallyRunner implements ModelRunner {
-  readonly kind = 'tally' as const;
+export class SlotRunner implements ModelRunner {
+  readonly kind = 'slot' as const;
   readonly vocabSize: number;
   private readonly layers: number;
   private readonly kvh: number;
@@ -399,107 +306,4 @@ export class TallyRunner implements ModelRunner {
   async release(): Promise<void> {
     await this.session.release();
   }
-}
-
-interface PlainState {
-  length: number;
-  past: ort.Tensor[];
-}
-
-/**
- * Runner for onnx-community / Optimum exports: past_key_values.N.key/value in, present.N.* out.
- * The cache makes the round trip through JavaScript every step, so rows run one at a time.
- */
-export class PlainRunner implements ModelRunner {
-  readonly kind = 'plain' as const;
-  readonly vocabSize: number;
-  private readonly states = new Map<number, PlainState>();
-  private readonly pastNames: string[];
-  private readonly presentNames: string[];
-  private readonly kvType: KvType;
-  readonly kvElementBytes: number;
-  readonly topLogits = 0;
-  private readonly hasPositionIds: boolean;
-  private readonly kvh: number;
-  private readonly hd: number;
-
-  constructor(private readonly session: ort.InferenceSession, config: LlamaConfig) {
-    this.vocabSize = config.vocab_size;
-    const layers = session.inputNames.filter((n) => /^past_key_values\.\d+\.key$/.test(n)).length;
-    this.pastNames = [];
-    this.presentNames = [];
-    for (let l = 0; l < layers; l++) {
-      this.pastNames.push(`past_key_values.${l}.key`, `past_key_values.${l}.value`);
-      this.presentNames.push(`present.${l}.key`, `present.${l}.value`);
-    }
-    const meta = session.inputMetadata.find((m) => m.name === 'past_key_values.0.key');
-    this.kvType = kvTypeOf(session, 'past_key_values.0.key');
-    this.kvElementBytes = this.kvType === 'float16' ? 2 : 4;
-    const dims = meta && meta.isTensor ? meta.shape : [];
-    this.kvh = typeof dims[1] === 'number' ? dims[1] : config.num_key_value_heads;
-    this.hd = typeof dims[3] === 'number' ? dims[3] : headDim(config);
-    this.hasPositionIds = session.inputNames.includes('position_ids');
-  }
-
-  open(seq: number): void {
-    const empty = () => new ort.Tensor(this.kvType, kvArray(this.kvType, 0), [1, this.kvh, 0, this.hd]);
-    this.states.set(seq, { length: 0, past: this.pastNames.map(empty) });
-  }
-
-  close(seq: number): void {
-    this.states.delete(seq);
-  }
-
-  cachedLength(seq: number): number {
-    const s = this.states.get(seq);
-    if (!s) throw new Error(`sequence ${seq} is not open`);
-    return s.length;
-  }
-
-  kvBytes(): number {
-    let total = 0;
-    for (const s of this.states.values()) for (const t of s.past) total += (t.data as KvArray).byteLength;
-    return total;
-  }
-
-  async forward(rows: ForwardRow[]): Promise<ForwardResult> {
-    const logits: Float32Array[] = [];
-    let runSeconds = 0;
-    for (const r of rows) {
-      const state = this.states.get(r.seq);
-      if (!state) throw new Error(`sequence ${r.seq} is not open`);
-      const n = r.tokens.length;
-      const feeds: Record<string, ort.Tensor> = {
-        input_ids: new ort.Tensor('int64', BigInt64Array.from(r.tokens.map(BigInt)), [1, n]),
-        attention_mask: new ort.Tensor('int64', new BigInt64Array(state.length + n).fill(1n), [1, state.length + n]),
-      };
-      if (this.hasPositionIds) {
-        feeds.position_ids = new ort.Tensor('int64', BigInt64Array.from({ length: n }, (_, i) => BigInt(state.length + i)), [1, n]);
-      }
-      this.pastNames.forEach((name, i) => (feeds[name] = state.past[i]));
-      const started = performance.now();
-      const out = await this.session.run(feeds);
-      runSeconds += (performance.now() - started) / 1000;
-      state.past = this.presentNames.map((name) => out[name]);
-      state.length += n;
-      const all = logitsAsFloat32(out.logits);
-      const V = all.length / n;
-      logits.push(all.subarray((n - 1) * V, n * V));
-    }
-    return { logits, runSeconds };
-  }
-
-  async release(): Promise<void> {
-    await this.session.release();
-  }
-}
-
-export type Device = { kind: 'cpu' } | { kind: 'cuda'; index: number };
-
-export function isTallyGraph(session: ort.InferenceSession): boolean {
-  return session.inputNames.includes('past_key.0') && session.outputNames.includes('new_kv');
-}
-
-export function isPlainGraph(session: ort.InferenceSession): boolean {
-  return session.inputNames.includes('input_ids') && session.outputNames.includes('logits') && session.inputNames.some((n) => n.startsWith('past_key_values.'));
 }

@@ -1,78 +1,13 @@
-import type { TextTokenizer, IncrementalDecoder } from '../model/tokenizer.ts';
-import { type ModelShape, chunkFlops, splitSeconds } from '../meter/attribution.ts';
-import { SequenceSampler, type SamplingParams } from './sampler.ts';
-import type { ForwardRow, ModelRunner, TopLogits } from './runner.ts';
+import type { TextTokenizer, IncrementalDecoder } from '../../model/tokenizer.ts';
+import { type ModelShape, chunkFlops, splitSeconds } from '../../meter/attribution.ts';
+import type { FinishReason, GeneratedToken, GenerationRequest, RequestCost, RequestEvent, SchedulerLimits, StepRecord } from '../protocol.ts';
+import type { ForwardRow, ModelRunner, TopLogits } from '../runners/runner.ts';
+import { SequenceSampler } from './sampler.ts';
 
 const NO_TOKENS: readonly number[] = [];
 
 /** What a forward pass gives one row: its full logits, or only its top logits when it samples greedily. */
 type RowOutput = { logits: Float32Array; top?: undefined } | { logits?: undefined; top: TopLogits };
-
-export interface GenerationRequest {
-  id: string;
-  promptIds: number[];
-  maxTokens: number;
-  minTokens: number;
-  ignoreEos: boolean;
-  stop: string[];
-  stopTokenIds: number[];
-  sampling: SamplingParams;
-}
-
-export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error';
-
-export interface GeneratedToken {
-  id: number;
-  logprob?: number;
-  topLogprobs?: { token: number; logprob: number }[];
-}
-
-export interface RequestCost {
-  prefillSeconds: number;
-  decodeSeconds: number;
-}
-
-export interface RequestEvent {
-  id: string;
-  tokens: GeneratedToken[];
-  text: string;
-  finish?: FinishReason;
-  /** The stop string or token id that ended it. */
-  stoppedBy?: string | number;
-  error?: string;
-  promptTokens?: number;
-  completionTokens?: number;
-  cost?: RequestCost;
-  /** Seconds from admission to the first token, set on the event that carries it. */
-  queueSeconds?: number;
-}
-
-export interface StepRecord {
-  /** performance.timeOrigin-based start and end of the step, ms. */
-  startMs: number;
-  endMs: number;
-  /** Summed session.run wall time of the step's forward passes, seconds. */
-  busySeconds: number;
-  prefillSeconds: number;
-  decodeSeconds: number;
-  prefillTokens: number;
-  decodeTokens: number;
-  running: number;
-  waiting: number;
-  kvUsedTokens: number;
-  kvCapacityTokens: number;
-  kvBytes: number;
-  /** Set by an EnginePool: which device ran the step. */
-  device?: string;
-}
-
-export interface SchedulerLimits {
-  maxNumSeqs: number;
-  maxNumBatchedTokens: number;
-  maxModelLen: number;
-  /** Total tokens (prompt + max new tokens) that admitted requests may reserve in the KV cache. */
-  kvCapacityTokens: number;
-}
 
 interface Sequence {
   req: GenerationRequest;
@@ -105,7 +40,6 @@ export class Scheduler {
   private reservedTokens = 0;
   private wake?: () => void;
   private stopped = false;
-  private forwardFault?: string;
 
   constructor(
     private readonly runner: ModelRunner,
@@ -141,11 +75,6 @@ export class Scheduler {
   stop(): void {
     this.stopped = true;
     this.wake?.();
-  }
-
-  /** Fault injection for tests: the next forward pass fails as an ONNX Runtime error would. */
-  injectForwardError(message: string): void {
-    this.forwardFault = message;
   }
 
   counts(): { running: number; waiting: number } {
@@ -307,11 +236,6 @@ export class Scheduler {
    */
   private async forward(rows: ForwardRow[], seqs: Sequence[], sampling: Sequence[], events: RequestEvent[]): Promise<{ outputs: RowOutput[]; runSeconds: number } | undefined> {
     try {
-      if (this.forwardFault !== undefined) {
-        const message = this.forwardFault;
-        this.forwardFault = undefined;
-        throw new Error(message);
-      }
       // A greedy row's token is the largest logit it may take: among its k largest when fewer than k are banned.
       let k = 1;
       let greedy = this.runner.forwardTop !== undefined && this.runner.topLogits > 0;

@@ -1,0 +1,117 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import ort from 'onnxruntime-node';
+import type { ModelFolder } from '../../model/folder.ts';
+import { encodeModel, readInitializers, readModelMetadata } from '../../model/onnx-proto.ts';
+import { buildLlamaParts } from '../../model/llama-parts.ts';
+import type { LlamaConfig } from '../../model/types.ts';
+import { linearFlopsPerToken, modelShape } from '../../meter/attribution.ts';
+import { kvBytesPerToken } from '../core/limits.ts';
+import { type AttentionMode, ENGINE_DEFAULTS, EngineOptionError, type KvCacheDtype } from '../protocol.ts';
+import { isPlainGraph, isTallyGraph } from './graph-io.ts';
+import { loadAttentionAddon } from './native-attention.ts';
+import { baseSessionOptions, createSession, cudaProviderProblem, type SessionOptions } from './ort-session.ts';
+import { PagedRunner } from './paged-runner.ts';
+import { PlainRunner } from './plain-runner.ts';
+import { kvCacheDtypeOf, type ModelRunner } from './runner.ts';
+import { SlotRunner } from './slot-runner.ts';
+
+export interface RunnerOptions extends SessionOptions {
+  maxSlots: number;
+  maxModelLen: number;
+  /** Where a Tally graph runs its attention on the CPU (default: native when the addon is built). */
+  attention?: AttentionMode;
+  /** KV capacity: tokens, else what fits in bytes. */
+  kvCacheTokens?: number;
+  /** Default ENGINE_DEFAULTS.kvCacheBytes. */
+  kvCacheBytes?: number;
+  /**
+   * Element type of the KV cache. Default: float16 with native attention (as llama.cpp's server stores its
+   * cache: half the bytes that every decode step reads), the graph's own type on the other paths, where an
+   * explicit type must match it.
+   */
+  kvCacheDtype?: KvCacheDtype;
+}
+
+/**
+ * A Tally graph on the CPU cut at its attention, which runs in native/attention over a paged cache; undefined
+ * (with why, when the caller asked for it) where that path does not apply.
+ */
+async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: PagedRunner; reason?: string; note?: string }> {
+  const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
+  const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
+  if (options.attention === 'onnx' || !onCpu) return {};
+  const bytes = fs.readFileSync(folder.onnxPath);
+  const meta = readModelMetadata(bytes);
+  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return { reason: 'native attention needs a graph converted by Tally' };
+  if ((meta['tally.dtype'] ?? 'float32') !== 'float32') return { reason: 'native attention runs float32 graphs' };
+  const addon = loadAttentionAddon();
+  if ('reason' in addon) return { reason: addon.reason };
+  const kvDtype = options.kvCacheDtype ?? 'float16';
+  const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
+  const sessionOptions = baseSessionOptions(options);
+  sessionOptions.extra = { session: { ...(sessionOptions.extra as { session: object }).session, model_external_initializers_file_folder_path: path.dirname(folder.onnxPath) } };
+  sessionOptions.executionProviders = ['cpu'];
+  const parts: ort.InferenceSession[] = [];
+  try {
+    for (const spec of buildLlamaParts(folder.config, readInitializers(bytes))) {
+      parts.push(await ort.InferenceSession.create(encodeModel(spec).model, sessionOptions));
+    }
+  } catch (err) {
+    for (const p of parts) await p.release();
+    throw err;
+  }
+  addon.binding.threads(options.threads && options.threads > 0 ? options.threads : os.availableParallelism());
+  const runner = new PagedRunner(parts, folder.config, addon.binding, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype });
+  return { runner, note: cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined };
+}
+
+/** Models below this many FLOPs per token get one intra-op thread unless --threads says otherwise. */
+export const SMALL_MODEL_FLOPS_PER_TOKEN = 5e6;
+
+/**
+ * Intra-op threads (ONNX Runtime's and native attention's) when none are asked for: one for very small models,
+ * else one per core. A step of a model of a few million parameters is made of operators that take about what
+ * waking a pool thread costs, and under HTTP load that thread takes a core from the server's own threads.
+ */
+export function defaultThreads(config: LlamaConfig): number {
+  const perToken = linearFlopsPerToken(modelShape(config)) + 2 * config.hidden_size * config.vocab_size;
+  return perToken < SMALL_MODEL_FLOPS_PER_TOKEN ? 1 : os.availableParallelism();
+}
+
+/** The runner for a model folder's graph on the device asked for (see the README's model folders section). */
+export async function loadRunner(folder: ModelFolder, runnerOptions: RunnerOptions): Promise<{ runner: ModelRunner; device: string; threads: number; note?: string }> {
+  const threads = runnerOptions.threads && runnerOptions.threads > 0 ? runnerOptions.threads : defaultThreads(folder.config);
+  const options = { ...runnerOptions, threads };
+  const paged = await createPagedRunner(folder, options);
+  if (paged.runner) return { runner: paged.runner, device: 'cpu', threads, note: paged.note };
+  if (options.attention === 'native') throw new EngineOptionError('attention', `native: ${paged.reason ?? 'only on the CPU'}`);
+  const loaded = await createSession(folder.onnxPath, options);
+  const { session } = loaded;
+  let runner: ModelRunner;
+  if (isTallyGraph(session)) {
+    const key = session.inputMetadata.find((m) => m.name === 'past_key.0');
+    // Graphs before version 6 cached K transposed: [batch, kv_heads, head_dim, past].
+    if (key && key.isTensor && typeof key.shape[3] !== 'number') {
+      await session.release();
+      throw new Error(`${folder.onnxPath} was converted by an older Tally (its K cache is laid out [batch, kv_heads, head_dim, past]); convert the checkpoint again with \`tally convert\``);
+    }
+    runner = new SlotRunner(session, folder.config, options);
+  } else if (isPlainGraph(session)) {
+    runner = new PlainRunner(session, folder.config);
+  } else {
+    await session.release();
+    throw new Error(
+      `${folder.onnxPath} has neither Tally's interface (past_key.N, new_kv) nor a decoder-with-past interface ` +
+        `(input_ids, past_key_values.N.key/value → logits, present.N.*); inputs: ${session.inputNames.join(', ')}`,
+    );
+  }
+  const graphDtype = kvCacheDtypeOf(runner);
+  if (options.kvCacheDtype && options.kvCacheDtype !== graphDtype) {
+    await runner.release();
+    const why = paged.reason ?? (options.attention === 'onnx' ? 'attention is set to onnx' : 'native attention runs on the CPU only');
+    throw new EngineOptionError('kvCacheDtype', `${options.kvCacheDtype}: this graph's KV cache is ${graphDtype}, and only native attention stores another type (${why})`);
+  }
+  return { runner, device: loaded.device, threads, note: loaded.note };
+}
