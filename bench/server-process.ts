@@ -16,10 +16,11 @@ function freePort(): Promise<number> {
 }
 
 /** `tally serve` in a child process (so the load generator does not share its event loop). */
-export async function startServerProcess(model: string, extra: string[] = []): Promise<{ url: string; dataDir: string; stop: () => Promise<void> }> {
+/** `root`: the checkout whose bin/tally.js runs (default this one). */
+export async function startServerProcess(model: string, extra: string[] = [], root = ROOT): Promise<{ url: string; dataDir: string; stop: () => Promise<void> }> {
   const port = await freePort();
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-'));
-  const args = [path.join(ROOT, 'bin/tally.js'), 'serve', '--model', model, '--port', String(port), '--log-level', 'warn', '--data-dir', dataDir, ...extra];
+  const args = [path.join(root, 'bin/tally.js'), 'serve', '--model', model, '--port', String(port), '--log-level', 'warn', '--data-dir', dataDir, ...extra];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit'] });
   const url = `http://127.0.0.1:${port}`;
   const stop = () => new Promise<void>((resolve) => {

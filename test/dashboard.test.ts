@@ -210,7 +210,7 @@ describe.skipIf(!HAVE_CHROMIUM)(`dashboard in Chromium under load${HAVE_CHROMIUM
     }
     const shown = new Set(view.fields.map((f) => f.field));
     const upm = ['usage', 'allocation'].flatMap((b) => ['input', 'output', 'blended'].map((d) => `cost.usd_per_million_tokens.${b}.${d}`));
-    for (const field of ['live.requests_running', 'live.requests_waiting', 'live.output_tokens_per_second', 'cost.utilization', ...upm, 'cost.monthly.fixed_usd', 'cost.api_comparison.0.break_even.tokens_per_month', 'ledger.by_tenant.1.usd_allocation', 'ledger.by_model.0.usd_usage']) {
+    for (const field of ['live.requests_running', 'live.requests_waiting', 'live.output_tokens_per_second', 'cost.utilization', ...upm, 'cost.monthly.fixed_usd', 'cost.api_comparison.0.break_even.tokens_per_month', 'ledger.by_tenant.1.usd.allocation', 'ledger.by_model.0.usd.usage']) {
       expect(shown.has(field), `the page shows ${field}`).toBe(true);
     }
     for (const field of [...upm, 'live.output_tokens_per_second', 'cost.utilization']) expect(pick(snap, field), field).toBeGreaterThan(0);
@@ -365,7 +365,7 @@ describe.skipIf(!HAVE_CHROMIUM)(`dashboard in Chromium under load${HAVE_CHROMIUM
       const since = new Date(s.ledger!.since);
       for (const [by, rows] of [['tenant', s.ledger!.by_tenant], ['model', s.ledger!.by_model]] as const) {
         const direct = ledger.query({ by, since });
-        expect(rows.map((r) => [r.key, r.requests, r.prompt_tokens, r.completion_tokens, r.usd_usage, r.usd_allocation])).toEqual(
+        expect(rows.map((r) => [r.key, r.requests, r.prompt_tokens, r.completion_tokens, r.usd.usage, r.usd.allocation])).toEqual(
           direct.map((r) => [r.key, r.requests, r.promptTokens, r.completionTokens, r.usdUsage, r.usdAllocation]),
         );
       }
@@ -377,8 +377,8 @@ describe.skipIf(!HAVE_CHROMIUM)(`dashboard in Chromium under load${HAVE_CHROMIUM
       expect(sum('tally:request_success_total', { tenant: row.key }), row.key).toBe(row.requests);
       expect(sum('tally:prompt_tokens_total', { tenant: row.key }), row.key).toBe(row.prompt_tokens);
       expect(sum('tally:generation_tokens_total', { tenant: row.key }), row.key).toBe(row.completion_tokens);
-      expect(rel(one('tally:cost_usd_total', { tenant: row.key, basis: 'usage' }), row.usd_usage), row.key).toBeLessThan(1e-9);
-      expect(rel(one('tally:cost_usd_total', { tenant: row.key, basis: 'allocation' }), row.usd_allocation), row.key).toBeLessThan(1e-9);
+      expect(rel(one('tally:cost_usd_total', { tenant: row.key, basis: 'usage' }), row.usd.usage), row.key).toBeLessThan(1e-9);
+      expect(rel(one('tally:cost_usd_total', { tenant: row.key, basis: 'allocation' }), row.usd.allocation), row.key).toBeLessThan(1e-9);
     }
     expect(s.ledger!.by_model.map((r) => [r.key, r.requests])).toEqual([['stories260K', s.cost.requests]]);
   });

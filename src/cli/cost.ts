@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { defaultDataDir } from '../config/serve-config.ts';
-import { ledgerPerMillion } from '../meter/cost-math.ts';
+import { ledgerRowReport, perMillion } from '../meter/cost-math.ts';
 import { parseDuration } from '../meter/cost-report.ts';
 import { LEDGER_FILE, Ledger, type LedgerGroup, type LedgerRow } from '../meter/ledger.ts';
 
@@ -84,7 +84,7 @@ export async function runCostCommand(argv: string[], io: Io = stdio, now: () => 
   );
 
   if (format === 'json') {
-    io.out(`${JSON.stringify({ by, since: since?.toISOString() ?? null, rows: rows.map(json), total: json(total) }, null, 2)}\n`);
+    io.out(`${JSON.stringify({ by, since: since?.toISOString() ?? null, rows: rows.map(ledgerRowReport), total: ledgerRowReport(total) }, null, 2)}\n`);
   } else {
     io.out(table(by, rows, total));
   }
@@ -97,18 +97,6 @@ function usage(io: Io, message: string): number {
 }
 
 
-function json(r: LedgerRow) {
-  return {
-    key: r.key,
-    requests: r.requests,
-    cancelled: r.cancelled,
-    prompt_tokens: r.promptTokens,
-    completion_tokens: r.completionTokens,
-    device_seconds: { prefill: r.prefillDeviceSeconds, decode: r.decodeDeviceSeconds },
-    usd: { usage: r.usdUsage, allocation: r.usdAllocation },
-    usd_per_million_tokens: ledgerPerMillion(r),
-  };
-}
 
 function usd(x: number | null): string {
   if (x === null) return '-';
@@ -118,7 +106,7 @@ function usd(x: number | null): string {
 function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
   const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
   const line = (r: LedgerRow) => {
-    const perM = ledgerPerMillion(r);
+    const tokens = r.promptTokens + r.completionTokens;
     return [
       r.key,
       String(r.requests),
@@ -129,8 +117,8 @@ function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
       r.decodeDeviceSeconds.toFixed(3),
       usd(r.usdUsage),
       usd(r.usdAllocation),
-      usd(perM.usage),
-      usd(perM.allocation),
+      usd(perMillion(r.usdUsage, tokens)),
+      usd(perMillion(r.usdAllocation, tokens)),
     ];
   };
   const body = [head, ...rows.map(line), line(total)];

@@ -7,9 +7,9 @@
  * /metrics serves, and `ledger` groups the ledger's rows by tenant and by model. Every figure the page
  * shows is a field of this object, formatted by public/format.js; the page computes nothing.
  */
-import { ledgerPerMillion } from '../meter/cost-math.ts';
+import { type LedgerRowReport, ledgerRowReport } from '../meter/cost-math.ts';
 import { buildCostReport, type CostWindowReport, meterCostReport } from '../meter/cost-report.ts';
-import type { Ledger, LedgerRow } from '../meter/ledger.ts';
+import type { Ledger } from '../meter/ledger.ts';
 import type { CostMeter } from '../meter/meter.ts';
 import type { Metrics } from '../telemetry/metrics.ts';
 
@@ -38,25 +38,12 @@ export interface DashboardSources {
   ledgerTtlMs?: number;
 }
 
-export interface LedgerTableRow {
-  key: string;
-  requests: number;
-  cancelled: number;
-  prompt_tokens: number;
-  completion_tokens: number;
-  device_seconds: number;
-  usd_usage: number;
-  usd_allocation: number;
-  /** USD per million tokens (prompt + completion) of the group, by basis; null without tokens. */
-  usd_per_million_tokens: { usage: number | null; allocation: number | null };
-}
-
 export interface LedgerTables {
   since: string;
   /** When the rows were read from the ledger (they may be up to LEDGER_TTL_MS old). */
   as_of: string;
-  by_tenant: LedgerTableRow[];
-  by_model: LedgerTableRow[];
+  by_tenant: LedgerRowReport[];
+  by_model: LedgerRowReport[];
 }
 
 export interface PriceBars {
@@ -113,22 +100,6 @@ export interface DashboardSnapshot {
   ledger: LedgerTables | null;
 }
 
-function tableRows(rows: LedgerRow[]): LedgerTableRow[] {
-  return rows.map((r) => {
-    const tokens = r.promptTokens + r.completionTokens;
-    return {
-      key: r.key,
-      requests: r.requests,
-      cancelled: r.cancelled,
-      prompt_tokens: r.promptTokens,
-      completion_tokens: r.completionTokens,
-      device_seconds: r.prefillDeviceSeconds + r.decodeDeviceSeconds,
-      usd_usage: r.usdUsage,
-      usd_allocation: r.usdAllocation,
-      usd_per_million_tokens: ledgerPerMillion(r),
-    };
-  });
-}
 
 function apiLabel(a: CostWindowReport['api_comparison'][number]): string {
   return a.name ?? a.id;
@@ -227,8 +198,8 @@ export class SnapshotSource {
     const tables: LedgerTables = {
       since: since.toISOString(),
       as_of: new Date(now).toISOString(),
-      by_tenant: tableRows(ledger.query({ by: 'tenant', since })),
-      by_model: tableRows(ledger.query({ by: 'model', since })),
+      by_tenant: ledger.query({ by: 'tenant', since }).map(ledgerRowReport),
+      by_model: ledger.query({ by: 'model', since }).map(ledgerRowReport),
     };
     this.ledgerCache = { atMs: now, tables };
     return tables;

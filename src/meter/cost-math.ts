@@ -1,4 +1,5 @@
 /** The unit arithmetic every cost figure uses, written once. */
+import type { LedgerRow } from './ledger.ts';
 
 export const HOURS_PER_MONTH = 730;
 
@@ -12,8 +13,19 @@ export function perMillion(usd: number, tokens: number): number | null {
   return tokens > 0 ? (usd / tokens) * 1e6 : null;
 }
 
-/** A ledger group's $/M tokens on both bases. */
-export function ledgerPerMillion(row: { usdUsage: number; usdAllocation: number; promptTokens: number; completionTokens: number }): { usage: number | null; allocation: number | null } {
-  const tokens = row.promptTokens + row.completionTokens;
-  return { usage: perMillion(row.usdUsage, tokens), allocation: perMillion(row.usdAllocation, tokens) };
+/** A ledger group as `tally cost --format json` and the dashboard show it. */
+export function ledgerRowReport(r: LedgerRow) {
+  const tokens = r.promptTokens + r.completionTokens;
+  return {
+    key: r.key,
+    requests: r.requests,
+    cancelled: r.cancelled,
+    prompt_tokens: r.promptTokens,
+    completion_tokens: r.completionTokens,
+    device_seconds: { prefill: r.prefillDeviceSeconds, decode: r.decodeDeviceSeconds },
+    usd: { usage: r.usdUsage, allocation: r.usdAllocation },
+    usd_per_million_tokens: { usage: perMillion(r.usdUsage, tokens), allocation: perMillion(r.usdAllocation, tokens) },
+  };
 }
+
+export type LedgerRowReport = ReturnType<typeof ledgerRowReport>;
