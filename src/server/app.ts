@@ -1,6 +1,7 @@
 /**
- * The OpenAI-compatible HTTP API: routes, body parsing, authentication, request logs and the error
- * handler that turns every failure into OpenAI's error body.
+ * The OpenAI-compatible HTTP API as an express app: routes, body parsing, authentication, request logs and the
+ * error handler that turns every failure into OpenAI's error body. It is handed a running engine (start.ts
+ * starts one); respond.ts answers the generation routes.
  */
 import { randomUUID } from 'node:crypto';
 import express, { type Express, type NextFunction, type Request, type Response } from 'express';
@@ -13,7 +14,7 @@ import { API_LIMIT_DEFAULTS, type RequestLocals, type ServerContext, ServerLifec
 import { ApiError, badRequest, fromBodyParser, serverError } from './errors.ts';
 import { TokenText } from './logprobs.ts';
 import { makeSchemas } from './schemas.ts';
-import { checkCapacity } from './serve.ts';
+import { checkCapacity } from './respond.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
 

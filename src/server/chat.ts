@@ -6,7 +6,7 @@ import { badRequest } from './errors.ts';
 import { chatLogprobs } from './logprobs.ts';
 import { checkModel, checkPromptChars, engineRequest, messageChars, resolveMaxTokens } from './params.ts';
 import { parse } from './schemas.ts';
-import { finishReason, type ResponseFormat, serveGeneration } from './serve.ts';
+import { finishReason, type ResponseFormat, serveGeneration } from './respond.ts';
 
 export function chatHandler(state: ServerState) {
   return async (req: Request, res: Response): Promise<void> => {

@@ -5,7 +5,7 @@ import type { Choice } from './generation.ts';
 import { type CompletionLogprobs, completionLogprobs, concatLogprobs, echoLogprobs } from './logprobs.ts';
 import { checkModel, checkPromptChars, checkTokenIds, engineRequest, resolveMaxTokens } from './params.ts';
 import { type CompletionBody, parse } from './schemas.ts';
-import { checkCapacity, finishReason, type ResponseFormat, serveGeneration } from './serve.ts';
+import { checkCapacity, finishReason, type ResponseFormat, serveGeneration } from './respond.ts';
 
 /** OpenAI's default max_tokens for completions. */
 const COMPLETIONS_MAX_TOKENS = 16;

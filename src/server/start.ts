@@ -1,3 +1,7 @@
+/**
+ * Starting and stopping a whole server: resolves the model, starts the engine worker(s), the meter, the ledger
+ * and telemetry, mounts them on the HTTP API (app.ts) and listens; shuts it all down gracefully on SIGTERM.
+ */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';

@@ -10,7 +10,6 @@ import { ApiError, badRequest, serverError } from './errors.ts';
 import { type Choice, Generation, type Outcome, type Usage } from './generation.ts';
 import { SseStream } from './sse.ts';
 
-
 type Part = Record<string, unknown>;
 
 /** How one endpoint shapes its choices. */
