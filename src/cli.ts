@@ -225,6 +225,11 @@ async function main(): Promise<void> {
       process.exitCode = await runKeysCommand(rest);
       return;
     }
+    case 'pull': {
+      const { runPullCommand } = await import('./model/hub.ts');
+      process.exitCode = await runPullCommand(rest);
+      return;
+    }
     case 'cost': {
       const { runCostCommand } = await import('./meter/cost-cli.ts');
       process.exitCode = await runCostCommand(rest);

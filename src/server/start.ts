@@ -7,7 +7,7 @@ import { parseDevice, type AttentionMode, type DeviceSpec } from '../engine/sess
 import type { KvCacheDtype } from '../engine/paged-runner.ts';
 import { EnginePool, type Engine } from '../engine/engine-pool.ts';
 import { loadModelFolder } from '../model/folder.ts';
-import { resolveModel } from '../model/resolve.ts';
+import { resolveModelOrPull } from '../model/resolve.ts';
 import { TextTokenizer } from '../model/tokenizer.ts';
 import { Ledger } from '../meter/ledger.ts';
 import { CostMeter } from '../meter/meter.ts';
@@ -93,7 +93,7 @@ const UNMETERED: RequestMeter = {
 };
 
 export async function startServer(options: ServeOptions, logger: Logger = pino({ level: options.logLevel })): Promise<RunningServer> {
-  const model = resolveModel(options.model, (msg) => logger.info(msg));
+  const model = await resolveModelOrPull(options.model, (msg) => logger.info(msg));
   const folder = loadModelFolder(model.dir);
   const modelName = options.servedModelName ?? model.name;
   const price = resolveDevicePrice(options.devicePrice);
