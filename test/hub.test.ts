@@ -156,6 +156,8 @@ describe('tally pull', () => {
     expect((await pull(`${ORG}/gated`)).files).toContain('tokenizer.json');
     process.env.HF_ENDPOINT = 'http://127.0.0.1:1';
     await expect(pull(`${ORG}/smol`)).rejects.toThrow(/cannot reach http:\/\/127\.0\.0\.1:1 \(.+\): check the network or set HF_ENDPOINT/);
+    // serve --model: a name that is neither a local path nor reachable says both.
+    await expect(resolveModelOrPull('models/no-such-model')).rejects.toThrow(/--model models\/no-such-model is no local path, and from the hub: cannot reach/);
   });
 });
 

@@ -300,7 +300,9 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, opti
       };
       qkv = g.op1('Add', [qkv, g.weight(`${p}.self_attn.qkv.bias`, bias, [total])]);
     }
-    let [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
+    const split = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
+    let [qFlat, kFlat] = split;
+    const vFlat = split[2];
     if (weights.has(`${p}.self_attn.q_norm.weight`)) {
       // Qwen3: RMSNorm over each head's q and k, before RoPE.
       qFlat = headNorm(g, qFlat, g.weight(`${p}.self_attn.q_norm.weight`, () => lw('self_attn.q_norm.weight'), [hd]), nh * hd, hd, eps);

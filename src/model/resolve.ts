@@ -57,9 +57,13 @@ export async function resolveModelOrPull(spec: string | undefined, log: (msg: st
   let snapshot = cachedSnapshot(hub)?.dir;
   if (!snapshot) {
     log(`pulling ${spec} from the hub`);
-    snapshot = (await pullModel(spec!)).dir;
+    try {
+      snapshot = (await pullModel(spec!)).dir;
+    } catch (err) {
+      throw new Error(`--model ${spec} is no local path, and from the hub: ${(err as Error).message}`);
+    }
   }
-  const gguf = fs.readdirSync(snapshot).find((f) => /\.gguf$/i.test(f));
+  const gguf = isHfCheckpointDir(snapshot) ? undefined : fs.readdirSync(snapshot).find((f) => /\.gguf$/i.test(f));
   const source = gguf ? path.join(snapshot, gguf) : snapshot;
   const key = `${hub.repo.replace('/', '--')}-${path.basename(snapshot).slice(0, 12)}${gguf ? `-${gguf.replace(/\.gguf$/i, '')}` : ''}-g${TALLY_GRAPH_VERSION}`;
   return { dir: convertOnce(source, log, key), name: hub.repo };
