@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createRunner } from '../src/engine/session.ts';
 import { convertCheckpoint } from '../src/model/convert.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
-import { readHfCheckpoint } from '../src/model/hf-checkpoint.ts';
+import { normalizeHfConfig, readHfCheckpoint } from '../src/model/hf-checkpoint.ts';
 import { randomWeights } from '../src/model/random.ts';
 import { f32ToBf16, readSafetensorsHeader, readTensorF32, writeSafetensors } from '../src/model/safetensors.ts';
 import { TextTokenizer } from '../src/model/tokenizer.ts';
@@ -56,6 +56,17 @@ function maxDiff(a: Float32Array, b: Float32Array): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
   return m;
+}
+
+/** A Qwen2.5-shaped (biases, untied) or Qwen3-shaped (q/k norms, head_dim 32, tied) checkpoint, written once. */
+function qwenCheckpoint(modelType: string, dtype: 'BF16' | 'F16'): string {
+  const base = published('Qwen2.5-0.5B-Instruct');
+  const config: LlamaConfig = modelType === 'qwen2'
+    ? { ...base, ...small, vocab_size: 512, tie_word_embeddings: false }
+    : { ...base, ...small, vocab_size: 512, model_type: 'qwen3', architectures: ['Qwen3ForCausalLM'], head_dim: 32, attention_bias: false, tie_word_embeddings: true };
+  const dir = out(`${modelType}-${dtype}-hf`);
+  if (!fs.existsSync(dir)) writeHfCheckpoint(dir, config, weightsFor(config), { dtype, tokenizerOf: 'Qwen2.5-0.5B-Instruct' });
+  return dir;
 }
 
 const TOKENS = [1, 17, 300, 5, 42, 250, 9, 77];
@@ -117,18 +128,34 @@ describe('tally convert CHECKPOINT_DIR', () => {
     ['Qwen3-shaped (per-head q/k norms, head_dim 32 != hidden/heads), bf16, native attention', 'qwen3', 'BF16' as const, 'native' as const],
     ['Qwen3-shaped, attention in the graph', 'qwen3', 'BF16' as const, 'onnx' as const],
   ])('%s', async (_name, modelType, dtype, attention) => {
-    const base = published('Qwen2.5-0.5B-Instruct');
-    const config: LlamaConfig = modelType === 'qwen2'
-      ? { ...base, ...small, vocab_size: 512, tie_word_embeddings: false }
-      : { ...base, ...small, vocab_size: 512, model_type: 'qwen3', architectures: ['Qwen3ForCausalLM'], head_dim: 32, attention_bias: false, tie_word_embeddings: true };
-    const dir = out(`${modelType}-${dtype}-hf`);
-    if (!fs.existsSync(dir)) writeHfCheckpoint(dir, config, weightsFor(config), { dtype, tokenizerOf: 'Qwen2.5-0.5B-Instruct' });
+    const dir = qwenCheckpoint(modelType, dtype);
     const dest = out(`${modelType}-${dtype}-${attention}`);
     convertCheckpoint(dir, dest);
     const folder = loadModelFolder(dest);
     const ref = referenceLogits(folder.config, storedWeights(dir), TOKENS);
     const got = await logitsOf(dest, TOKENS, attention);
     got.forEach((l, i) => expect(maxDiff(l, ref[i])).toBeLessThan(2e-3));
+  });
+
+  it('--dtype fp16: a Qwen3-shaped checkpoint as a float16 graph (attention in the graph) stays within float16 rounding', async () => {
+    const dir = qwenCheckpoint('qwen3', 'BF16');
+    const dest = out('qwen3-fp16');
+    convertCheckpoint(dir, dest, { dtype: 'float16' });
+    const folder = loadModelFolder(dest);
+    expect(path.basename(folder.onnxPath)).toBe('model_fp16.onnx');
+    const ref = referenceLogits(folder.config, storedWeights(dir), TOKENS);
+    const got = await logitsOf(dest, TOKENS, 'onnx');
+    got.forEach((l, i) => expect(maxDiff(l, ref[i])).toBeLessThan(0.03));
+  });
+
+  it('config.json: defaults filled in; a Mistral sliding window caps the context, Qwen2 without use_sliding_window does not', () => {
+    const base = { hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 4, vocab_size: 32 };
+    expect(normalizeHfConfig({ ...base, model_type: 'llama' }, 'x')).toMatchObject({ num_key_value_heads: 4, rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false });
+    expect(normalizeHfConfig({ ...base, model_type: 'mistral', architectures: ['MistralForCausalLM'], max_position_embeddings: 32768, sliding_window: 4096 }, 'x').max_position_embeddings).toBe(4096);
+    expect(normalizeHfConfig({ ...base, model_type: 'mistral', max_position_embeddings: 32768, sliding_window: null }, 'x').max_position_embeddings).toBe(32768);
+    expect(normalizeHfConfig({ ...base, model_type: 'qwen2', max_position_embeddings: 32768, sliding_window: 4096, use_sliding_window: false }, 'x').max_position_embeddings).toBe(32768);
+    expect(() => normalizeHfConfig({ ...base, model_type: 'llama', architectures: ['LlavaForConditionalGeneration'] }, 'x')).toThrow(/x: architecture LlavaForConditionalGeneration \(model_type "llama"\) is not supported/);
+    expect(() => normalizeHfConfig({ ...base, model_type: 'qwen2', hidden_size: undefined }, 'x')).toThrow(/x: config\.json has no hidden_size/);
   });
 });
 
