@@ -129,8 +129,12 @@ describe('tally pull', () => {
 
   it('takes one GGUF from a repository of several: the first Tally reads, or --file', async () => {
     freshEnv();
-    const pulled = await pullModel(`${ORG}/tiny-GGUF`, { progress: false });
+    const shown: string[] = [];
+    const terminal = { isTTY: true, write: (s: string) => shown.push(s) } as unknown as NodeJS.WriteStream;
+    const pulled = await pullModel(`${ORG}/tiny-GGUF`, { progress: terminal });
     expect(pulled.files).toEqual(['tiny-F32.gguf']);
+    // On a terminal: a line rewritten in place (\r), ending with the whole size.
+    expect(shown.at(-1)).toMatch(/^\rtiny-F32\.gguf {2}100% {2}[\d.]+ [kM]B \/ [\d.]+ [kM]B {2}.*\n$/);
     expect(hub.requests.some((q) => q.path.endsWith('/tiny-Q4_K_M.gguf'))).toBe(false);
     expect((await pullModel(`${ORG}/tiny-GGUF`, { progress: false, file: 'tiny-Q4_K_M.gguf' })).files).toEqual(['tiny-Q4_K_M.gguf']);
     // Served, it is converted once into models/.cache as local GGUF files are.
