@@ -208,12 +208,15 @@ function formatBytes(n: number): string {
   return n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${(n / 1e3).toFixed(1)} kB`;
 }
 
+/** How many times a download cut short is resumed at once before giving up (a later run resumes it again). */
+const RETRIES = 4;
+
 /** Downloads into BLOB.incomplete from its current length, checks size (and sha256 for LFS files), renames. */
 async function downloadBlob(entry: ListFileEntry, blob: string, progress: NodeJS.WriteStream | false, open: () => Promise<Blob>): Promise<void> {
   const incomplete = `${blob}.incomplete`;
-  const have = fs.existsSync(incomplete) ? fs.statSync(incomplete).size : 0;
+  if (!fs.existsSync(incomplete)) fs.writeFileSync(incomplete, '');
+  const have = fs.statSync(incomplete).size;
   const size = entry.lfs?.size ?? entry.size;
-  const remote = await open();
   let done = have;
   const started = Date.now();
   let shown = 0;
@@ -224,16 +227,21 @@ async function downloadBlob(entry: ListFileEntry, blob: string, progress: NodeJS
     const rate = (done - have) / Math.max(1e-3, (Date.now() - started) / 1000);
     progress.write(`\r${entry.path}  ${size ? ((100 * done) / size).toFixed(0) : 100}%  ${formatBytes(done)} / ${formatBytes(size)}  ${formatBytes(rate)}/s${have ? `  (resumed at ${formatBytes(have)})` : ''}\x1b[K${final ? '\n' : ''}`);
   };
-  if (have < size) {
+  for (let attempt = 0; done < size; attempt++) {
+    const remote = await open();
     const out = fs.createWriteStream(incomplete, { flags: 'a' });
     try {
-      for await (const chunk of Readable.fromWeb(remote.slice(have).stream() as import('node:stream/web').ReadableStream<Uint8Array>)) {
+      for await (const chunk of Readable.fromWeb(remote.slice(done).stream() as import('node:stream/web').ReadableStream<Uint8Array>)) {
         if (!out.write(chunk)) await new Promise<void>((resolve) => out.once('drain', () => resolve()));
         done += (chunk as Uint8Array).length;
         show();
       }
+      if (done < size) throw new Error('the connection ended early');
     } catch (err) {
-      throw new Error(`download of ${entry.path} stopped at ${formatBytes(done)} of ${formatBytes(size)} (${(err as Error).message}); run the same command again to resume`);
+      if (attempt >= RETRIES) {
+        throw new Error(`download of ${entry.path} stopped at ${formatBytes(done)} of ${formatBytes(size)} (${(err as Error).message}); run the same command again to resume`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200 * (attempt + 1)));
     } finally {
       await new Promise<void>((resolve) => out.end(resolve));
     }

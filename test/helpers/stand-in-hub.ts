@@ -26,8 +26,8 @@ export interface StandInHub {
   url: string;
   /** Every request: method, path and Range header. */
   requests: { method: string; path: string; range?: string }[];
-  /** The next body of more than `afterBytes` from /cdn/ is cut (socket destroyed) after that many bytes. */
-  cutNext(afterBytes: number): void;
+  /** The next `times` bodies of more than `afterBytes` from /cdn/ are cut (socket destroyed) after that many bytes. */
+  cutNext(afterBytes: number, times?: number): void;
   commitOf(repo: string): string;
   close(): Promise<void>;
 }
@@ -38,6 +38,7 @@ export const STAND_IN_TOKEN = GOOD_TOKEN;
 export async function startStandInHub(repos: Record<string, StandInRepo>): Promise<StandInHub> {
   const requests: StandInHub['requests'] = [];
   let cut: number | undefined;
+  let cuts = 0;
   const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
   const gitOid = (b: Buffer) => createHash('sha1').update(`blob ${b.length}\0`).update(b).digest('hex');
   const commits = new Map(Object.entries(repos).map(([name, r]) => [name, createHash('sha1').update(name).update(Object.keys(r.files).join()).digest('hex')]));
@@ -69,7 +70,7 @@ export async function startStandInHub(repos: Record<string, StandInRepo>): Promi
     if (req.method === 'HEAD') return res.end();
     if (cuttable && cut !== undefined && body.length > cut) {
       const n = cut;
-      cut = undefined;
+      if (--cuts <= 0) cut = undefined;
       res.write(body.subarray(0, n), () => setTimeout(() => res.socket?.destroy(), 20));
       return;
     }
@@ -132,7 +133,10 @@ export async function startStandInHub(repos: Record<string, StandInRepo>): Promi
   return {
     url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
     requests,
-    cutNext: (n) => void (cut = n),
+    cutNext: (n, times = 1) => {
+      cut = n;
+      cuts = times;
+    },
     commitOf: (repo) => commits.get(repo)!,
     close: () => new Promise<void>((r) => {
       server.closeAllConnections();
