@@ -277,7 +277,7 @@ describe('convert errors', () => {
     }));
     fs.copyFileSync(path.join(SMOL, 'tokenizer.json'), path.join(like, 'tokenizer.json'));
     const dest = out('gpt2-out');
-    expect(() => convertRandomLike(like, dest, { seed: 1 })).toThrow(/model_type gpt2 is not a Llama-family decoder \(llama, qwen2, mistral\)/);
+    expect(() => convertRandomLike(like, dest, { seed: 1 })).toThrow(/model_type gpt2 is not a Llama-family decoder \(llama, qwen2, mistral, qwen3\)/);
     expect(fs.existsSync(dest)).toBe(false);
   });
 

@@ -15,6 +15,9 @@ const tiny: LlamaConfig = {
   tie_word_embeddings: true,
 };
 
+/** Scales some of head_dim 8's frequencies, smooths others and keeps the rest (wavelengths 6 to ~6000). */
+const LLAMA3_ROPE = { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 };
+
 function maxDiff(a: Float32Array, b: Float32Array): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
@@ -44,6 +47,11 @@ describe.each([
   ['hf without position_ids', tiny, false, undefined],
   ['tally with qwen2 biases, untied (native attention)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'native'],
   ['tally with qwen2 biases, untied (attention in the graph)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'onnx'],
+  ['tally with qwen3 q/k norms and head_dim 16 (native attention)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'native'],
+  ['tally with qwen3 q/k norms and head_dim 16 (attention in the graph)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'onnx'],
+  ['hf with qwen3 q/k norms', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, undefined],
+  ['tally with llama3 rope_scaling (native attention)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'native'],
+  ['tally with llama3 rope_scaling (attention in the graph)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'onnx'],
 ] as const)('%s graph', (name, config, positionIds, attention) => {
   it('matches a direct forward pass, batched and chunked, token by token', async () => {
     const { folder, weights } = folderFor(config as LlamaConfig, name.startsWith('hf') ? 'hf' : 'tally', positionIds);

@@ -2,7 +2,8 @@ import { parseArgs } from 'node:util';
 
 const CONVERT_HELP = `tally convert — write a model folder in the onnx-community layout
 
-  tally convert CHECKPOINT OUT_DIR      GGUF (F32, F16, BF16, Q8_0) or llama2.c checkpoint (Llama family)
+  tally convert CHECKPOINT OUT_DIR      GGUF file, llama2.c checkpoint, or a Hugging Face checkpoint folder
+                                        (config.json + safetensors: Llama, Mistral, Qwen2/2.5, Qwen3)
     --tokenizer FILE                    llama2.c checkpoints: tokenizer.model or tokenizer.bin (default: beside it)
     --chat-template FILE                a Jinja chat template to store in tokenizer_config.json
     --format tally|hf                   tally (default): KV cache in slots, only new positions returned;

@@ -2,10 +2,11 @@
 const USAGE = `tally — OpenAI-compatible inference on ONNX Runtime, with the cost of every token
 
 Usage:
-  tally serve   [--model NAME|DIR|FILE] [--port 8000] [--host 127.0.0.1] [--device cpu|cuda[:N]|auto] ...
+  tally serve   [--model NAME|DIR|FILE|ORG/NAME] [--port 8000] [--host 127.0.0.1] [--device cpu|cuda[:N]|auto] ...
   tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf] [--dtype fp32|fp16]
   tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE] [--dtype fp32|fp16]
   tally bench   --url URL --model NAME [--concurrency 1,8,32 | --rate 1,2,4] ...
+  tally pull    ORG/NAME[@REVISION] [--file NAME]
   tally keys    add NAME [--rpm N] [--tpm N] [--budget-usd X] | list | revoke NAME  [--file FILE]
   tally cost    [--data-dir DIR] [--by tenant|model|day] [--since 24h|2026-11-01] [--format table|json]
 
@@ -16,6 +17,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[]) => Promise<number>
   convert: async () => (await import('./convert.ts')).runConvertCommand,
   bench: async () => (await import('../bench/bench-cli.ts')).runBenchCommand,
   keys: async () => (await import('./keys.ts')).runKeysCommand,
+  pull: async () => (await import('./pull.ts')).runPullCommand,
   cost: async () => (await import('./cost.ts')).runCostCommand,
 };
 

@@ -49,7 +49,7 @@ interface Option {
 
 /** The options, in --help's order. Keys are ServeConfig's. */
 export const SERVE_OPTIONS = {
-  model: { flag: 'model', arg: 'NAME|DIR|FILE', schema: z.string(), defaultText: 'stories260K', help: 'model folder, GGUF / llama2.c file (converted once into models/.cache), or a name looked up in models/ then ../shared/models/' },
+  model: { flag: 'model', arg: 'NAME|DIR|FILE|ORG/NAME', schema: z.string(), defaultText: 'stories260K', help: 'model folder, Hugging Face checkpoint folder, GGUF / llama2.c file (converted once into models/.cache), a name looked up in models/ then ../shared/models/, or a hub repository ORG/NAME[@REVISION] (pulled when missing; HF_ENDPOINT, HF_TOKEN, HF_HOME)' },
   servedModelName: { flag: 'served-model-name', arg: 'NAME', schema: z.string(), defaultText: "the folder's name", help: 'the model id clients use' },
   host: { flag: 'host', arg: 'HOST', schema: z.string(), default: '127.0.0.1', help: 'address to listen on' },
   port: { flag: 'port', arg: 'PORT', env: 'PORT', schema: int(0).max(65535), default: 8000, help: 'TCP port (0: any free port)' },

@@ -8,6 +8,7 @@ import { parseSentencePieceModel } from './sentencepiece.ts';
 import { buildLlamaGraph, type GraphInterface, type ModelDtype } from './llama-graph.ts';
 import { writeModelFolder } from './folder.ts';
 import { randomWeights } from './random.ts';
+import { convertHfCheckpoint, isHfCheckpointDir } from './hf-checkpoint.ts';
 import type { Checkpoint, LlamaConfig, SpVocab } from './types.ts';
 
 export interface ConvertOptions {
@@ -73,6 +74,10 @@ function llama2cGenerationConfig(config: LlamaConfig): Record<string, unknown> {
 }
 
 export function convertCheckpoint(input: string, outDir: string, options: ConvertOptions = {}): void {
+  if (fs.existsSync(input) && fs.statSync(input).isDirectory()) {
+    if (!isHfCheckpointDir(input)) throw new Error(`${input} is a folder but not a Hugging Face checkpoint (config.json and model*.safetensors)`);
+    return convertHfCheckpoint(input, outDir, options);
+  }
   const ckpt = readCheckpoint(input, options);
   const config = { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' };
   const { tokenizerJson, tokenizerConfig } = buildTokenizerFiles(ckpt.vocab);
@@ -104,7 +109,7 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
   const published = read('config.json') as LlamaConfig;
   const defaults = { rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, num_key_value_heads: published.num_attention_heads };
   const config: LlamaConfig = Object.assign(defaults, published, options.overrides, { torch_dtype: options.dtype ?? 'float32' });
-  const supported = ['llama', 'qwen2', 'mistral'];
+  const supported = ['llama', 'qwen2', 'mistral', 'qwen3'];
   if (!supported.includes(config.model_type)) throw new Error(`model_type ${config.model_type} is not a Llama-family decoder (${supported.join(', ')})`);
   const tokenizerConfig = fs.existsSync(path.join(likeDir, 'tokenizer_config.json')) ? read('tokenizer_config.json') : {};
   if (options.chatTemplate) tokenizerConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');

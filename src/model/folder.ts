@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { encodeModel, type ModelSpec } from './onnx-proto.ts';
+import { encodeModel, readLazy, type ModelSpec } from './onnx-proto.ts';
 import type { LlamaConfig } from './types.ts';
 
 /** A model folder in the onnx-community layout. */
@@ -57,6 +57,10 @@ export interface FolderContents {
   graph: ModelSpec;
 }
 
+function writeAll(fd: number, bytes: Uint8Array): void {
+  for (let done = 0; done < bytes.length; ) done += fs.writeSync(fd, bytes, done, Math.min(bytes.length - done, 1 << 30));
+}
+
 /**
  * Writes config, tokenizer and generation files and the graph with its weights as external data:
  * onnx/model.onnx, or onnx/model_fp16.onnx when config.torch_dtype is float16.
@@ -74,7 +78,7 @@ export function writeModelFolder(dir: string, contents: FolderContents): void {
   const dataPath = path.join(dir, 'onnx', dataFile);
   const fd = fs.openSync(dataPath, 'w');
   try {
-    for (const chunk of external) fs.writeSync(fd, chunk);
+    for (const chunk of external) writeAll(fd, chunk instanceof Uint8Array ? chunk : readLazy(chunk));
   } finally {
     fs.closeSync(fd);
   }

@@ -1,6 +1,6 @@
 import { float32ToFloat16 } from './half.ts';
 import { DataType, type AttributeValue, type ModelSpec, type NodeSpec, type TensorSpec, type ValueInfo, rawBytes } from './onnx-proto.ts';
-import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from './types.ts';
+import { type LlamaConfig, type WeightSource, headDim, hasQkvBias } from './types.ts';
 
 /**
  * Two graph interfaces:
@@ -51,9 +51,15 @@ export class GraphBuilder {
     return spec.name;
   }
 
-  weight(name: string, data: Float32Array, dims: number[]): string {
-    const raw = rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(data) : data);
-    this.initializers.push({ name, type: this.dtype, dims, raw });
+  /** A weight in the graph's dtype; given as a function, its values are made only when the model is written. */
+  weight(name: string, data: Float32Array | (() => Float32Array), dims: number[]): string {
+    const bytes = (d: Float32Array) => rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(d) : d);
+    if (typeof data !== 'function') {
+      this.initializers.push({ name, type: this.dtype, dims, raw: bytes(data) });
+    } else {
+      const length = dims.reduce((a, b) => a * b, 1) * (this.dtype === DataType.FLOAT16 ? 2 : 4);
+      this.initializers.push({ name, type: this.dtype, dims, raw: new Uint8Array(0), lazy: { length, read: () => bytes(data()) } });
+    }
     return name;
   }
 
@@ -108,6 +114,12 @@ export class GraphBuilder {
   }
 }
 
+/** RMSNorm over each head_dim slice of [N, width] rows. */
+export function headNorm(g: GraphBuilder, x: string, weight: string, width: number, hd: number, eps: number): string {
+  const normed = g.op1('SimplifiedLayerNormalization', [g.op1('Reshape', [x, g.ints([-1, hd])]), weight], { axis: -1, epsilon: { float: eps }, stash_type: 1 });
+  return g.op1('Reshape', [normed, g.ints([-1, width])]);
+}
+
 function transpose(data: Float32Array, rows: number, cols: number): Float32Array {
   const out = new Float32Array(rows * cols);
   for (let r = 0; r < rows; r++) {
@@ -129,7 +141,7 @@ function fusedLinear(parts: Float32Array[], outs: number[], inDim: number): Floa
   return transpose(stacked, total, inDim);
 }
 
-function req(weights: WeightMap, name: string): Float32Array {
+function req(weights: WeightSource, name: string): Float32Array {
   const t = weights.get(name);
   if (!t) throw new Error(`checkpoint is missing tensor ${name}`);
   return t.data;
@@ -142,14 +154,30 @@ export function ropeTables(config: LlamaConfig): { cos: Float32Array; sin: Float
   const maxPos = config.max_position_embeddings;
   const cos = new Float32Array(maxPos * half);
   const sin = new Float32Array(maxPos * half);
+  const invFreq = Array.from({ length: half }, (_, i) => scaledInvFreq(config, 1 / Math.pow(config.rope_theta, (2 * i) / hd)));
   for (let p = 0; p < maxPos; p++) {
     for (let i = 0; i < half; i++) {
-      const angle = p / Math.pow(config.rope_theta, (2 * i) / hd);
+      const angle = p * invFreq[i];
       cos[p * half + i] = Math.cos(angle);
       sin[p * half + i] = Math.sin(angle);
     }
   }
   return { cos, sin };
+}
+
+/** Llama 3.1's rope_scaling (rope_type "llama3"), as transformers' _compute_llama3_parameters; else f as is. */
+function scaledInvFreq(config: LlamaConfig, f: number): number {
+  const s = config.rope_scaling as { rope_type?: string; type?: string; factor: number; low_freq_factor: number; high_freq_factor: number; original_max_position_embeddings: number } | null | undefined;
+  const type = s?.rope_type ?? s?.type;
+  if (!s || type === 'default') return f;
+  if (type !== 'llama3') throw new Error(`rope_scaling of type ${String(type)} is not supported (only llama3)`);
+  const wavelen = (2 * Math.PI) / f;
+  const lowWavelen = s.original_max_position_embeddings / s.low_freq_factor;
+  const highWavelen = s.original_max_position_embeddings / s.high_freq_factor;
+  if (wavelen < highWavelen) return f;
+  if (wavelen > lowWavelen) return f / s.factor;
+  const smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+  return (1 - smooth) * (f / s.factor) + smooth * f;
 }
 
 export interface BuildOptions {
@@ -162,7 +190,7 @@ export interface BuildOptions {
 
 export type ModelDtype = 'float32' | 'float16';
 
-export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options: BuildOptions): ModelSpec {
+export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, options: BuildOptions): ModelSpec {
   const dt = options.dtype === 'float16' ? DataType.FLOAT16 : DataType.FLOAT;
   const g = new GraphBuilder(dt);
   const H = config.hidden_size;
@@ -238,7 +266,7 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   const rmsNorm = (x: string, weight: string): string =>
     g.op1('SimplifiedLayerNormalization', [x, weight], { axis: -1, epsilon: { float: eps }, stash_type: 1 });
 
-  const embed = g.weight('model.embed_tokens.weight', req(weights, 'model.embed_tokens.weight'), [V, H]);
+  const embed = g.weight('model.embed_tokens.weight', () => req(weights, 'model.embed_tokens.weight'), [V, H]);
   let hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
 
   const shape = (...parts: (string | number[])[]) => g.op1('Concat', parts.map((x) => (typeof x === 'string' ? x : g.ints(x))), { axis: 0 });
@@ -257,18 +285,29 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   for (let l = 0; l < L; l++) {
     const p = `model.layers.${l}`;
     const lw = (n: string) => req(weights, `${p}.${n}`);
-    const normed = rmsNorm(hidden, g.weight(`${p}.input_layernorm.weight`, lw('input_layernorm.weight'), [H]));
+    const normed = rmsNorm(hidden, g.weight(`${p}.input_layernorm.weight`, () => lw('input_layernorm.weight'), [H]));
     const qkvOut = [nh * hd, kvh * hd, kvh * hd];
-    const wqkv = fusedLinear([lw('self_attn.q_proj.weight'), lw('self_attn.k_proj.weight'), lw('self_attn.v_proj.weight')], qkvOut, H);
+    const wqkv = () => fusedLinear([lw('self_attn.q_proj.weight'), lw('self_attn.k_proj.weight'), lw('self_attn.v_proj.weight')], qkvOut, H);
     let qkv = g.op1('MatMul', [normed, g.weight(`${p}.self_attn.qkv.weight_t`, wqkv, [H, qkvOut[0] + qkvOut[1] + qkvOut[2]])]);
     if (qkvBias) {
-      const bias = new Float32Array(qkvOut[0] + qkvOut[1] + qkvOut[2]);
-      bias.set(lw('self_attn.q_proj.bias'), 0);
-      bias.set(lw('self_attn.k_proj.bias'), qkvOut[0]);
-      bias.set(lw('self_attn.v_proj.bias'), qkvOut[0] + qkvOut[1]);
-      qkv = g.op1('Add', [qkv, g.weight(`${p}.self_attn.qkv.bias`, bias, [bias.length])]);
+      const total = qkvOut[0] + qkvOut[1] + qkvOut[2];
+      const bias = () => {
+        const b = new Float32Array(total);
+        b.set(lw('self_attn.q_proj.bias'), 0);
+        b.set(lw('self_attn.k_proj.bias'), qkvOut[0]);
+        b.set(lw('self_attn.v_proj.bias'), qkvOut[0] + qkvOut[1]);
+        return b;
+      };
+      qkv = g.op1('Add', [qkv, g.weight(`${p}.self_attn.qkv.bias`, bias, [total])]);
     }
-    const [qFlat, kFlat, vFlat] = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
+    const split = g.op('Split', [qkv, g.ints(qkvOut)], { axis: -1 }, 3);
+    let [qFlat, kFlat] = split;
+    const vFlat = split[2];
+    if (weights.has(`${p}.self_attn.q_norm.weight`)) {
+      // Qwen3: RMSNorm over each head's q and k, before RoPE.
+      qFlat = headNorm(g, qFlat, g.weight(`${p}.self_attn.q_norm.weight`, () => lw('self_attn.q_norm.weight'), [hd]), nh * hd, hd, eps);
+      kFlat = headNorm(g, kFlat, g.weight(`${p}.self_attn.k_norm.weight`, () => lw('self_attn.k_norm.weight'), [hd]), kvh * hd, hd, eps);
+    }
     const q = g.op1('Reshape', [g.op1('Mul', [applyRope(g.op1('Reshape', [qFlat, rowsShape]), nh), scale]), qShape]); // [B, T, nh, hd]
     const kRows = g.op1('Reshape', [applyRope(g.op1('Reshape', [kFlat, rowsShape]), kvh), kvShape]); // [B, T, kvh, hd]
     const vRows = g.op1('Reshape', [vFlat, kvShape]);
@@ -309,21 +348,20 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
       g.outputs.push({ name: `present.${l}.key`, type: dt, dims: ['batch', kvh, 'total', hd] });
       g.outputs.push({ name: `present.${l}.value`, type: dt, dims: ['batch', kvh, 'total', hd] });
     }
-    const wo = transpose(lw('self_attn.o_proj.weight'), H, nh * hd);
+    const wo = () => transpose(lw('self_attn.o_proj.weight'), H, nh * hd);
     hidden = g.op1('Add', [hidden, g.op1('MatMul', [attnFlat, g.weight(`${p}.self_attn.o_proj.weight_t`, wo, [nh * hd, H])])]);
 
-    const normed2 = rmsNorm(hidden, g.weight(`${p}.post_attention_layernorm.weight`, lw('post_attention_layernorm.weight'), [H]));
-    const wgu = fusedLinear([lw('mlp.gate_proj.weight'), lw('mlp.up_proj.weight')], [ffn, ffn], H);
+    const normed2 = rmsNorm(hidden, g.weight(`${p}.post_attention_layernorm.weight`, () => lw('post_attention_layernorm.weight'), [H]));
+    const wgu = () => fusedLinear([lw('mlp.gate_proj.weight'), lw('mlp.up_proj.weight')], [ffn, ffn], H);
     const gu = g.op1('MatMul', [normed2, g.weight(`${p}.mlp.gate_up.weight_t`, wgu, [H, 2 * ffn])]);
     const [gate, up] = g.op('Split', [gu, g.ints([ffn, ffn])], { axis: -1 }, 2);
     const act = g.op1('Mul', [g.op1('Mul', [gate, g.op1('Sigmoid', [gate])]), up]);
-    const wd = transpose(lw('mlp.down_proj.weight'), H, ffn);
+    const wd = () => transpose(lw('mlp.down_proj.weight'), H, ffn);
     hidden = g.op1('Add', [hidden, g.op1('MatMul', [act, g.weight(`${p}.mlp.down_proj.weight_t`, wd, [ffn, H])])]);
   }
 
-  const finalNorm = g.weight('model.norm.weight', req(weights, 'model.norm.weight'), [H]);
-  const lmHead = weights.get('lm_head.weight');
-  const headWeight = lmHead ? g.weight('lm_head.weight', lmHead.data, [V, H]) : embed;
+  const finalNorm = g.weight('model.norm.weight', () => req(weights, 'model.norm.weight'), [H]);
+  const headWeight = weights.has('lm_head.weight') ? g.weight('lm_head.weight', () => req(weights, 'lm_head.weight'), [V, H]) : embed;
   if (tally) {
     const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 }); // [B, H]
     g.logitsOutputs(rmsNorm(picked, finalNorm), headWeight, V);

@@ -1,5 +1,5 @@
 import { DataType, type ModelSpec, type TensorSpec } from './onnx-proto.ts';
-import { GraphBuilder, TALLY_GRAPH_VERSION } from './llama-graph.ts';
+import { GraphBuilder, TALLY_GRAPH_VERSION, headNorm } from './llama-graph.ts';
 import { type LlamaConfig, headDim } from './types.ts';
 
 /**
@@ -56,6 +56,12 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
       const qkv = g.op1('MatMul', [rmsNorm(hidden, `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
       const bias = tensors.get(`${p}.self_attn.qkv.bias`);
       if (bias) g.op1('Add', [qkv, g.tensor(bias)]);
+      const qNorm = tensors.get(`${p}.self_attn.q_norm.weight`);
+      if (qNorm) {
+        const [q, k, v] = g.op('Split', [g.nodes[g.nodes.length - 1].outputs[0], g.ints([nh * hd, kvh * hd, kvh * hd])], { axis: -1 }, 3);
+        const kNorm = get(`${p}.self_attn.k_norm.weight`);
+        g.op1('Concat', [headNorm(g, q, g.tensor(qNorm), nh * hd, hd, config.rms_norm_eps), headNorm(g, k, g.tensor(kNorm), kvh * hd, hd, config.rms_norm_eps), v], { axis: -1 });
+      }
       g.nameLast('qkv');
       g.outputs.push({ name: 'hidden', type: dt, dims: ['rows', H] });
       g.outputs.push({ name: 'qkv', type: dt, dims: ['rows', (nh + 2 * kvh) * hd] });

@@ -110,6 +110,13 @@ export interface TensorSpec {
   raw: Uint8Array;
   /** Bytes already in an external data file (a graph that shares another graph's weights). */
   external?: ExternalRef;
+  /** Bytes made only when the tensor is written (raw is then empty), so that a converter holds one at a time. */
+  lazy?: LazyBytes;
+}
+
+export interface LazyBytes {
+  length: number;
+  read: () => Uint8Array;
 }
 
 export interface ExternalRef {
@@ -173,10 +180,11 @@ function writeValueInfo(w: ProtoWriter, v: ValueInfo): void {
 
 /**
  * Serialises a model. Returns the .onnx bytes and, when externalDataFile is set, the chunks of
- * that file in order (each 64-byte aligned, as ONNX Runtime can then map them).
+ * that file in order (each 64-byte aligned, as ONNX Runtime can then map them); a lazy tensor's chunk is
+ * its LazyBytes, to be read when written.
  */
-export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: Uint8Array[] } {
-  const external: Uint8Array[] = [];
+export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: (Uint8Array | LazyBytes)[] } {
+  const external: (Uint8Array | LazyBytes)[] = [];
   let externalOffset = 0;
   const threshold = spec.externalThresholdBytes ?? 1024;
   const w = new ProtoWriter();
@@ -210,18 +218,19 @@ export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: Uin
           entry('offset', String(t.external.offset));
           entry('length', String(t.external.length));
           tensor.int(14, 1);
-        } else if (spec.externalDataFile && t.raw.length >= threshold) {
+        } else if (spec.externalDataFile && (t.lazy?.length ?? t.raw.length) >= threshold) {
+          const length = t.lazy?.length ?? t.raw.length;
           const pad = (64 - (externalOffset % 64)) % 64;
           if (pad) external.push(new Uint8Array(pad));
           externalOffset += pad;
           entry('location', spec.externalDataFile);
           entry('offset', String(externalOffset));
-          entry('length', String(t.raw.length));
+          entry('length', String(length));
           tensor.int(14, 1);
-          external.push(t.raw);
-          externalOffset += t.raw.length;
+          external.push(t.lazy ?? t.raw);
+          externalOffset += length;
         } else {
-          tensor.bytes(9, t.raw);
+          tensor.bytes(9, t.lazy ? readLazy(t.lazy, t.name) : t.raw);
         }
       });
     }
@@ -241,6 +250,13 @@ export function encodeModel(spec: ModelSpec): { model: Uint8Array; external: Uin
     });
   }
   return { model: w.finish(), external };
+}
+
+/** A lazy tensor's bytes, checked against the length it promised. */
+export function readLazy(lazy: LazyBytes, name = 'tensor'): Uint8Array {
+  const bytes = lazy.read();
+  if (bytes.length !== lazy.length) throw new Error(`${name}: ${bytes.length} bytes where ${lazy.length} were declared`);
+  return bytes;
 }
 
 export function rawBytes(data: Float32Array | Int32Array | BigInt64Array | Uint16Array | Uint8Array): Uint8Array {

@@ -56,6 +56,10 @@ export function randomWeights(config: LlamaConfig, seed: number): WeightMap {
       uniform(`${p}.self_attn.k_proj.bias`, [kvh * hd]);
       uniform(`${p}.self_attn.v_proj.bias`, [kvh * hd]);
     }
+    if (config.model_type === 'qwen3') {
+      uniform(`${p}.self_attn.q_norm.weight`, [hd], 1);
+      uniform(`${p}.self_attn.k_norm.weight`, [hd], 1);
+    }
     uniform(`${p}.mlp.gate_proj.weight`, [ffn, H]);
     uniform(`${p}.mlp.up_proj.weight`, [ffn, H]);
     uniform(`${p}.mlp.down_proj.weight`, [H, ffn]);

@@ -63,6 +63,12 @@ export interface Tensor32 {
 }
 export type WeightMap = Map<string, Tensor32>;
 
+/** Where a graph builder gets weights: a WeightMap, or a checkpoint that reads each one when asked. */
+export interface WeightSource {
+  get(name: string): Tensor32 | undefined;
+  has(name: string): boolean;
+}
+
 /** What every checkpoint reader returns. */
 export interface Checkpoint {
   config: LlamaConfig;

@@ -10,7 +10,7 @@ import { ENGINE_WORKER, EngineClient } from '../engine/client/engine-client.ts';
 import type { EngineHandle } from '../engine/client/engine-handle.ts';
 import { EnginePool } from '../engine/client/engine-pool.ts';
 import { loadModelFolder } from '../model/folder.ts';
-import { resolveModel } from '../model/resolve.ts';
+import { resolveModelOrPull } from '../model/resolve.ts';
 import { TextTokenizer } from '../model/tokenizer.ts';
 import { Ledger } from '../meter/ledger.ts';
 import { CostMeter } from '../meter/meter.ts';
@@ -49,7 +49,7 @@ const UNMETERED: RequestMeter = {
 
 export async function startServer(config: ServeConfig, deps: ServerDeps = {}): Promise<RunningServer> {
   const logger = deps.logger ?? createLogger(config.logLevel, config.logFormat);
-  const model = resolveModel(config.model, (msg) => logger.info(msg));
+  const model = await resolveModelOrPull(config.model, (msg) => logger.info(msg));
   const folder = loadModelFolder(model.dir);
   const modelName = config.servedModelName ?? model.name;
   const price = resolveDevicePrice(config.devicePrice);

@@ -1,6 +1,6 @@
 import { type LlamaConfig, type WeightMap, headDim, hasQkvBias } from '../../src/model/types.ts';
 
-/** A direct, unbatched Llama forward pass in plain JavaScript (HF layout, rotate-half RoPE). */
+/** A direct, unbatched Llama forward pass in plain JavaScript (HF layout, rotate-half RoPE; Qwen3's q/k norm when present). */
 export function referenceLogits(config: LlamaConfig, w: WeightMap, tokens: number[]): Float32Array[] {
   const H = config.hidden_size, nh = config.num_attention_heads, kvh = config.num_key_value_heads;
   const hd = headDim(config), ffn = config.intermediate_size, V = config.vocab_size;
@@ -20,10 +20,26 @@ export function referenceLogits(config: LlamaConfig, w: WeightMap, tokens: numbe
     const r = 1 / Math.sqrt(ss / x.length + config.rms_norm_eps);
     return x.map((v, i) => v * r * weight[i]);
   };
+  // Llama 3.1's rope_scaling, as transformers' _compute_llama3_parameters writes it.
+  const scaling = config.rope_scaling as { factor: number; low_freq_factor: number; high_freq_factor: number; original_max_position_embeddings: number } | undefined;
+  const invFreq = Array.from({ length: hd / 2 }, (_, i) => {
+    const f = 1 / Math.pow(config.rope_theta, (2 * i) / hd);
+    if (!scaling) return f;
+    const { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: old } = scaling;
+    const wavelen = (2 * Math.PI) / f;
+    const smooth = (old / wavelen - lo) / (hi - lo);
+    return wavelen < old / hi ? f : wavelen > old / lo ? f / factor : (1 - smooth) * (f / factor) + smooth * f;
+  });
+  const headRms = (x: Float64Array, heads: number, weight: Float32Array | undefined) => {
+    if (!weight) return x;
+    const out = new Float64Array(x.length);
+    for (let h = 0; h < heads; h++) out.set(rms(x.subarray(h * hd, (h + 1) * hd), weight), h * hd);
+    return out;
+  };
   const rope = (x: Float64Array, heads: number, pos: number) => {
     for (let h = 0; h < heads; h++) {
       for (let i = 0; i < hd / 2; i++) {
-        const a = pos / Math.pow(config.rope_theta, (2 * i) / hd);
+        const a = pos * invFreq[i];
         const x1 = x[h * hd + i], x2 = x[h * hd + hd / 2 + i];
         x[h * hd + i] = x1 * Math.cos(a) - x2 * Math.sin(a);
         x[h * hd + hd / 2 + i] = x2 * Math.cos(a) + x1 * Math.sin(a);
@@ -40,8 +56,8 @@ export function referenceLogits(config: LlamaConfig, w: WeightMap, tokens: numbe
       const p = `model.layers.${l}`;
       const n = rms(x, get(`${p}.input_layernorm.weight`));
       const bias = hasQkvBias(config);
-      const q = linear(n, get(`${p}.self_attn.q_proj.weight`), nh * hd, H, bias ? get(`${p}.self_attn.q_proj.bias`) : undefined);
-      const k = linear(n, get(`${p}.self_attn.k_proj.weight`), kvh * hd, H, bias ? get(`${p}.self_attn.k_proj.bias`) : undefined);
+      const q = headRms(linear(n, get(`${p}.self_attn.q_proj.weight`), nh * hd, H, bias ? get(`${p}.self_attn.q_proj.bias`) : undefined), nh, w.get(`${p}.self_attn.q_norm.weight`)?.data);
+      const k = headRms(linear(n, get(`${p}.self_attn.k_proj.weight`), kvh * hd, H, bias ? get(`${p}.self_attn.k_proj.bias`) : undefined), kvh, w.get(`${p}.self_attn.k_norm.weight`)?.data);
       const v = linear(n, get(`${p}.self_attn.v_proj.weight`), kvh * hd, H, bias ? get(`${p}.self_attn.v_proj.bias`) : undefined);
       rope(q, nh, pos);
       rope(k, kvh, pos);
