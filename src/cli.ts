@@ -216,7 +216,7 @@ async function main(): Promise<void> {
     case 'convert':
       return convert(rest);
     case 'bench': {
-      const { runBenchCommand } = await import('./bench/bench-cli.ts');
+      const { runBenchCommand } = await import('./loadgen/bench-cli.ts');
       process.exitCode = await runBenchCommand(rest);
       return;
     }

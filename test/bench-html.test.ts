@@ -6,8 +6,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runBenchCommand } from '../src/bench/bench-cli.ts';
-import type { BenchResult } from '../src/bench/run.ts';
+import { runBenchCommand } from '../src/loadgen/bench-cli.ts';
+import type { BenchResult } from '../src/loadgen/run.ts';
 import { startStandIn, type StandIn } from './helpers/stand-in-server.ts';
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';

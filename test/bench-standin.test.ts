@@ -6,10 +6,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { runBenchCommand } from '../src/bench/bench-cli.ts';
-import type { BenchResult } from '../src/bench/run.ts';
-import { exponentialGap, seededRandom } from '../src/bench/stats.ts';
-import type { RequestRecord } from '../src/bench/types.ts';
+import { runBenchCommand } from '../src/loadgen/bench-cli.ts';
+import type { BenchResult } from '../src/loadgen/run.ts';
+import { exponentialGap, seededRandom } from '../src/loadgen/stats.ts';
+import type { RequestRecord } from '../src/loadgen/types.ts';
 import { refusedUrl, type StandInMode, startStandIn } from './helpers/stand-in-server.ts';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-'));
@@ -24,7 +24,7 @@ async function bench(args: string[]): Promise<{ code: number; out: string; err: 
   return { code, out, err, result: JSON.parse(fs.readFileSync(json, 'utf8')) as BenchResult };
 }
 
-/** numpy.percentile's default, written independently of src/bench/stats.ts. */
+/** numpy.percentile's default, written independently of src/loadgen/stats.ts. */
 function npPercentile(values: number[], p: number): number {
   const s = [...values].sort((a, b) => a - b);
   const h = ((s.length - 1) * p) / 100;

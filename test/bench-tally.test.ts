@@ -6,8 +6,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runBenchCommand } from '../src/bench/bench-cli.ts';
-import type { BenchResult } from '../src/bench/run.ts';
+import { runBenchCommand } from '../src/loadgen/bench-cli.ts';
+import type { BenchResult } from '../src/loadgen/run.ts';
 import { type RunningServer, startServer } from '../src/server/start.ts';
 import { storiesModel } from './helpers/models.ts';
 // For its side effect: until EngineClient bootstraps tsx in its worker itself, this helper patches
