@@ -103,7 +103,17 @@ describe('bench against the stand-in server', () => {
   it('counts every kind of misbehaviour exactly and keeps running', async () => {
     const cycle: StandInMode[] = ['ok', '429', 'drop', 'html', 'error-event', 'garbage', 'reset', '500'];
     let n = 0;
-    const server = await startStandIn({ ttftMs: 20, itlMs: 5, mode: (_i, body) => (body.max_tokens === 2 ? 'ok' : cycle[n++ % cycle.length]) });
+    // A reset on a reused connection is sent again on a fresh one, where it is reset again: one connection error.
+    const resetOnReuse = new Set<string>();
+    const mode = (_i: number, body: Record<string, unknown>, conn: { reused: boolean }): StandInMode => {
+      if (body.max_tokens === 2) return 'ok';
+      const key = JSON.stringify(body);
+      if (resetOnReuse.delete(key)) return 'reset';
+      const m = cycle[n++ % cycle.length];
+      if (m === 'reset' && conn.reused) resetOnReuse.add(key);
+      return m;
+    };
+    const server = await startStandIn({ ttftMs: 20, itlMs: 5, mode });
     try {
       const { code, out, result } = await bench(['--url', server.url, '--model', 'stand-in', '--concurrency', '4', '--rate', '50', '--requests', '16', '--input-len', '8', '--output-len', '8', '--warmup', '0']);
       expect(code).toBe(0);

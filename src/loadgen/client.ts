@@ -75,12 +75,28 @@ function chunkText(choice: Record<string, unknown>): string {
   return text;
 }
 
+export interface SendOptions {
+  now?: () => number;
+  /** performance.now() of the load point's start, which record.startMs counts from. */
+  originMs?: number;
+  /** Keep the generated text in record.text (to count its tokens when the server sends no usage). */
+  keepText?: boolean;
+}
+
 /**
  * Sends `spec` with stream=true and times it: TTFT is the first chunk carrying generated text, the
  * inter-token latencies are the gaps between such chunks (a chunk holding several tokens is one gap, as
  * in vLLM's benchmark_serving), and end-to-end runs to the end of the response.
+ *
+ * A request written on a reused keep-alive connection that fails before a single response byte came
+ * back is sent once more on a fresh connection, as Go's net/http and urllib3 do: the server closed
+ * that connection while it sat idle (llama.cpp's server closes after every streamed response without
+ * saying so), so the request never reached its handler. Its times still count from the first send.
+ * A response that carried [DONE] or a finish_reason is complete even if the connection then closes
+ * without the chunked terminator.
  */
-export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Agent, now: () => number = () => performance.now(), originMs = 0): Promise<RequestRecord> {
+export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Agent, options: SendOptions = {}): Promise<RequestRecord> {
+  const now = options.now ?? (() => performance.now());
   return new Promise((resolve) => {
     const url = new URL(`${target.baseUrl}${ENDPOINT_PATHS[spec.endpoint]}`);
     const payload = JSON.stringify({ ...spec.body, stream: true });
@@ -92,7 +108,9 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
     if (target.apiKey) headers.authorization = `Bearer ${target.apiKey}`;
 
     const t0 = now();
-    const record: RequestRecord = { ok: false, startMs: t0 - originMs, itlMs: [], tokensFrom: 'counted', contentChunks: 0 };
+    const record: RequestRecord = { ok: false, startMs: t0 - (options.originMs ?? 0), itlMs: [], tokensFrom: 'counted', contentChunks: 0 };
+    if (spec.plannedOutput !== undefined) record.plannedOutput = spec.plannedOutput;
+    if (options.keepText) record.text = '';
     let settled = false;
     let timedOut = false;
     let lastContent: number | undefined;
@@ -103,6 +121,7 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
     let buffer = '';
     let raw = '';
     let contentType = '';
+    let req: http.ClientRequest;
 
     const finish = (error?: { kind: ErrorKind; message: string; status?: number }) => {
       if (settled) return;
@@ -155,8 +174,10 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       const choices = parsed.choices;
       if (Array.isArray(choices) && choices.length > 0) {
         const choice = choices[0] as Record<string, unknown>;
-        if (chunkText(choice).length > 0) {
+        const text = chunkText(choice);
+        if (text.length > 0) {
           record.contentChunks++;
+          if (record.text !== undefined) record.text += text;
           if (lastContent === undefined) record.ttftMs = at - t0;
           else record.itlMs.push(at - lastContent);
           lastContent = at;
@@ -170,18 +191,28 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       return undefined;
     };
 
-    /** Parses complete SSE events out of the buffer (events end with a blank line). */
+    /** Parses complete SSE events out of the buffer (events end with a blank line; comment lines are skipped). */
     const drain = (at: number, final: boolean) => {
       for (;;) {
-        const m = /\r?\n\r?\n/.exec(buffer);
+        let end = buffer.indexOf('\n\n');
+        let sep = 2;
+        if (end < 0 || buffer.indexOf('\r') >= 0) {
+          const m = /\r?\n\r?\n/.exec(buffer);
+          end = m ? m.index : -1;
+          sep = m ? m[0].length : 0;
+        }
         let block: string;
-        if (m) {
-          block = buffer.slice(0, m.index);
-          buffer = buffer.slice(m.index + m[0].length);
+        if (end >= 0) {
+          block = buffer.slice(0, end);
+          buffer = buffer.slice(end + sep);
         } else if (final && buffer.trim() !== '') {
           block = buffer;
           buffer = '';
         } else return;
+        if (block.startsWith('data: ') && block.indexOf('\n') < 0) {
+          if (onEvent(block.slice(6), at)) return;
+          continue;
+        }
         const data: string[] = [];
         for (const line of block.split(/\r?\n/)) {
           if (line.startsWith('data:')) data.push(line.slice(line.startsWith('data: ') ? 6 : 5));
@@ -190,8 +221,7 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       }
     };
 
-    const client = target.baseUrl.startsWith('https:') ? https : http;
-    const req = client.request(url, { method: 'POST', agent, headers }, (res) => {
+    const onResponse = (res: http.IncomingMessage) => {
       const status = res.statusCode ?? 0;
       contentType = String(res.headers['content-type'] ?? '');
       res.setEncoding('utf8');
@@ -212,7 +242,7 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
         buffer += chunk;
         drain(at, false);
       });
-      res.on('end', () => {
+      const ended = () => {
         if (settled) return;
         drain(now(), true);
         if (settled) return;
@@ -223,25 +253,48 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
         } else {
           finish();
         }
-      });
+      };
+      res.on('end', ended);
       res.on('close', () => {
         if (settled) return;
         if (timedOut) finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
+        else if (sawDone || sawFinish) ended();
         else finish({ kind: 'stream_dropped', message: `the connection closed mid-stream after ${record.contentChunks} content chunks` });
       });
       res.on('error', () => undefined);
-    });
-    req.setNoDelay(true);
-    req.on('error', (err: NodeJS.ErrnoException) => {
-      if (settled) return;
-      if (timedOut) finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
-      else finish({ kind: 'connection', message: `${err.code ?? 'error'}: ${err.message}` });
-    });
+    };
+
+    const client = target.baseUrl.startsWith('https:') ? https : http;
+    const send = (viaAgent: http.Agent | false) => {
+      let socket: import('node:net').Socket | undefined;
+      let bytesBefore = -1;
+      let responded = false;
+      req = client.request(url, { method: 'POST', agent: viaAgent, headers }, (res) => {
+        responded = true;
+        onResponse(res);
+      });
+      req.on('socket', (s) => {
+        socket = s;
+        bytesBefore = s.bytesRead;
+      });
+      req.setNoDelay(true);
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        if (settled) return;
+        if (timedOut) return finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
+        const silent = !responded && socket !== undefined && socket.bytesRead === bytesBefore;
+        if (viaAgent !== false && req.reusedSocket && silent) {
+          record.retries = (record.retries ?? 0) + 1;
+          return send(false);
+        }
+        finish({ kind: 'connection', message: `${err.code ?? 'error'}: ${err.message}${viaAgent === false && record.retries ? ' (on a fresh connection, after the reused one was closed)' : ''}` });
+      });
+      req.end(payload);
+    };
     const timer = setTimeout(() => {
       timedOut = true;
       req.destroy(new Error('timeout'));
     }, target.timeoutMs);
-    req.end(payload);
+    send(agent);
   });
 }
 

@@ -35,8 +35,8 @@ export interface LoadPointRun {
 
 export type Sender = (spec: RequestSpec, originMs: number) => Promise<RequestRecord>;
 
-export function httpSender(target: Target, agent: http.Agent): Sender {
-  return (spec, originMs) => sendStreaming(target, spec, agent, () => performance.now(), originMs);
+export function httpSender(target: Target, agent: http.Agent, keepText = false): Sender {
+  return (spec, originMs) => sendStreaming(target, spec, agent, { originMs, keepText });
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));

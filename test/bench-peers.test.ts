@@ -1,0 +1,188 @@
+/**
+ * `tally bench` against servers that frame and end their streams as real peers do (stand-ins of known
+ * timings): closing after every response without saying so (llama.cpp's server), `Connection: close`,
+ * HTTP/1.0, `Content-Length` bodies, SSE comments, and servers that ignore ignore_eos/min_tokens.
+ * Every request must be measured without an error and every token counted.
+ */
+import fs from 'node:fs';
+import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { runBenchCommand } from '../src/loadgen/bench-cli.ts';
+import type { CompareResult } from '../src/loadgen/compare.ts';
+import type { BenchResult } from '../src/loadgen/run.ts';
+import type { RequestRecord } from '../src/loadgen/types.ts';
+import { type StandInOptions, startStandIn } from './helpers/stand-in-server.ts';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-peers-'));
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+let runs = 0;
+async function bench<T = BenchResult>(args: string[]): Promise<{ code: number; out: string; err: string; result: T }> {
+  const json = path.join(tmp, `run-${runs++}.json`);
+  let out = '';
+  let err = '';
+  const code = await runBenchCommand([...args, '--json', json, '--api-models', 'openai:gpt-6-sol'], { out: (t) => (out += t), err: { write: (t: string) => (err += t), isTTY: false } });
+  return { code, out, err, result: fs.existsSync(json) ? (JSON.parse(fs.readFileSync(json, 'utf8')) as T) : (undefined as T) };
+}
+
+/** A plain keep-alive client, as the bench's was: sequential streamed requests on one pooled connection. */
+async function plainKeepAlive(url: string, n: number): Promise<{ ok: number; errors: string[] }> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  let ok = 0;
+  const errors: string[] = [];
+  for (let i = 0; i < n; i++) {
+    await new Promise<void>((resolve) => {
+      const payload = JSON.stringify({ model: 'stand-in', prompt: 'a b c', max_tokens: 3, stream: true });
+      const req = http.request(`${url}/v1/completions`, { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } }, (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (body += c));
+        res.on('end', () => {
+          if (body.includes('[DONE]')) ok++;
+          resolve();
+        });
+      });
+      req.on('error', (e: NodeJS.ErrnoException) => {
+        errors.push(`${e.code}: ${e.message}`);
+        resolve();
+      });
+      req.end(payload);
+    });
+  }
+  agent.destroy();
+  return { ok, errors };
+}
+
+const COMMON = ['--model', 'stand-in', '--concurrency', '1,4', '--requests', '16', '--input-len', '8', '--output-len', '8', '--warmup', '2'];
+
+describe('bench against servers no one here wrote', () => {
+  it('the connection-closing stand-in breaks a plain keep-alive client as llama.cpp\'s server did', async () => {
+    const server = await startStandIn({ ttftMs: 2, itlMs: 1, connection: 'close' });
+    try {
+      const { ok, errors } = await plainKeepAlive(server.url, 12);
+      expect(errors.length).toBeGreaterThan(0);
+      expect(errors.every((e) => /ECONNRESET|EPIPE|socket hang up/.test(e))).toBe(true);
+      expect(ok + errors.length).toBe(12);
+    } finally {
+      await server.close();
+    }
+  });
+
+  const peers: [string, StandInOptions][] = [
+    ['closes after every response, without saying so (llama.cpp)', { connection: 'close' }],
+    ['says Connection: close', { connection: 'close-header' }],
+    ['answers HTTP/1.0, the body ending with the connection', { connection: 'http10' }],
+    ['sends a Content-Length body instead of chunks', { framing: 'content-length' }],
+    ['sends a Content-Length body and closes without saying so', { framing: 'content-length', connection: 'close' }],
+    ['puts SSE comments between events', { comments: true }],
+    ['answers HTTP/1.0 with SSE comments', { connection: 'http10', comments: true }],
+  ];
+  for (const [what, options] of peers) {
+    it(`measures a server that ${what}: 0 errors, every token counted`, async () => {
+      const server = await startStandIn({ ttftMs: 10, itlMs: 2, ...options });
+      try {
+        const { code, out, result } = await bench([...COMMON, '--url', server.url, '--detailed']);
+        expect(code).toBe(0);
+        expect(out).not.toContain('errors:');
+        for (const point of result.points) {
+          const s = point.stats;
+          expect(s.requests).toEqual({ sent: 16, completed: 16, failed: 0 });
+          expect(s.tokens).toMatchObject({ input: 16 * 8, output: 16 * 8, from_usage: 16 });
+          expect(s.asked).toEqual({ requests: 16, output_tokens: 16 * 8, received: 16 * 8, short: 0 });
+          // Timed from the client's first send: never before the stand-in's schedule.
+          expect(s.latency_ms.ttft.min!).toBeGreaterThanOrEqual(10 - 0.5);
+          expect(s.latency_ms.e2e.min!).toBeGreaterThanOrEqual(10 + 7 * 2 - 0.5);
+          expect(s.latency_ms.itl.count).toBe(16 * 7);
+          expect(point.client.cpu_s).toBeGreaterThan(0);
+          expect(point.client.cpu_s_per_1k_tokens).toBe(point.client.cpu_s / ((16 * 8) / 1000));
+        }
+        // The stand-in's handler saw the probe, the warm-up and 32 measured requests, and nothing more: a
+        // request sent again had never reached it.
+        const retried = result.points.reduce((a, p) => a + p.stats.retried, 0) + result.unmeasured.retried;
+        expect(server.requests).toHaveLength(1 + 2 + 32);
+        const records = result.points.flatMap((p) => p.records as RequestRecord[]);
+        expect(records.filter((r) => r.retries).length).toBe(result.points.reduce((a, p) => a + p.stats.retried, 0));
+        expect(records.every((r) => (r.retries ?? 0) <= 1)).toBe(true);
+        if (options.connection === 'close') {
+          // The race is real: the bench saw closed kept-alive connections, sent those requests again and says so.
+          expect(retried).toBeGreaterThan(0);
+          expect(result.notes.join(' ')).toContain('sent again on a fresh connection');
+        } else expect(retried).toBe(0);
+        expect(out).toContain('client CPU');
+      } finally {
+        await server.close();
+      }
+    });
+  }
+
+  it('counts a fresh connection that fails, and a response that breaks off, as errors', async () => {
+    // Every generation request is reset before any response byte: retried once on a fresh connection where
+    // reused, then counted; the retry never repeats.
+    const reset = await startStandIn({ mode: (_i, body) => (body.max_tokens === 2 ? 'ok' : 'reset'), connection: 'close' });
+    try {
+      const { code, result } = await bench(['--url', reset.url, '--model', 'stand-in', '--concurrency', '2', '--requests', '6', '--output-len', '4', '--warmup', '0']);
+      expect(code).toBe(1);
+      expect(result.points[0].stats.errors.connection).toBe(6);
+      expect(reset.requests.length).toBeLessThanOrEqual(1 + 2 * 6);
+    } finally {
+      await reset.close();
+    }
+    const drop = await startStandIn({ ttftMs: 5, itlMs: 1, mode: (_i, body) => (body.max_tokens === 2 ? 'ok' : 'drop'), dropAfter: 2, connection: 'close' });
+    try {
+      const { result } = await bench(['--url', drop.url, '--model', 'stand-in', '--concurrency', '2', '--requests', '6', '--output-len', '6', '--warmup', '0']);
+      expect(result.points[0].stats.errors.stream_dropped).toBe(6);
+      expect(result.points[0].stats.retried).toBe(0);
+      // A response that broke off is not sent again: one generation request each.
+      expect(drop.requests).toHaveLength(1 + 6);
+    } finally {
+      await drop.close();
+    }
+  });
+
+  it('says per level when a server ignores ignore_eos/min_tokens, and uses the tokens received', async () => {
+    const server = await startStandIn({ ttftMs: 5, itlMs: 1, stopAfter: 5, cost: { prefillPerToken: 0.001, decodePerToken: 0.01 } });
+    try {
+      const { code, out, result } = await bench([...COMMON, '--url', server.url, '--device-price', '3.6']);
+      expect(code).toBe(0);
+      expect(server.requests.slice(1).every((r) => r.body.ignore_eos === true && r.body.min_tokens === 8)).toBe(true);
+      for (const point of result.points) {
+        const s = point.stats;
+        expect(s.requests.failed).toBe(0);
+        expect(s.tokens.output).toBe(16 * 5);
+        expect(s.asked).toEqual({ requests: 16, output_tokens: 16 * 8, received: 16 * 5, short: 16 });
+        expect(s.throughput.output_tokens_per_s).toBe((16 * 5) / s.duration_s);
+        expect(s.latency_ms.itl.count).toBe(16 * 4);
+        const usd = (3.6 * s.duration_s) / 3600;
+        expect(point.cost.usd_per_million.blended!).toBeCloseTo((usd / (16 * 8 + 16 * 5)) * 1e6, 9);
+      }
+      const notes = result.notes.join('\n');
+      expect(notes).toContain('c=1: 16 of 16 requests came back shorter');
+      expect(notes).toContain('c=4: 16 of 16 requests came back shorter');
+      expect(out).toContain('output shorter than asked');
+      expect(out).toContain('c=4: 16 of 16 requests short, 80 of 128 tokens');
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('counts output tokens with the tokenizer when the server sends no usage', async () => {
+    const server = await startStandIn({ ttftMs: 5, itlMs: 1, stopAfter: 6, usage: false, connection: 'close' });
+    try {
+      const { code, result } = await bench([...COMMON, '--url', server.url, '--detailed']);
+      expect(code).toBe(0);
+      expect(result.server.output_tokens_from).toBe('tokenizer');
+      for (const point of result.points) {
+        expect(point.stats.requests.failed).toBe(0);
+        // The stand-in's /tokenize counts words: " t0 t1 … t5" is 6 tokens a request.
+        expect(point.stats.tokens).toMatchObject({ output: 16 * 6, from_usage: 0 });
+        expect((point.records as RequestRecord[]).every((r) => r.tokensFrom === 'tokenizer' && r.text === undefined)).toBe(true);
+        expect(point.stats.asked!.short).toBe(16);
+      }
+      expect(result.notes.join(' ')).toContain('counted by the server\'s /tokenize');
+    } finally {
+      await server.close();
+    }
+  });
+});
