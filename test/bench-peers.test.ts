@@ -185,4 +185,74 @@ describe('bench against servers no one here wrote', () => {
       await server.close();
     }
   });
+
+  it('compares two servers side by side, interleaved point by point, each at its own price', async () => {
+    const a = await startStandIn({ ttftMs: 10, itlMs: 2, model: 'm' });
+    const b = await startStandIn({ ttftMs: 20, itlMs: 4, model: 'm', connection: 'close' });
+    const seen: string[] = [];
+    const tag = (name: string, server: typeof a) => {
+      const push = server.requests.push.bind(server.requests);
+      server.requests.push = (...items) => {
+        for (const it of items) seen.push(`${name}${it.body.max_tokens}`);
+        return push(...items);
+      };
+    };
+    tag('A', a);
+    tag('B', b);
+    try {
+      const { code, out, result } = await bench<CompareResult>(['--url', a.url, '--url', b.url, '--name', 'fast', '--name', 'slow', '--device-price', '1', '--device-price', '3', '--model', 'm', '--concurrency', '1,2', '--requests', '6', '--input-len', '8', '--output-len', '6', '--warmup', '1']);
+      expect(code).toBe(0);
+      expect(result.tool).toBe('tally bench compare');
+      expect(result.runs.map((r) => [r.target.name, r.pricing.usd_per_device_hour])).toEqual([['fast', 1], ['slow', 3]]);
+      // Probes and warm-ups (max_tokens 2 and 6) first, then c=1 on A then B, then c=2 on B then A.
+      const measured = seen.filter((x, i) => i >= 4);
+      expect(seen.slice(0, 4)).toEqual(['A2', 'A6', 'B2', 'B6']);
+      expect(measured.join('')).toBe('A6'.repeat(6) + 'B6'.repeat(6) + 'B6'.repeat(6) + 'A6'.repeat(6));
+      for (const row of result.rows) {
+        const [fast, slow] = row.servers;
+        expect(fast!.failed + slow!.failed).toBe(0);
+        expect(fast!.ratio).toBeNull();
+        const [pa, pb] = result.runs.map((r) => r.points.find((p) => p.label === row.label)!);
+        expect(slow!.ratio!.output_tokens_per_s).toBe(pb.stats.throughput.output_tokens_per_s / pa.stats.throughput.output_tokens_per_s);
+        expect(slow!.ratio!.usd_per_million_blended).toBe(pb.cost.usd_per_million.blended! / pa.cost.usd_per_million.blended!);
+        // Twice the latency each token, thrice the price: about half the tokens/s at about six times the $/M.
+        expect(slow!.ratio!.output_tokens_per_s!).toBeGreaterThan(0.35);
+        expect(slow!.ratio!.output_tokens_per_s!).toBeLessThan(0.65);
+        expect(slow!.ratio!.usd_per_million_blended!).toBeGreaterThan(4.5);
+        expect(slow!.ratio!.usd_per_million_blended!).toBeLessThan(8.5);
+        expect(slow!.ttft_p50_ms!).toBeGreaterThanOrEqual(20 - 0.5);
+        expect(pb.cost.usd).toBeCloseTo((3 * pb.stats.duration_s) / 3600, 12);
+      }
+      expect(out).toContain('2 servers side by side (interleaved');
+      expect(out).toMatch(/c=2\s+slow\s+6\s+0/);
+      expect(out).toContain('API ÷ slow');
+
+      // The same two runs saved apart and put together by `tally bench compare`.
+      const files = result.runs.map((r, i) => {
+        const f = path.join(tmp, `saved-${i}.json`);
+        fs.writeFileSync(f, JSON.stringify(r));
+        return f;
+      });
+      const html = path.join(tmp, 'saved.html');
+      let text = '';
+      const code2 = await runBenchCommand(['compare', ...files, '--html', html], { out: (t) => (text += t), err: { write: () => true, isTTY: false } });
+      expect(code2).toBe(0);
+      expect(text).toContain('from saved reports');
+      expect(fs.readFileSync(html, 'utf8')).toContain('fast vs slow');
+      let err = '';
+      expect(await runBenchCommand(['compare', files[0]], { out: () => undefined, err: { write: (t: string) => (err += t), isTTY: false } })).toBe(2);
+      expect(err).toContain('at least two runs');
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+
+  it('takes per-server options once for all or once per --url', async () => {
+    const { parseBenchArgs } = await import('../src/loadgen/bench-cli.ts');
+    const p = parseBenchArgs(['--url', 'http://a:1', '--url', 'http://b:2', '--device-price', 'h200', '--device-price', '0.5', '--model', 'x', '--devices', '2'], {});
+    if (p.help) throw new Error('help');
+    expect(p.configs.map((c) => [c.url, c.model, c.pricing.usdPerHour, c.pricing.devices])).toEqual([['http://a:1', 'x', 3.59, 2], ['http://b:2', 'x', 0.5, 2]]);
+    expect(() => parseBenchArgs(['--url', 'http://a', '--url', 'http://b', '--url', 'http://c', '--model', 'x', '--model', 'y'], {})).toThrow('--model was given 2 times for 3 --url');
+  });
 });
