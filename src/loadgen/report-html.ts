@@ -7,7 +7,7 @@
  * <rect class="bar">, its lines <path class="line">, and break-even crossings <circle class="cross">.
  */
 import { percentileKey } from './stats.ts';
-import { cheapestPoint, fmtCount, fmtNum, fmtUsd } from './report-text.ts';
+import { cheapestPoint, fmtCount, fmtNum, fmtUsd, ratioText } from './report-text.ts';
 import type { BenchResult, PointResult } from './run.ts';
 import { selfHostedMonthly } from './cost.ts';
 import type { CompareResult } from './compare.ts';
@@ -363,7 +363,7 @@ export function comparePlots(cmp: CompareResult): { name: string; svg: string }[
 }
 
 export function renderCompareHtml(cmp: CompareResult): string {
-  const ratio = (v: number | null | undefined) => (v == null ? '-' : `${v.toPrecision(3)}×`);
+  const ratio = ratioText;
   const base = cmp.runs[0].target.name;
   const servers = htmlTable(['server', 'model', 'URL', 'device price', 'prompts', 'output tokens from', 'client CPU s / 1k tokens'], cmp.runs.map((r) => [
     r.target.name, r.target.model, r.target.url, `${r.pricing.devices} × ${fmtUsd(r.pricing.usd_per_device_hour)}/h (${r.pricing.device})`,

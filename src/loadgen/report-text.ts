@@ -116,7 +116,7 @@ export function renderTable(result: BenchResult): string {
   return `${out.join('\n')}\n`;
 }
 
-const ratioText = (v: number | null | undefined) => (v === null || v === undefined ? '-' : `${v.toPrecision(3)}×`);
+export const ratioText = (v: number | null | undefined) => (v === null || v === undefined || !Number.isFinite(v) ? '-' : `${v >= 1000 ? v.toFixed(0) : v.toPrecision(3)}×`);
 
 function clientCpu(result: BenchResult): string {
   return result.points.map((p) => `${p.label} ${p.client?.cpu_s_per_1k_tokens == null ? '-' : `${p.client.cpu_s_per_1k_tokens.toFixed(3)} s`}`).join(', ') || '-';
