@@ -6,7 +6,7 @@
  *   node --import tsx bench/loadgen-client.ts [--concurrency 8] [--requests 32] [--max-tokens 128] [--rounds 4]
  */
 import { parseArgs } from 'node:util';
-import { makeAgent } from '../src/loadgen/client.ts';
+import { makePool } from '../src/loadgen/client.ts';
 import { httpSender, runLoadPoint } from '../src/loadgen/load.ts';
 import type { RequestSpec } from '../src/loadgen/types.ts';
 import { streamLoad } from './http-load.ts';
@@ -31,7 +31,7 @@ const server = await startServerProcess(model);
 try {
   const loadgen = async (): Promise<Sample> => {
     const specs: RequestSpec[] = Array.from({ length: requests }, (_, i) => ({ endpoint: 'completions', body: { ...body(i), stream_options: { include_usage: true } }, plannedOutput: maxTokens }));
-    const agent = makeAgent(server.url, concurrency);
+    const agent = makePool(server.url);
     const cpu = process.cpuUsage();
     const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests }, specs, httpSender({ baseUrl: server.url, timeoutMs: 600_000 }, agent));
     const used = process.cpuUsage(cpu);

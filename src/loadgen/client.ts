@@ -4,6 +4,8 @@
  */
 import http from 'node:http';
 import https from 'node:https';
+import { StringDecoder } from 'node:string_decoder';
+import { ConnectionPool } from './http1.ts';
 import type { ErrorKind, RequestRecord, RequestSpec, ServerCost } from './types.ts';
 
 export interface Target {
@@ -23,10 +25,9 @@ export function normalizeBaseUrl(url: string): string {
 
 export const ENDPOINT_PATHS = { completions: '/v1/completions', chat: '/v1/chat/completions' } as const;
 
-/** Keep-alive agents for a target, one per load point so that connections of one do not carry over. */
-export function makeAgent(baseUrl: string, maxSockets = Infinity): http.Agent {
-  const options = { keepAlive: true, maxSockets, keepAliveMsecs: 10_000 };
-  return baseUrl.startsWith('https:') ? new https.Agent(options) : new http.Agent(options);
+/** Keep-alive connections to a target, one pool per load point so that connections of one do not carry over. */
+export function makePool(baseUrl: string): ConnectionPool {
+  return new ConnectionPool(new URL(baseUrl).origin);
 }
 
 const SNIPPET = 200;
@@ -95,7 +96,7 @@ export interface SendOptions {
  * A response that carried [DONE] or a finish_reason is complete even if the connection then closes
  * without the chunked terminator.
  */
-export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Agent, options: SendOptions = {}): Promise<RequestRecord> {
+export function sendStreaming(target: Target, spec: RequestSpec, pool: ConnectionPool, options: SendOptions = {}): Promise<RequestRecord> {
   const now = options.now ?? (() => performance.now());
   return new Promise((resolve) => {
     const url = new URL(`${target.baseUrl}${ENDPOINT_PATHS[spec.endpoint]}`);
@@ -121,7 +122,7 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
     let buffer = '';
     let raw = '';
     let contentType = '';
-    let req: http.ClientRequest;
+    let abort: () => void = () => undefined;
 
     const finish = (error?: { kind: ErrorKind; message: string; status?: number }) => {
       if (settled) return;
@@ -221,80 +222,67 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       }
     };
 
-    const onResponse = (res: http.IncomingMessage) => {
-      const status = res.statusCode ?? 0;
-      contentType = String(res.headers['content-type'] ?? '');
-      res.setEncoding('utf8');
-      if (status !== 200) {
-        let body = '';
-        res.on('data', (chunk: string) => {
-          if (body.length < 8192) body += chunk;
-        });
-        res.on('end', () => finish({ kind: statusKind(status), status, message: `HTTP ${status}: ${errorMessage(body)}` }));
-        res.on('error', () => finish({ kind: statusKind(status), status, message: `HTTP ${status}` }));
-        res.on('close', () => finish({ kind: statusKind(status), status, message: `HTTP ${status}: ${errorMessage(body)}` }));
-        return;
+    const ended = () => {
+      if (settled) return;
+      drain(now(), true);
+      if (settled) return;
+      if (events === 0 && !sawDone) {
+        finish({ kind: 'bad_response', message: `not an SSE stream of JSON events (content-type ${contentType || 'none'}): ${snippet(raw)}` });
+      } else if (!sawDone && !sawFinish) {
+        finish({ kind: 'stream_dropped', message: 'the stream ended before [DONE] or a finish_reason' });
+      } else {
+        finish();
       }
-      res.on('data', (chunk: string) => {
-        if (settled) return;
-        const at = now();
-        if (raw.length < SNIPPET) raw += chunk;
-        buffer += chunk;
-        drain(at, false);
-      });
-      const ended = () => {
-        if (settled) return;
-        drain(now(), true);
-        if (settled) return;
-        if (events === 0 && !sawDone) {
-          finish({ kind: 'bad_response', message: `not an SSE stream of JSON events (content-type ${contentType || 'none'}): ${snippet(raw)}` });
-        } else if (!sawDone && !sawFinish) {
-          finish({ kind: 'stream_dropped', message: 'the stream ended before [DONE] or a finish_reason' });
-        } else {
-          finish();
-        }
-      };
-      res.on('end', ended);
-      res.on('close', () => {
-        if (settled) return;
-        if (timedOut) finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
-        else if (sawDone || sawFinish) ended();
-        else finish({ kind: 'stream_dropped', message: `the connection closed mid-stream after ${record.contentChunks} content chunks` });
-      });
-      res.on('error', () => undefined);
     };
 
-    const client = target.baseUrl.startsWith('https:') ? https : http;
-    const send = (viaAgent: http.Agent | false) => {
-      let socket: import('node:net').Socket | undefined;
-      let bytesBefore = -1;
-      let responded = false;
-      req = client.request(url, { method: 'POST', agent: viaAgent, headers }, (res) => {
-        responded = true;
-        onResponse(res);
-      });
-      req.on('socket', (s) => {
-        socket = s;
-        bytesBefore = s.bytesRead;
-      });
-      req.setNoDelay(true);
-      req.on('error', (err: NodeJS.ErrnoException) => {
-        if (settled) return;
-        if (timedOut) return finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
-        const silent = !responded && socket !== undefined && socket.bytesRead === bytesBefore;
-        if (viaAgent !== false && req.reusedSocket && silent) {
-          record.retries = (record.retries ?? 0) + 1;
-          return send(false);
-        }
-        finish({ kind: 'connection', message: `${err.code ?? 'error'}: ${err.message}${viaAgent === false && record.retries ? ' (on a fresh connection, after the reused one was closed)' : ''}` });
-      });
-      req.end(payload);
+    const path = `${url.pathname}${url.search}`;
+    const send = (fresh: boolean) => {
+      let status = 0;
+      let errorBody = '';
+      const decoder = new StringDecoder('utf8');
+      const statusError = () => finish({ kind: statusKind(status), status, message: `HTTP ${status}: ${errorMessage(errorBody)}` });
+      abort = pool.request(path, 'POST', headers, payload, {
+        onHead: (head) => {
+          status = head.status;
+          contentType = head.headers['content-type'] ?? '';
+        },
+        onBody: (data) => {
+          if (settled) return;
+          if (status !== 200) {
+            if (errorBody.length < 8192) errorBody += decoder.write(data);
+            return;
+          }
+          const at = now();
+          const chunk = decoder.write(data);
+          if (raw.length < SNIPPET) raw += chunk;
+          buffer += chunk;
+          drain(at, false);
+        },
+        onEnd: () => {
+          if (settled) return;
+          if (status !== 200) return statusError();
+          buffer += decoder.end();
+          ended();
+        },
+        onError: (err, info) => {
+          if (settled) return;
+          if (timedOut) return finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
+          if (info.silent && info.reused && !fresh) {
+            record.retries = (record.retries ?? 0) + 1;
+            return send(true);
+          }
+          if (status !== 0 && status !== 200) return statusError();
+          if (status === 200 && (sawDone || sawFinish)) return ended();
+          if (status === 200) return finish({ kind: 'stream_dropped', message: `the connection closed mid-stream after ${record.contentChunks} content chunks` });
+          finish({ kind: 'connection', message: `${err.code ?? 'error'}: ${err.message}${fresh ? ' (on a fresh connection, after the reused one was closed)' : ''}` });
+        },
+      }, fresh);
     };
     const timer = setTimeout(() => {
       timedOut = true;
-      req.destroy(new Error('timeout'));
+      abort();
     }, target.timeoutMs);
-    send(agent);
+    send(false);
   });
 }
 

@@ -4,7 +4,7 @@
  */
 import { HOURS_PER_MONTH } from '../meter/cost-report.ts';
 import { aggregate, type PointStats } from './aggregate.ts';
-import { makeAgent, normalizeBaseUrl, requestJson, sendStreaming, type Target } from './client.ts';
+import { makePool, normalizeBaseUrl, requestJson, sendStreaming, type Target } from './client.ts';
 import { type BenchPricing, type InputShareSpec, pointCost, type PointCost } from './cost.ts';
 import { httpSender, type LoadBounds, type LoadProgress, runLoadPoint } from './load.ts';
 import { type BenchTokenizer, type DatasetEntry, type LengthSpec, localTokenizer, PromptSource, serverTokenizer } from './prompts.ts';
@@ -161,7 +161,7 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
   // 3. Probe: one short request; drop what the server refuses (ignore_eos/min_tokens, token-id prompts, stream_options).
   const probeSource = (f: 'ids' | 'text', e: boolean, u: boolean) =>
     new PromptSource({ model: model!, endpoint, format: f, tokenizer, exactOutput: e, includeUsage: u, seed: config.seed + 7919, input: { mean: 8, spread: 0, dist: 'uniform' }, output: { mean: 2, spread: 0, dist: 'uniform' }, dataset: config.dataset?.slice(0, 1).map((d) => ({ ...d, max_tokens: 2 })) });
-  const probeAgent = makeAgent(baseUrl, 1);
+  const probeAgent = makePool(baseUrl);
   let attempts = 0;
   let probe: RequestRecord | undefined;
   for (;;) {
@@ -196,7 +196,7 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
   if (config.warmup > 0) {
     const first = config.points[0];
     const concurrency = Math.max(1, Math.min(config.warmup, first?.mode === 'concurrency' ? first.value : (config.bounds.maxConcurrency ?? 1)));
-    const agent = makeAgent(baseUrl, concurrency);
+    const agent = makePool(baseUrl);
     hooks.onPointStart?.('warmup', -1, config.points.length);
     const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests: config.warmup }, await source.take(config.warmup), httpSender(target, agent), {
       onProgress: (p) => hooks.onProgress?.('warmup', p),
@@ -216,7 +216,7 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
     const point = config.points[i];
     const label = pointLabel(point);
     const prompts = await source.take(poolSize);
-    const agent = makeAgent(baseUrl, point.mode === 'concurrency' ? point.value : (config.bounds.maxConcurrency ?? Infinity));
+    const agent = makePool(baseUrl);
     hooks.onPointStart?.(label, i, config.points.length);
     const cpu = process.cpuUsage();
     const run = await runLoadPoint(point, config.bounds, prompts, httpSender(target, agent, countText), {

@@ -12,6 +12,7 @@
  * between events, or stop before max_tokens whatever ignore_eos/min_tokens ask.
  */
 import http from 'node:http';
+import https from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
 
 export type StandInMode = 'ok' | 'html' | '429' | '500' | 'drop' | 'error-event' | 'garbage' | 'hang' | 'reset';
@@ -37,6 +38,8 @@ export interface StandInOptions {
   comments?: boolean;
   /** Stop after this many tokens (finish_reason "stop"), ignoring ignore_eos and min_tokens. */
   stopAfter?: number;
+  /** Serve HTTPS with this key and certificate (PEM). */
+  tls?: { key: string; cert: string };
   /** 'drop': content chunks sent before the connection is destroyed (default 3). */
   dropAfter?: number;
   /** Serve /tokenize (one token per whitespace-separated word; default true). */
@@ -92,7 +95,7 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
     timers.add(t);
   };
 
-  const server = http.createServer((req, res) => {
+  const handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
     let raw = '';
     req.setEncoding('utf8');
     req.on('data', (c: string) => (raw += c));
@@ -223,8 +226,9 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
       };
       sendFrom(0);
     });
-  });
-  server.on('connection', (s) => {
+  };
+  const server = options.tls ? https.createServer(options.tls, handler) : http.createServer(handler);
+  server.on(options.tls ? 'secureConnection' : 'connection', (s) => {
     s.setNoDelay(true);
     sockets.add(s);
     s.on('close', () => sockets.delete(s));
@@ -235,7 +239,7 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
   });
   const { port } = server.address() as AddressInfo;
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${options.tls ? 'https' : 'http'}://127.0.0.1:${port}`,
     requests,
     async close() {
       for (const t of timers) clearTimeout(t);
