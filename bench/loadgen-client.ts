@@ -1,8 +1,9 @@
 /**
  * The load generator's own cost (issue #22): CPU seconds per 1,000 streamed tokens of `tally bench`'s
- * client (src/loadgen, node:http) against a minimal streaming client (bench/http-load.ts: raw sockets,
- * counts tokens from the usage chunk), against the same Tally server (stories260K, in a child process,
- * so this process's CPU is the client's alone), in alternating rounds. Also the tokens/s each saw.
+ * client (src/loadgen: HTTP/1.1 over raw sockets, every SSE event parsed and timed) against a minimal
+ * streaming client (bench/http-load.ts: raw sockets, tokens from the usage chunk, no event parsed), both
+ * against the same Tally server (stories260K, in a child process, so this process's CPU is the client's
+ * alone), in alternating rounds. Also the tokens/s each saw.
  *   node --import tsx bench/loadgen-client.ts [--concurrency 8] [--requests 32] [--max-tokens 128] [--rounds 4]
  */
 import { parseArgs } from 'node:util';
@@ -31,11 +32,11 @@ const server = await startServerProcess(model);
 try {
   const loadgen = async (): Promise<Sample> => {
     const specs: RequestSpec[] = Array.from({ length: requests }, (_, i) => ({ endpoint: 'completions', body: { ...body(i), stream_options: { include_usage: true } }, plannedOutput: maxTokens }));
-    const agent = makePool(server.url);
+    const pool = makePool(server.url);
     const cpu = process.cpuUsage();
-    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests }, specs, httpSender({ baseUrl: server.url, timeoutMs: 600_000 }, agent));
+    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests }, specs, httpSender({ baseUrl: server.url, timeoutMs: 600_000 }, pool));
     const used = process.cpuUsage(cpu);
-    agent.destroy();
+    pool.destroy();
     const failed = run.records.filter((r) => !r.ok);
     if (failed.length) throw new Error(`loadgen: ${failed.length} errors (${failed[0].error?.message})`);
     const tokens = run.records.reduce((a, r) => a + (r.completionTokens ?? 0), 0);

@@ -1,8 +1,8 @@
 /**
  * The bench's HTTP/1.1 client: keep-alive connections over raw sockets (net, or tls for https), one
- * request at a time each. node:http's client spends about twice the CPU per streamed token (its
- * IncomingMessage stream machinery per chunk), and the bench shares the machine with the server it
- * measures. Responses are framed by chunked encoding, Content-Length, or the connection's end (HTTP/1.0
+ * request at a time each, rather than node:http, whose client spends more CPU per streamed token
+ * (its IncomingMessage stream machinery per chunk; bench/loadgen-client.ts measures the client) on a
+ * machine the bench may share with the server it measures. Responses are framed by chunked encoding, Content-Length, or the connection's end (HTTP/1.0
  * and bodies with neither); a connection is kept only when its response was framed and neither side said
  * `Connection: close`.
  */

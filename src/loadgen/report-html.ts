@@ -285,11 +285,12 @@ export function renderHtml(result: BenchResult): string {
   const pr = result.pricing;
   const lat = (p: PointResult, m: 'ttft' | 'itl' | 'tpot' | 'e2e') => ps.map((q) => fmtNum(pctValue(p, m, q), m === 'itl' || m === 'tpot' ? 2 : 1));
   const summary = htmlTable(
-    ['load', 'ok', 'failed', 'duration s', 'req/s', 'in tok/s', 'out tok/s', ...ps.map((q) => `TTFT p${q} ms`), ...ps.map((q) => `TPOT p${q} ms`), ...ps.map((q) => `ITL p${q} ms`), ...ps.map((q) => `E2E p${q} ms`), '$/M in', '$/M out', '$/M blended', 'input share'],
+    ['load', 'ok', 'failed', 'duration s', 'req/s', 'in tok/s', 'out tok/s', ...ps.map((q) => `TTFT p${q} ms`), ...ps.map((q) => `TPOT p${q} ms`), ...ps.map((q) => `ITL p${q} ms`), ...ps.map((q) => `E2E p${q} ms`), '$/M in', '$/M out', '$/M blended', 'input share', 'client CPU s / 1k tok'],
     result.points.map((p) => [
       p.label, String(p.stats.requests.completed), String(p.stats.requests.failed), fmtNum(p.stats.duration_s, 2), fmtNum(p.stats.throughput.requests_per_s, 2),
       fmtNum(p.stats.throughput.input_tokens_per_s), fmtNum(p.stats.throughput.output_tokens_per_s), ...lat(p, 'ttft'), ...lat(p, 'tpot'), ...lat(p, 'itl'), ...lat(p, 'e2e'),
       fmtUsd(p.cost.usd_per_million.input), fmtUsd(p.cost.usd_per_million.output), fmtUsd(p.cost.usd_per_million.blended), `${(p.cost.input_share * 100).toFixed(1)}% (${p.cost.input_share_from})`,
+      p.client?.cpu_s_per_1k_tokens == null ? '-' : p.client.cpu_s_per_1k_tokens.toFixed(3),
     ]),
   );
   const meteredPts = result.points.filter((p) => p.cost.metered);

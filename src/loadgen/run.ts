@@ -161,12 +161,12 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
   // 3. Probe: one short request; drop what the server refuses (ignore_eos/min_tokens, token-id prompts, stream_options).
   const probeSource = (f: 'ids' | 'text', e: boolean, u: boolean) =>
     new PromptSource({ model: model!, endpoint, format: f, tokenizer, exactOutput: e, includeUsage: u, seed: config.seed + 7919, input: { mean: 8, spread: 0, dist: 'uniform' }, output: { mean: 2, spread: 0, dist: 'uniform' }, dataset: config.dataset?.slice(0, 1).map((d) => ({ ...d, max_tokens: 2 })) });
-  const probeAgent = makePool(baseUrl);
+  const probePool = makePool(baseUrl);
   let attempts = 0;
   let probe: RequestRecord | undefined;
   for (;;) {
     attempts++;
-    probe = await sendStreaming(target, await probeSource(format, exact, includeUsage).next(), probeAgent);
+    probe = await sendStreaming(target, await probeSource(format, exact, includeUsage).next(), probePool);
     unmeasured.push(probe);
     if (probe.ok || (probe.error?.kind !== 'http_4xx')) break;
     if (exact && config.exactOutput === 'auto') {
@@ -180,7 +180,7 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
       notes.push(`The server refused stream_options (${probe.error.message}); output tokens are counted by chunks.`);
     } else break;
   }
-  probeAgent.destroy();
+  probePool.destroy();
   if (!probe.ok) notes.push(`The probe request failed (${probe.error!.kind}: ${probe.error!.message}); running anyway.`);
   else {
     if (probe.tokensFrom !== 'usage') notes.push(`The server sent no usage in the stream: input tokens are as planned${tokenizer ? '' : ', output tokens counted as text chunks'}.`);
@@ -196,12 +196,12 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
   if (config.warmup > 0) {
     const first = config.points[0];
     const concurrency = Math.max(1, Math.min(config.warmup, first?.mode === 'concurrency' ? first.value : (config.bounds.maxConcurrency ?? 1)));
-    const agent = makePool(baseUrl);
+    const pool = makePool(baseUrl);
     hooks.onPointStart?.('warmup', -1, config.points.length);
-    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests: config.warmup }, await source.take(config.warmup), httpSender(target, agent), {
+    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests: config.warmup }, await source.take(config.warmup), httpSender(target, pool), {
       onProgress: (p) => hooks.onProgress?.('warmup', p),
     });
-    agent.destroy();
+    pool.destroy();
     unmeasured.push(...run.records);
   }
 
@@ -216,15 +216,15 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
     const point = config.points[i];
     const label = pointLabel(point);
     const prompts = await source.take(poolSize);
-    const agent = makePool(baseUrl);
+    const pool = makePool(baseUrl);
     hooks.onPointStart?.(label, i, config.points.length);
     const cpu = process.cpuUsage();
-    const run = await runLoadPoint(point, config.bounds, prompts, httpSender(target, agent, countText), {
+    const run = await runLoadPoint(point, config.bounds, prompts, httpSender(target, pool, countText), {
       seed: config.seed + i,
       onProgress: (p) => hooks.onProgress?.(label, p),
     });
     const used = process.cpuUsage(cpu);
-    agent.destroy();
+    pool.destroy();
     for (const r of run.records) {
       if (r.text !== undefined && r.ok && r.tokensFrom === 'counted' && r.text.length > 0) {
         r.completionTokens = (await tokenizer!.encode(r.text, false)).length;
