@@ -105,11 +105,25 @@ describe('bench against servers no one here wrote', () => {
         const records = result.points.flatMap((p) => p.records as RequestRecord[]);
         expect(records.filter((r) => r.retries).length).toBe(result.points.reduce((a, p) => a + p.stats.retried, 0));
         expect(records.every((r) => (r.retries ?? 0) <= 1)).toBe(true);
-        if (options.connection === 'close') {
-          // The race is real: the bench saw closed kept-alive connections, sent those requests again and says so.
-          expect(retried).toBeGreaterThan(0);
-          expect(result.notes.join(' ')).toContain('sent again on a fresh connection');
-        } else expect(retried).toBe(0);
+        for (const point of result.points) {
+          const c = point.client.connections;
+          // Every send went out on a connection opened for it or on a kept-alive one; each retry on a fresh one.
+          expect(c.opened + c.reused).toBe(16 + point.stats.retried);
+          if (options.connection === 'close') {
+            // The server closed kept-alive connections without a word: after two such closes the bench stops
+            // reusing them, so that no more requests pay for a reset.
+            expect(c.kept_alive).toBe(false);
+            expect(c.closed_by_server).toBeGreaterThanOrEqual(2);
+            expect(point.stats.retried).toBeLessThanOrEqual(c.closed_by_server);
+          } else {
+            expect(c.kept_alive).toBe(true);
+            expect(point.stats.retried).toBe(0);
+            // Said so (Connection: close, HTTP/1.0): a connection per request; else kept alive.
+            if (options.connection) expect(c).toMatchObject({ opened: 16, reused: 0 });
+            else expect(c.opened).toBeLessThanOrEqual(point.value as number);
+          }
+        }
+        if (options.connection === 'close') expect(result.notes.join(' ')).toContain('opened a connection per request');
         expect(out).toContain('client CPU');
       } finally {
         await server.close();

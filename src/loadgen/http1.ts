@@ -4,7 +4,10 @@
  * (its IncomingMessage stream machinery per chunk; bench/loadgen-client.ts measures the client) on a
  * machine the bench may share with the server it measures. Responses are framed by chunked encoding, Content-Length, or the connection's end (HTTP/1.0
  * and bodies with neither); a connection is kept only when its response was framed and neither side said
- * `Connection: close`.
+ * `Connection: close`. A pool that sees its server close kept-alive connections (idle, or under a new
+ * request before any answer) twice before a single reused connection has answered stops reusing them:
+ * against a server that closes after every response (llama.cpp's), a request on a reused connection
+ * would otherwise pay a round trip for the reset before going out on a fresh one.
  */
 import net from 'node:net';
 import tls from 'node:tls';
@@ -78,12 +81,16 @@ class Connection {
     this.pool.forget(this);
     const ex = this.exchange;
     if (!ex) {
-      if (!wasClosed) this.socket.destroy();
+      if (!wasClosed) {
+        if (this.served > 0) this.pool.serverClosed();
+        this.socket.destroy();
+      }
       return;
     }
     this.exchange = undefined;
     this.socket.destroy();
     if (this.inBody && this.framing === 'close') return ex.onEnd();
+    if (this.bytes === 0 && this.served > 0) this.pool.serverClosed();
     const e: Error & { code?: string } = err ?? Object.assign(new Error(this.bytes === 0 ? 'socket hang up' : 'the connection closed mid-response'), { code: 'ECONNRESET' });
     ex.onError(e, { silent: this.bytes === 0, reused: this.served > 0 });
   }
@@ -204,6 +211,7 @@ class Connection {
     this.exchange = undefined;
     this.inBody = false;
     this.served++;
+    if (this.served > 1) this.pool.reusedOk++;
     if (this.keepAlive && !this.closed) this.pool.release(this);
     else this.destroy();
     ex.onEnd();
@@ -215,6 +223,20 @@ export class ConnectionPool {
   private readonly idle: Connection[] = [];
   private readonly all = new Set<Connection>();
   private destroyed = false;
+  /** Connections opened, and requests sent on a kept-alive one. */
+  opened = 0;
+  reused = 0;
+  /** Responses that came back on a reused connection. */
+  reusedOk = 0;
+  /** Kept-alive connections the server closed: while idle, or under a request before any answer. */
+  closedByServer = 0;
+  /** False once the server has shown it does not keep connections: every request then opens one. */
+  keepAlive = true;
+
+  serverClosed(): void {
+    this.closedByServer++;
+    if (this.reusedOk === 0 && this.closedByServer >= 2) this.keepAlive = false;
+  }
 
   constructor(readonly origin: string) {}
 
@@ -225,6 +247,7 @@ export class ConnectionPool {
   request(path: string, method: string, headers: Record<string, string | number>, body: string | undefined, exchange: Exchange, fresh = false): () => void {
     const url = new URL(this.origin);
     let conn: Connection | undefined;
+    if (!this.keepAlive) fresh = true;
     while (!fresh && !conn && this.idle.length > 0) {
       const c = this.idle.pop()!;
       if (!c.closed && !c.socket.destroyed && !c.socket.readableEnded) conn = c;
@@ -233,7 +256,8 @@ export class ConnectionPool {
     if (!conn) {
       conn = new Connection(url, this);
       this.all.add(conn);
-    }
+      this.opened++;
+    } else this.reused++;
     const payload = body === undefined ? undefined : Buffer.from(body);
     let head = `${method} ${path} HTTP/1.1\r\nHost: ${url.host}\r\nConnection: keep-alive\r\n`;
     for (const [k, v] of Object.entries(headers)) head += `${k}: ${v}\r\n`;
@@ -245,7 +269,7 @@ export class ConnectionPool {
   }
 
   release(conn: Connection): void {
-    if (this.destroyed) conn.destroy();
+    if (this.destroyed || !this.keepAlive) conn.destroy();
     else this.idle.push(conn);
   }
 

@@ -52,7 +52,12 @@ export interface PointResult {
    * The bench's own CPU (user + system, this process) while the point ran, per 1,000 output tokens
    * received: on a small machine the load generator takes CPU from the server it measures.
    */
-  client: { cpu_s: number; cpu_s_per_1k_tokens: number | null };
+  client: {
+    cpu_s: number;
+    cpu_s_per_1k_tokens: number | null;
+    /** Connections opened, requests sent on a kept-alive one, and whether the server kept them (see http1.ts). */
+    connections: { opened: number; reused: number; closed_by_server: number; kept_alive: boolean };
+  };
   records?: RequestRecord[];
 }
 
@@ -242,7 +247,11 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
       started_at: new Date(run.startedAt).toISOString(),
       stats,
       cost: pointCost(stats, config.pricing, config.inputShare, config.apiModels, run.startedAt),
-      client: { cpu_s: cpuS, cpu_s_per_1k_tokens: stats.tokens.output > 0 ? cpuS / (stats.tokens.output / 1000) : null },
+      client: {
+        cpu_s: cpuS,
+        cpu_s_per_1k_tokens: stats.tokens.output > 0 ? cpuS / (stats.tokens.output / 1000) : null,
+        connections: { opened: pool.opened, reused: pool.reused, closed_by_server: pool.closedByServer, kept_alive: pool.keepAlive },
+      },
       ...(config.detailed ? { records: run.records } : {}),
     };
     const a = stats.asked;
@@ -250,7 +259,10 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
       notes.push(`${label}: ${a.short} of ${a.requests} requests came back shorter than the output length asked (ignore_eos/min_tokens not honoured): ${a.received} of ${a.output_tokens} output tokens; the figures use the tokens received.`);
     }
     if (stats.retried > 0) {
-      notes.push(`${label}: ${stats.retried} requests were sent again on a fresh connection: the server had closed their kept-alive connection before answering (llama.cpp's server closes after every response). Not errors; their times count from the first send.`);
+      notes.push(`${label}: ${stats.retried} requests were sent again on a fresh connection: the server had closed their kept-alive connection before answering. Not errors; their times count from the first send.`);
+    }
+    if (!pool.keepAlive) {
+      notes.push(`${label}: the server closed kept-alive connections without saying so (as llama.cpp's server does after every response), so the bench opened a connection per request (${pool.opened} opened).`);
     }
     points.push(result);
     hooks.onPointEnd?.(result);
