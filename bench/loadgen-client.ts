@@ -4,10 +4,13 @@
  * streaming client (bench/http-load.ts: raw sockets, tokens from the usage chunk, no event parsed), both
  * against the same Tally server (stories260K, in a child process, so this process's CPU is the client's
  * alone), in alternating rounds. Also the tokens/s each saw.
+ * Last, the share of the client's CPU that is its own work per event (SSE parsing, JSON, timing): the same
+ * code fed a recorded-shape stream in memory, no socket.
  *   node --import tsx bench/loadgen-client.ts [--concurrency 8] [--requests 32] [--max-tokens 128] [--rounds 4]
  */
 import { parseArgs } from 'node:util';
-import { makePool } from '../src/loadgen/client.ts';
+import { makePool, sendStreaming } from '../src/loadgen/client.ts';
+import type { ConnectionPool, Exchange } from '../src/loadgen/http1.ts';
 import { httpSender, runLoadPoint } from '../src/loadgen/load.ts';
 import type { RequestSpec } from '../src/loadgen/types.ts';
 import { streamLoad } from './http-load.ts';
@@ -74,3 +77,25 @@ try {
 } finally {
   await server.stop();
 }
+
+/** sendStreaming over an in-memory response of `n` completion chunks: CPU µs per event. */
+async function parseCost(n: number, reps: number): Promise<number> {
+  const event = (k: number) => Buffer.from(`data: {"id":"cmpl-1","object":"text_completion","created":1733300000,"model":"stories260K","choices":[{"index":0,"text":" word${k}","logprobs":null,"finish_reason":null}],"usage":null}\n\n`);
+  const chunks = [...Array.from({ length: n }, (_, k) => event(k)), Buffer.from('data: [DONE]\n\n')];
+  const inMemory = {
+    request: (_path: string, _method: string, _headers: unknown, _body: unknown, ex: Exchange) => {
+      ex.onHead({ status: 200, headers: { 'content-type': 'text/event-stream' } });
+      for (const c of chunks) ex.onBody(c);
+      ex.onEnd();
+      return () => undefined;
+    },
+  } as unknown as ConnectionPool;
+  const target = { baseUrl: 'http://in-memory', timeoutMs: 1e9 };
+  const spec: RequestSpec = { endpoint: 'completions', body: { model: 'm', prompt: 'x', max_tokens: n } };
+  for (let i = 0; i < reps / 10; i++) await sendStreaming(target, spec, inMemory);
+  const cpu = process.cpuUsage();
+  for (let i = 0; i < reps; i++) await sendStreaming(target, spec, inMemory);
+  const used = process.cpuUsage(cpu);
+  return (used.user + used.system) / (reps * n);
+}
+console.log(`  of which the client's own work per event (SSE parsing, JSON, timing; in memory, no socket): ${(await parseCost(maxTokens, 1000)).toFixed(2)} µs`);
