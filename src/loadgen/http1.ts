@@ -89,8 +89,9 @@ class Connection {
     }
     this.exchange = undefined;
     this.socket.destroy();
-    if (this.inBody && this.framing === 'close') return ex.onEnd();
-    if (this.bytes === 0 && this.served > 0) this.pool.serverClosed();
+    // A close-delimited body ends with the server's orderly close; an error or our own abort cuts it short.
+    if (this.inBody && this.framing === 'close' && !err && !wasClosed) return ex.onEnd();
+    if (!wasClosed && this.bytes === 0 && this.served > 0) this.pool.serverClosed();
     const e: Error & { code?: string } = err ?? Object.assign(new Error(this.bytes === 0 ? 'socket hang up' : 'the connection closed mid-response'), { code: 'ECONNRESET' });
     ex.onError(e, { silent: this.bytes === 0, reused: this.served > 0 });
   }
