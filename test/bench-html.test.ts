@@ -1,16 +1,21 @@
 /**
- * The HTML report opens in headless Chromium (Debian's /usr/bin/chromium, or $CHROMIUM_PATH) and its
- * plots render: each SVG has a nonzero size and one mark per data point, bar and break-even crossing.
+ * The HTML reports open in headless Chromium (test/helpers/browser.ts) and their plots render: each SVG
+ * has a nonzero size and one mark per data point, bar and break-even crossing. The single-server report
+ * against a stand-in; the two-server comparison of Tally (stories260K) against a stand-in that closes
+ * every connection after its response, as llama.cpp's server does.
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runBenchCommand } from '../src/bench/bench-cli.ts';
-import type { BenchResult } from '../src/bench/run.ts';
+import { runBenchCommand } from '../src/cli/bench.ts';
+import type { CompareResult } from '../src/loadgen/compare.ts';
+import type { BenchResult } from '../src/loadgen/run.ts';
+import type { RunningServer } from '../src/server/start.ts';
+import { launchBrowser } from './helpers/browser.ts';
+import { storiesModel } from './helpers/models.ts';
 import { startStandIn, type StandIn } from './helpers/stand-in-server.ts';
+import { startServerWith } from './helpers/server.ts';
 
-const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const OUT = path.resolve('test-output');
 const API_MODELS = ['openai:gpt-6-sol', 'anthropic:claude-haiku-4-5', 'google:gemini-3.5-flash-lite', 'openai:gpt-6-luna'];
 
@@ -42,11 +47,7 @@ describe('HTML report', () => {
   });
 
   it('renders every plot in headless Chromium', async () => {
-    expect(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM}: apt-get install -y chromium, or set CHROMIUM_PATH`).toBe(true);
-    const browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--headless', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    const browser = await launchBrowser();
     try {
       const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
       const requests: string[] = [];
@@ -97,6 +98,93 @@ describe('HTML report', () => {
 
       await page.screenshot({ path: path.join(OUT, 'bench-report.png'), fullPage: true });
       expect(fs.statSync(path.join(OUT, 'bench-report.png')).size).toBeGreaterThan(10_000);
+    } finally {
+      await browser.close();
+    }
+  });
+});
+
+describe('comparison report: Tally against a connection-dropping stand-in', () => {
+  let tally: RunningServer;
+  let peer: StandIn;
+  let cmp: CompareResult;
+  let cmpHtml: string;
+
+  beforeAll(async () => {
+    tally = await startServerWith({ model: storiesModel(), host: '127.0.0.1', port: 0, device: 'cpu', dataDir: fs.mkdtempSync(path.join(OUT, 'tally-data-')), logLevel: 'silent', devicePrice: '2' });
+    peer = await startStandIn({ ttftMs: 5, itlMs: 2, model: 'stories260K', connection: 'close' });
+    cmpHtml = path.join(OUT, 'bench-compare.html');
+    const json = path.join(OUT, 'bench-compare.json');
+    const code = await runBenchCommand(
+      ['--url', tally.url, '--url', peer.url, '--name', 'tally', '--name', 'llama-like', '--device-price', 'cpu-2core', '--device-price', '0.5', '--model', 'stories260K', '--concurrency', '1,4', '--rate', '30', '--requests', '8', '--input-len', '16', '--output-len', '12', '--warmup', '1', '--api-models', API_MODELS.slice(0, 2).join(','), '--json', json, '--html', cmpHtml],
+      { out: () => undefined, err: { write: () => true, isTTY: false } },
+    );
+    expect(code).toBe(0);
+    cmp = JSON.parse(fs.readFileSync(json, 'utf8')) as CompareResult;
+  });
+
+  afterAll(async () => {
+    await peer?.close();
+    await tally?.shutdown(1);
+  });
+
+  it('measures both without an error, every requested token counted', () => {
+    expect(cmp.runs.map((r) => r.target.name)).toEqual(['tally', 'llama-like']);
+    for (const run of cmp.runs) {
+      for (const p of run.points) {
+        expect(p.stats.requests).toEqual({ sent: 8, completed: 8, failed: 0 });
+        expect(p.stats.tokens.output).toBe(8 * 12);
+        expect(p.stats.asked!.short).toBe(0);
+      }
+    }
+    expect(cmp.runs[0].server.reports_cost).toBe(true);
+  });
+
+  it('is self-contained and renders both servers in headless Chromium', async () => {
+    const html = fs.readFileSync(cmpHtml, 'utf8');
+    expect(html).not.toMatch(/<script|<link|https?:\/\/(?!127\.0\.0\.1)(?!www\.w3\.org\/2000\/svg)/);
+    const browser = await launchBrowser();
+    try {
+      const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+      const requests: string[] = [];
+      page.on('request', (r) => requests.push(r.url()));
+      await page.goto(`file://${cmpHtml}`);
+      expect(requests.filter((u) => !u.startsWith('file://'))).toEqual([]);
+      const plots = await page.$$eval('svg[data-plot]', (svgs) =>
+        svgs.map((s) => {
+          const box = s.getBoundingClientRect();
+          const visible = (sel: string) => [...s.querySelectorAll(sel)].filter((e) => {
+            const b = e.getBoundingClientRect();
+            return b.width > 0 && b.height > 0;
+          });
+          return { name: s.getAttribute('data-plot')!, width: box.width, height: box.height, series: [...new Set(visible('circle.pt').map((c) => c.getAttribute('data-series')))], points: visible('circle.pt').length, bars: visible('rect.bar').length };
+        }),
+      );
+      const byName = Object.fromEntries(plots.map((p) => [p.name, p]));
+      expect(Object.keys(byName).sort()).toEqual(['cost', 'throughput-concurrency', 'throughput-rate', 'ttft-concurrency', 'ttft-rate', 'usd-concurrency', 'usd-rate']);
+      for (const p of plots) {
+        expect(p.width, p.name).toBeGreaterThan(100);
+        expect(p.height, p.name).toBeGreaterThan(100);
+      }
+      // One series per server, one mark per load point each.
+      for (const name of ['throughput-concurrency', 'ttft-concurrency', 'usd-concurrency']) {
+        expect(byName[name].series).toEqual(['tally', 'llama-like']);
+        expect(byName[name].points).toBe(2 * 2);
+      }
+      expect(byName['usd-rate'].points).toBe(2);
+      // A bar per server (at its cheapest point) and per priced API model.
+      expect(byName.cost.bars).toBe(2 + 2);
+      // The plotted values are the report's.
+      const ys = await page.$$eval('svg[data-plot="usd-concurrency"] circle.pt[data-series="llama-like"]', (cs) => cs.map((c) => Number(c.getAttribute('data-y'))));
+      expect(ys).toEqual(cmp.runs[1].points.filter((p) => p.mode === 'concurrency').map((p) => p.cost.usd_per_million.blended));
+      // The side-by-side table has a row per server per load point, with the ratio over the first.
+      const rows = await page.$$eval('h2 + table tbody tr', (trs) => trs.map((tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent)));
+      const side = rows.filter((r) => r.length === 15);
+      expect(side).toHaveLength(2 * 3);
+      const ratio = cmp.rows[0].servers[1]!.ratio!.usd_per_million_blended!;
+      expect(side[1][14]).toBe(`${ratio.toPrecision(3)}×`);
+      await page.screenshot({ path: path.join(OUT, 'bench-compare.png'), fullPage: true });
+      expect(fs.statSync(path.join(OUT, 'bench-compare.png')).size).toBeGreaterThan(10_000);
     } finally {
       await browser.close();
     }

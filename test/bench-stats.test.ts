@@ -1,12 +1,12 @@
 /** The bench's pure parts: percentiles, aggregation, cost, prompts and options, checked exactly. */
 import { describe, expect, it } from 'vitest';
-import { aggregate } from '../src/bench/aggregate.ts';
-import { parseBenchArgs } from '../src/bench/bench-cli.ts';
-import { inputShare, pointCost, selfHostedMonthly } from '../src/bench/cost.ts';
-import { parseDataset, PromptSource, sampleLength, type BenchTokenizer } from '../src/bench/prompts.ts';
-import { exponentialGap, percentile, seededRandom, summarize } from '../src/bench/stats.ts';
-import type { RequestRecord } from '../src/bench/types.ts';
-import { HOURS_PER_MONTH } from '../src/meter/cost-report.ts';
+import { aggregate } from '../src/loadgen/aggregate.ts';
+import { parseBenchArgs } from '../src/cli/bench.ts';
+import { inputShare, pointCost, selfHostedMonthly } from '../src/loadgen/cost.ts';
+import { parseDataset, PromptSource, sampleLength, type BenchTokenizer } from '../src/loadgen/prompts.ts';
+import { exponentialGap, percentile, seededRandom, summarize } from '../src/loadgen/stats.ts';
+import type { RequestRecord } from '../src/loadgen/types.ts';
+import { HOURS_PER_MONTH } from '../src/meter/cost-math.ts';
 import { quoteApi } from '../src/meter/prices.ts';
 
 describe('percentile (numpy linear interpolation)', () => {

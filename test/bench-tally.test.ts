@@ -6,13 +6,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runBenchCommand } from '../src/bench/bench-cli.ts';
-import type { BenchResult } from '../src/bench/run.ts';
+import { runBenchCommand } from '../src/cli/bench.ts';
+import type { BenchResult } from '../src/loadgen/run.ts';
 import { type RunningServer } from '../src/server/start.ts';
 import { storiesModel } from './helpers/models.ts';
-// For its side effect: until EngineClient bootstraps tsx in its worker itself, this helper patches
-// worker_threads so that the engine worker (a .ts file) starts on Node 20.
-import './helpers/server.ts';
 import { startServerWith } from './helpers/server.ts';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-tally-'));

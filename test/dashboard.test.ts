@@ -1,6 +1,6 @@
 /**
  * The dashboard (GET /, data from GET /v1/dashboard) on a real Tally with two tenants under load, in
- * headless Chromium (Debian's /usr/bin/chromium, or $CHROMIUM_PATH) at 1280×800:
+ * headless Chromium (from npm: test/helpers/browser.ts) at 1280×800:
  *
  * - under load, every figure on the page is the snapshot the page last rendered, written by format.js,
  *   and the charts plot that snapshot's numbers (the bars are /v1/cost's $/M tokens and API prices, the
@@ -13,19 +13,16 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { format, pick } from '../src/dashboard/public/format.js';
 import { breakEvenPlot, priceBars, type DashboardSnapshot } from '../src/dashboard/snapshot.ts';
 import { Ledger } from '../src/meter/ledger.ts';
-import {  type RunningServer } from '../src/server/start.ts';
+import type { RunningServer } from '../src/server/start.ts';
+import { launchBrowser } from './helpers/browser.ts';
 import { storiesModel } from './helpers/models.ts';
 import { startServerWith } from './helpers/server.ts';
 
-const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
-const HAVE_CHROMIUM = fs.existsSync(CHROMIUM);
-const NO_CHROMIUM = `SKIPPED: no Chromium at ${CHROMIUM} (apt-get install -y chromium, or set CHROMIUM_PATH)`;
-if (!HAVE_CHROMIUM) console.warn(`test/dashboard.test.ts: ${NO_CHROMIUM}`);
 const OUT = path.resolve('test-output');
 const KEYS: Record<string, string> = { alice: 'sk-alice-0000001', bob: 'sk-bob-000000002' };
 const auth = (tenant = 'alice') => ({ authorization: `Bearer ${KEYS[tenant]}` });
@@ -147,7 +144,7 @@ describe('dashboard routes', () => {
   });
 });
 
-describe.skipIf(!HAVE_CHROMIUM)(`dashboard in Chromium under load${HAVE_CHROMIUM ? '' : ` — ${NO_CHROMIUM}`}`, () => {
+describe('dashboard in Chromium under load', () => {
   let browser: Browser;
   let page: Page;
   let load: Load | undefined;
@@ -159,10 +156,7 @@ describe.skipIf(!HAVE_CHROMIUM)(`dashboard in Chromium under load${HAVE_CHROMIUM
   const pending: Promise<unknown>[] = [];
 
   beforeAll(async () => {
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--headless', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchBrowser();
     page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
     page.on('request', (r) => requested.push(r.url()));
     page.on('pageerror', (err) => problems.push(err.message));

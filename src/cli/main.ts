@@ -15,7 +15,7 @@ Run \`tally <command> --help\` for a command's options.`;
 const COMMANDS: Record<string, () => Promise<(argv: string[]) => Promise<number>>> = {
   serve: async () => (await import('./serve.ts')).runServeCommand,
   convert: async () => (await import('./convert.ts')).runConvertCommand,
-  bench: async () => (await import('../bench/bench-cli.ts')).runBenchCommand,
+  bench: async () => (await import('./bench.ts')).runBenchCommand,
   keys: async () => (await import('./keys.ts')).runKeysCommand,
   pull: async () => (await import('./pull.ts')).runPullCommand,
   cost: async () => (await import('./cost.ts')).runCostCommand,

@@ -3,7 +3,6 @@ import { type CostMeter, type WindowTotals, unitCosts } from './meter.ts';
 import { type ApiQuote, DEFAULT_API_MODELS, quoteApi } from './prices.ts';
 import type { Pricing } from './types.ts';
 
-export { HOURS_PER_MONTH };
 const UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
 /** "90s", "15m", "1.5h", "7d" → ms; undefined if malformed or not positive. */

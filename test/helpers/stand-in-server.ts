@@ -5,8 +5,14 @@
  * lateness does not accumulate), max_tokens tokens in all, usage in a last chunk when asked. Modes
  * make a request misbehave: refuse it (reset the connection), answer HTML, 429 or 500, drop the
  * connection mid-stream, send an error event or a non-JSON event, or never answer.
+ *
+ * Other options model how real servers frame and end a stream: close the connection after every
+ * response without saying so (llama.cpp's server), or with `Connection: close`, answer HTTP/1.0 (the
+ * body ends when the connection does), send a `Content-Length` body instead of chunks, put SSE comments
+ * between events, or stop before max_tokens whatever ignore_eos/min_tokens ask.
  */
 import http from 'node:http';
+import https from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
 
 export type StandInMode = 'ok' | 'html' | '429' | '500' | 'drop' | 'error-event' | 'garbage' | 'hang' | 'reset';
@@ -15,8 +21,25 @@ export interface StandInOptions {
   ttftMs?: number;
   itlMs?: number;
   model?: string;
-  /** Behaviour of each generation request, by arrival order (0-based) and body; default 'ok'. */
-  mode?: StandInMode | ((index: number, body: Record<string, unknown>) => StandInMode);
+  /**
+   * Behaviour of each generation request, by arrival order (0-based), body, and whether its connection
+   * carried a request before (`reused`); default 'ok'.
+   */
+  mode?: StandInMode | ((index: number, body: Record<string, unknown>, connection: { reused: boolean }) => StandInMode);
+  /**
+   * After a streamed response: 'keep-alive' (default) keeps the connection; 'close' closes it without a
+   * `Connection: close` header, as llama.cpp's server does; 'close-header' says `Connection: close` and
+   * closes; 'http10' answers HTTP/1.0 with no length, the body ending when the connection closes.
+   */
+  connection?: 'keep-alive' | 'close' | 'close-header' | 'http10';
+  /** 'content-length': the whole stream's length up front, no chunked encoding (events still come one by one). */
+  framing?: 'chunked' | 'content-length';
+  /** An SSE comment line (`: keep-alive`) before every event, and one more between tokens. */
+  comments?: boolean;
+  /** Stop after this many tokens (finish_reason "stop"), ignoring ignore_eos and min_tokens. */
+  stopAfter?: number;
+  /** Serve HTTPS with this key and certificate (PEM). */
+  tls?: { key: string; cert: string };
   /** 'drop': content chunks sent before the connection is destroyed (default 3). */
   dropAfter?: number;
   /** Serve /tokenize (one token per whitespace-separated word; default true). */
@@ -60,6 +83,7 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
   const sockets = new Set<Socket>();
   const timers = new Set<NodeJS.Timeout>();
   let generations = 0;
+  const served = new WeakMap<Socket, number>();
 
   // Never early: a timer can fire up to ~2 ms before its delay by the clock (libuv's loop time lags, whole ms).
   const at = (ms: number, fn: () => void) => {
@@ -71,7 +95,7 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
     timers.add(t);
   };
 
-  const server = http.createServer((req, res) => {
+  const handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
     let raw = '';
     req.setEncoding('utf8');
     req.on('data', (c: string) => (raw += c));
@@ -97,7 +121,9 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
       if (refused) return json(res, 400, { error: { message: `Unrecognized request argument supplied: ${refused}`, type: 'invalid_request_error' } });
       if (options.rejectIdPrompts && Array.isArray(body.prompt)) return json(res, 400, { error: { message: 'prompt must be a string', type: 'invalid_request_error' } });
       const index = generations++;
-      const mode = typeof options.mode === 'function' ? options.mode(index, body) : (options.mode ?? 'ok');
+      const reused = (served.get(req.socket) ?? 0) > 0;
+      served.set(req.socket, (served.get(req.socket) ?? 0) + 1);
+      const mode = typeof options.mode === 'function' ? options.mode(index, body, { reused }) : (options.mode ?? 'ok');
       requests.push({ path, body, mode });
       switch (mode) {
         case 'reset':
@@ -126,40 +152,83 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
         `data: ${JSON.stringify({ id, object: chat ? 'chat.completion.chunk' : 'text_completion', created, model, choices, ...extra })}\n\n`;
       const choice = (text: string, finish: string | null) => (chat ? { index: 0, delta: { content: text }, finish_reason: finish } : { index: 0, text, finish_reason: finish });
 
-      res.socket?.setNoDelay(true);
-      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
-      res.flushHeaders();
-      if (chat) res.write(chunk([{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }]));
-      for (let k = 0; k < maxTokens; k++) {
-        at(arrival + ttft + k * itl, () => {
-          if (res.destroyed) return;
-          if (mode === 'drop' && k === (options.dropAfter ?? 3)) {
-            res.socket?.destroy();
-            return;
-          }
-          if (mode === 'error-event' && k === 2) {
-            res.end(`data: ${JSON.stringify({ error: { message: 'the engine failed', type: 'server_error' } })}\n\ndata: [DONE]\n\n`);
-            return;
-          }
-          if (mode === 'garbage' && k === 1) {
-            res.end('data: <<not json>>\n\n');
-            return;
-          }
-          if (res.writableEnded) return;
-          const last = k === maxTokens - 1;
-          res.write(chunk([choice(` t${k}`, last ? 'length' : null)], includeUsage ? { usage: null } : {}));
-          if (!last) return;
+      // The whole response as timed pieces; the last one ends it (or, for 'drop', the connection is destroyed then).
+      const pieces: { at: number; text: string }[] = [];
+      const comment = options.comments ? ': keep-alive\n\n' : '';
+      if (chat) pieces.push({ at: arrival, text: comment + chunk([{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }]) });
+      const emitted = options.stopAfter === undefined ? maxTokens : Math.min(maxTokens, options.stopAfter);
+      let dropAt: number | undefined;
+      for (let k = 0; k < emitted; k++) {
+        const when = arrival + ttft + k * itl;
+        if (mode === 'drop' && k === (options.dropAfter ?? 3)) {
+          dropAt = when;
+          break;
+        }
+        if (mode === 'error-event' && k === 2) {
+          pieces.push({ at: when, text: `data: ${JSON.stringify({ error: { message: 'the engine failed', type: 'server_error' } })}\n\ndata: [DONE]\n\n` });
+          break;
+        }
+        if (mode === 'garbage' && k === 1) {
+          pieces.push({ at: when, text: 'data: <<not json>>\n\n' });
+          break;
+        }
+        if (comment && k > 0) pieces.push({ at: when - itl / 2, text: comment });
+        const last = k === emitted - 1;
+        let text = comment + chunk([choice(` t${k}`, last ? (emitted < maxTokens ? 'stop' : 'length') : null)], includeUsage ? { usage: null } : {});
+        if (last) {
           if (includeUsage) {
-            const usage: Record<string, unknown> = { prompt_tokens: promptTokens, completion_tokens: maxTokens, total_tokens: promptTokens + maxTokens };
-            if (options.cost) usage.cost = { device_seconds: { prefill: promptTokens * options.cost.prefillPerToken, decode: maxTokens * options.cost.decodePerToken }, devices: 1 };
-            res.write(chunk([], { usage }));
+            const usage: Record<string, unknown> = { prompt_tokens: promptTokens, completion_tokens: emitted, total_tokens: promptTokens + emitted };
+            if (options.cost) usage.cost = { device_seconds: { prefill: promptTokens * options.cost.prefillPerToken, decode: emitted * options.cost.decodePerToken }, devices: 1 };
+            text += chunk([], { usage });
           }
-          res.end('data: [DONE]\n\n');
-        });
+          text += 'data: [DONE]\n\n';
+        }
+        pieces.push({ at: when, text });
       }
+
+      const connection = options.connection ?? 'keep-alive';
+      const socket = req.socket;
+      socket.setNoDelay(true);
+      let write: (text: string) => void;
+      let end: (text: string) => void;
+      let gone: () => boolean;
+      if (connection === 'http10') {
+        socket.write('HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n');
+        write = (t) => socket.write(t);
+        end = (t) => socket.end(t);
+        gone = () => socket.destroyed || socket.writableEnded;
+      } else {
+        const headers: Record<string, string | number> = { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' };
+        if (connection === 'close-header') headers.connection = 'close';
+        if (options.framing === 'content-length') headers['content-length'] = Buffer.byteLength(pieces.map((p) => p.text).join(''));
+        res.writeHead(200, headers);
+        res.flushHeaders();
+        write = (t) => res.write(t);
+        end = (t) => res.end(t, () => {
+          if (connection === 'close') socket.destroy();
+        });
+        gone = () => res.destroyed || res.writableEnded;
+      }
+      // One after another, each at its own time from the arrival: a late timer delays, never reorders.
+      const sendFrom = (i: number): void => {
+        if (i === pieces.length) {
+          if (dropAt !== undefined) at(dropAt, () => socket.destroy());
+          return;
+        }
+        const send = () => {
+          if (gone()) return;
+          if (i === pieces.length - 1 && dropAt === undefined) end(pieces[i].text);
+          else write(pieces[i].text);
+          sendFrom(i + 1);
+        };
+        if (pieces[i].at <= arrival) send();
+        else at(pieces[i].at, send);
+      };
+      sendFrom(0);
     });
-  });
-  server.on('connection', (s) => {
+  };
+  const server = options.tls ? https.createServer(options.tls, handler) : http.createServer(handler);
+  server.on(options.tls ? 'secureConnection' : 'connection', (s) => {
     s.setNoDelay(true);
     sockets.add(s);
     s.on('close', () => sockets.delete(s));
@@ -170,7 +239,7 @@ export async function startStandIn(options: StandInOptions = {}): Promise<StandI
   });
   const { port } = server.address() as AddressInfo;
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${options.tls ? 'https' : 'http'}://127.0.0.1:${port}`,
     requests,
     async close() {
       for (const t of timers) clearTimeout(t);

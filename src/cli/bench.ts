@@ -4,19 +4,26 @@ import { dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseDuration } from '../meter/cost-report.ts';
 import { DEFAULT_API_MODELS, DEVICE_PRESETS, resolveDevicePrice } from '../meter/prices.ts';
-import type { InputShareSpec } from './cost.ts';
-import { readDataset, type DatasetEntry } from './prompts.ts';
-import { ProgressBar, renderTable } from './report-text.ts';
-import { renderHtml } from './report-html.ts';
-import { type BenchConfig, runBench } from './run.ts';
-import type { LoadPointSpec } from './types.ts';
+import type { InputShareSpec } from '../loadgen/cost.ts';
+import { readDataset, type DatasetEntry } from '../loadgen/prompts.ts';
+import { compareReports, runCompare } from '../loadgen/compare.ts';
+import { ProgressBar, renderCompareTable, renderTable } from '../loadgen/report-text.ts';
+import { renderCompareHtml, renderHtml } from '../loadgen/report-html.ts';
+import type { LoadProgress } from '../loadgen/load.ts';
+import { type BenchConfig, runBench } from '../loadgen/run.ts';
+import type { LoadPointSpec } from '../loadgen/types.ts';
 
 export const BENCH_HELP = `tally bench — throughput, latency and cost of any OpenAI-compatible server (Tally, vLLM, llama.cpp, TGI, hosted APIs)
 
 Target
   --url URL                    the server's root (a trailing /v1 is fine)                          (required)
+                               repeat it to compare servers side by side: the same workload against
+                               each, interleaved load point by load point, one table and one report
+  --name NAME                  what the reports call the server (default host:port)
   --model NAME                 model id (default: the first of GET /v1/models)
   --api-key KEY                bearer key (default $OPENAI_API_KEY)
+                               --name, --model, --api-key, --device-price and --devices take one value
+                               for every --url, or one per --url in the same order
   --endpoint completions|chat  default completions; chat for a dataset with "messages"
 
 Load (each value is one load point; both lists may be given)
@@ -59,6 +66,10 @@ Output
   --html FILE                  a self-contained report with plots
   --detailed                   keep every request's timings in the JSON
   --progress | --no-progress   progress bar on stderr (default: when stderr is a terminal)
+
+Compare saved reports
+  tally bench compare A.json B.json [--json FILE] [--html FILE]
+                               put --json reports side by side (ratios over the first)
 
 Exit status: 0 when some measured request completed, 1 when none did (the report still lists the errors), 2 for bad options.`;
 
@@ -105,9 +116,10 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     allowPositionals: true,
     strict: true,
     options: {
-      url: { type: 'string' },
-      model: { type: 'string' },
-      'api-key': { type: 'string' },
+      url: { type: 'string', multiple: true },
+      name: { type: 'string', multiple: true },
+      model: { type: 'string', multiple: true },
+      'api-key': { type: 'string', multiple: true },
       endpoint: { type: 'string' },
       concurrency: { type: 'string' },
       rate: { type: 'string' },
@@ -126,8 +138,8 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       tokenizer: { type: 'string' },
       'prompt-format': { type: 'string' },
       'ignore-eos': { type: 'string' },
-      'device-price': { type: 'string' },
-      devices: { type: 'string' },
+      'device-price': { type: 'string', multiple: true },
+      devices: { type: 'string', multiple: true },
       'input-cost-share': { type: 'string' },
       'api-models': { type: 'string' },
       percentiles: { type: 'string' },
@@ -141,13 +153,23 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   });
   if (values.help) return { help: true as const };
   if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"`);
-  if (!values.url) throw new UsageError('--url is required');
-  try {
-    const u = new URL(values.url);
-    if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new Error();
-  } catch {
-    throw new UsageError(`--url must be an http(s) URL (got "${values.url}")`);
+  const urls = values.url ?? [];
+  if (urls.length === 0) throw new UsageError('--url is required');
+  for (const url of urls) {
+    try {
+      const u = new URL(url);
+      if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new Error();
+    } catch {
+      throw new UsageError(`--url must be an http(s) URL (got "${url}")`);
+    }
   }
+  /** One value for every --url, or one per --url. */
+  const perUrl = (flag: string, given: string[] | undefined): (string | undefined)[] => {
+    if (given === undefined || given.length === 0) return urls.map(() => undefined);
+    if (given.length === 1) return urls.map(() => given[0]);
+    if (given.length !== urls.length) throw new UsageError(`${flag} was given ${given.length} times for ${urls.length} --url: give it once, or once per --url`);
+    return given;
+  };
 
   const concurrency = list(values.concurrency, '--concurrency', Number, positiveInt);
   const rate = list(values.rate, '--rate', (s) => (s.toLowerCase() === 'inf' ? Infinity : Number(s)), (n) => n > 0 && !Number.isNaN(n));
@@ -183,13 +205,17 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   const endpoint = values.endpoint === undefined ? undefined : choice(values.endpoint, '--endpoint', ['completions', 'chat'] as const, 'completions');
   if (endpoint === 'completions' && dataset?.some((e) => e.messages)) throw new UsageError('the dataset has "messages" lines: use --endpoint chat (or leave --endpoint out)');
 
-  let price;
-  try {
-    price = resolveDevicePrice(values['device-price']);
-  } catch (err) {
-    throw new UsageError((err as Error).message);
-  }
-  const devices = num(values.devices, '--devices', positiveInt, 'a positive integer') ?? 1;
+  const prices = perUrl('--device-price', values['device-price']).map((v) => {
+    try {
+      return resolveDevicePrice(v);
+    } catch (err) {
+      throw new UsageError((err as Error).message);
+    }
+  });
+  const deviceCounts = perUrl('--devices', values.devices).map((v) => num(v, '--devices', positiveInt, 'a positive integer') ?? 1);
+  const names = perUrl('--name', values.name);
+  const models = perUrl('--model', values.model);
+  const keys = perUrl('--api-key', values['api-key']);
   let inputShare: InputShareSpec = { kind: 'auto' };
   const share = values['input-cost-share'];
   if (share === 'ttft') inputShare = { kind: 'ttft' };
@@ -199,10 +225,7 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   percentiles.sort((a, b) => a - b);
   const apiModels = values['api-models'] === undefined ? DEFAULT_API_MODELS : values['api-models'].split(',').map((s) => s.trim()).filter(Boolean);
 
-  const config: BenchConfig = {
-    url: values.url,
-    apiKey: values['api-key'] ?? env.OPENAI_API_KEY,
-    model: values.model,
+  const shared = {
     endpoint,
     points,
     bounds: { requests, durationMs, maxConcurrency: num(values['max-concurrency'], '--max-concurrency', positiveInt, 'a positive integer') },
@@ -214,7 +237,6 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     tokenizerDir: values.tokenizer,
     promptFormat: choice(values['prompt-format'], '--prompt-format', ['auto', 'ids', 'text'] as const, 'auto'),
     exactOutput: choice(values['ignore-eos'], '--ignore-eos', ['auto', 'on', 'off'] as const, 'auto'),
-    pricing: { name: price.name, usdPerHour: price.usdPerHour, devices, source: price.source },
     inputShare,
     apiModels,
     percentiles,
@@ -222,8 +244,17 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     seed: num(values.seed, '--seed', Number.isInteger, 'an integer') ?? 0,
     detailed: values.detailed ?? false,
   };
+  const configs: BenchConfig[] = urls.map((url, i) => ({
+    ...shared,
+    url,
+    name: names[i],
+    apiKey: keys[i] ?? env.OPENAI_API_KEY,
+    model: models[i],
+    pricing: { name: prices[i].name, usdPerHour: prices[i].usdPerHour, devices: deviceCounts[i], source: prices[i].source },
+  }));
+  const config = configs[0];
   const progress = values['no-progress'] ? false : values.progress ? true : undefined;
-  return { help: false as const, config, json: values.json, html: values.html, progress, defaultPrice: values['device-price'] === undefined };
+  return { help: false as const, config, configs, json: values.json, html: values.html, progress, defaultPrice: values['device-price'] === undefined };
 }
 
 function write(file: string, text: string): void {
@@ -233,7 +264,44 @@ function write(file: string, text: string): void {
 }
 
 /** `tally bench`; returns the exit code. */
+/** `tally bench compare A.json B.json [--json FILE] [--html FILE]`. */
+async function runCompareCommand(argv: string[], io: BenchIo): Promise<number> {
+  let values;
+  let files: string[];
+  try {
+    const parsed = parseArgs({ args: argv, allowPositionals: true, strict: true, options: { json: { type: 'string' }, html: { type: 'string' }, help: { type: 'boolean', short: 'h' } } });
+    values = parsed.values;
+    files = parsed.positionals;
+    if (values.help) {
+      io.out(`${BENCH_HELP}\n`);
+      return 0;
+    }
+    if (files.length === 0) throw new UsageError('compare needs the --json reports to compare');
+  } catch (err) {
+    io.err.write(`tally bench compare: ${(err as Error).message}\n`);
+    return 2;
+  }
+  let cmp;
+  try {
+    cmp = compareReports(files);
+  } catch (err) {
+    io.err.write(`tally bench compare: ${(err as Error).message}\n`);
+    return 2;
+  }
+  io.out(renderCompareTable(cmp));
+  try {
+    if (values.json) write(values.json, `${JSON.stringify(cmp, null, 2)}\n`);
+    if (values.html) write(values.html, renderCompareHtml(cmp));
+  } catch (err) {
+    io.err.write(`tally bench compare: ${(err as Error).message}\n`);
+    return 1;
+  }
+  return 0;
+}
+
+/** `tally bench`; returns the exit code. */
 export async function runBenchCommand(argv: string[], io: BenchIo = stdio): Promise<number> {
+  if (argv[0] === 'compare') return runCompareCommand(argv.slice(1), io);
   let parsed;
   try {
     parsed = parseBenchArgs(argv);
@@ -245,15 +313,34 @@ export async function runBenchCommand(argv: string[], io: BenchIo = stdio): Prom
     io.out(`${BENCH_HELP}\n`);
     return 0;
   }
-  const { config } = parsed;
+  const { config, configs } = parsed;
   const showProgress = parsed.progress ?? Boolean(io.err.isTTY);
   const bar = showProgress ? new ProgressBar(io.err, config.bounds) : undefined;
-  let result;
+  const onProgress = (label: string, p: LoadProgress) => bar?.update(p, label === 'warmup' ? config.warmup : config.bounds.requests);
+  const priceNote = (pricing: BenchConfig['pricing']) => `No --device-price: priced at the ${pricing.name} preset, ${pricing.usdPerHour} USD/hour.`;
+  let text: string;
+  let json: unknown;
+  let html: () => string;
+  let completed: boolean;
   try {
-    result = await runBench(config, {
-      onPointStart: (label, i, count) => bar?.start(label, i, count),
-      onProgress: (label, p) => bar?.update(p, label === 'warmup' ? config.warmup : config.bounds.requests),
-    });
+    if (configs.length > 1) {
+      const cmp = await runCompare(configs, {
+        onPointStart: (server, label, i, count) => bar?.start(`${server} ${label}`, i, count),
+        onProgress,
+      });
+      if (parsed.defaultPrice) for (const r of cmp.runs) r.notes.push(priceNote(config.pricing));
+      text = renderCompareTable(cmp);
+      json = cmp;
+      html = () => renderCompareHtml(cmp);
+      completed = cmp.runs.every((r) => r.points.some((p) => p.stats.requests.completed > 0));
+    } else {
+      const result = await runBench(config, { onPointStart: (label, i, count) => bar?.start(label, i, count), onProgress });
+      if (parsed.defaultPrice) result.notes.push(priceNote(config.pricing));
+      text = renderTable(result);
+      json = result;
+      html = () => renderHtml(result);
+      completed = result.points.some((p) => p.stats.requests.completed > 0);
+    }
   } catch (err) {
     bar?.finish();
     io.err.write(`tally bench: ${(err as Error).message}\n`);
@@ -261,14 +348,13 @@ export async function runBenchCommand(argv: string[], io: BenchIo = stdio): Prom
   } finally {
     bar?.finish();
   }
-  if (parsed.defaultPrice) result.notes.push(`No --device-price: priced at the ${config.pricing.name} preset, ${config.pricing.usdPerHour} USD/hour.`);
-  io.out(renderTable(result));
+  io.out(text);
   try {
-    if (parsed.json) write(parsed.json, `${JSON.stringify(result, null, 2)}\n`);
-    if (parsed.html) write(parsed.html, renderHtml(result));
+    if (parsed.json) write(parsed.json, `${JSON.stringify(json, null, 2)}\n`);
+    if (parsed.html) write(parsed.html, html());
   } catch (err) {
     io.err.write(`tally bench: ${(err as Error).message}\n`);
     return 1;
   }
-  return result.points.some((p) => p.stats.requests.completed > 0) ? 0 : 1;
+  return completed ? 0 : 1;
 }

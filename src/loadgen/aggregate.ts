@@ -7,7 +7,8 @@
  *   tpot          per completed request with ≥ 2 output tokens: (last text chunk − first) / (tokens − 1)
  *   itl           all gaps between successive text chunks of completed requests, pooled
  *   e2e           per completed request: send → end of the response
- * Failed requests count in `requests.failed` and `errors` only.
+ * Failed requests count in `requests.failed` and `errors` only. Token figures are always the tokens
+ * received (usage, else counted); `asked` compares them with what exact-length requests asked for.
  */
 import { summarize, type Summary } from './stats.ts';
 import { ERROR_KINDS, type ErrorKind, type RequestRecord } from './types.ts';
@@ -39,6 +40,13 @@ export interface PointStats {
    * request reported them; null otherwise.
    */
   server: { prefill_s: number; decode_s: number } | null;
+  /**
+   * Completed requests that asked for an exact output length (ignore_eos + min_tokens): how many tokens
+   * they asked for and received, and how many came back shorter (a server that ignores those fields).
+   */
+  asked: { requests: number; output_tokens: number; received: number; short: number } | null;
+  /** Requests sent again on a fresh connection after the server closed a reused one before answering. */
+  retried: number;
   /** Sums over completed requests, for splitting cost by time when the server reports nothing. */
   client_split: { ttft_ms: number; e2e_ms: number };
 }
@@ -68,12 +76,21 @@ export function aggregate(records: readonly RequestRecord[], durationMs: number,
   let serverOk = ok.length > 0;
   let prefill = 0;
   let decode = 0;
+  const asked = { requests: 0, output_tokens: 0, received: 0, short: 0 };
+  let retried = 0;
+  for (const r of records) if (r.retries) retried++;
   for (const r of ok) {
     if (r.promptTokens === undefined) inputUnknown++;
     input += r.promptTokens ?? 0;
     const out = r.completionTokens ?? 0;
     output += out;
     if (r.tokensFrom === 'usage') fromUsage++;
+    if (r.plannedOutput !== undefined) {
+      asked.requests++;
+      asked.output_tokens += r.plannedOutput;
+      asked.received += out;
+      if (out < r.plannedOutput) asked.short++;
+    }
     if (r.ttftMs !== undefined) {
       ttft.push(r.ttftMs);
       ttftSum += r.ttftMs;
@@ -105,6 +122,8 @@ export function aggregate(records: readonly RequestRecord[], durationMs: number,
       e2e: summarize(e2e, percentiles),
     },
     server: serverOk ? { prefill_s: prefill, decode_s: decode } : null,
+    asked: asked.requests > 0 ? asked : null,
+    retried,
     client_split: { ttft_ms: ttftSum, e2e_ms: e2eSum },
   };
 }

@@ -2,9 +2,9 @@
  * A benchmark run: probe the server, warm it up, then each load point in turn; the result is the JSON
  * report (see BenchResult), from which the terminal table and the HTML report are rendered.
  */
-import { HOURS_PER_MONTH } from '../meter/cost-report.ts';
+import { HOURS_PER_MONTH } from '../meter/cost-math.ts';
 import { aggregate, type PointStats } from './aggregate.ts';
-import { makeAgent, normalizeBaseUrl, requestJson, sendStreaming, type Target } from './client.ts';
+import { makePool, normalizeBaseUrl, requestJson, sendStreaming, type Target } from './client.ts';
 import { type BenchPricing, type InputShareSpec, pointCost, type PointCost } from './cost.ts';
 import { httpSender, type LoadBounds, type LoadProgress, runLoadPoint } from './load.ts';
 import { type BenchTokenizer, type DatasetEntry, type LengthSpec, localTokenizer, PromptSource, serverTokenizer } from './prompts.ts';
@@ -12,6 +12,8 @@ import type { LoadPointSpec, RequestRecord } from './types.ts';
 
 export interface BenchConfig {
   url: string;
+  /** What reports call this server (default: its host:port). */
+  name?: string;
   apiKey?: string;
   /** Undefined: the first model of GET /v1/models. */
   model?: string;
@@ -46,6 +48,16 @@ export interface PointResult {
   started_at: string;
   stats: PointStats;
   cost: PointCost;
+  /**
+   * The bench's own CPU (user + system, this process) while the point ran, per 1,000 output tokens
+   * received: on a small machine the load generator takes CPU from the server it measures.
+   */
+  client: {
+    cpu_s: number;
+    cpu_s_per_1k_tokens: number | null;
+    /** Connections opened, requests sent on a kept-alive one, and whether the server kept them (see http1.ts). */
+    connections: { opened: number; reused: number; closed_by_server: number; kept_alive: boolean };
+  };
   records?: RequestRecord[];
 }
 
@@ -53,13 +65,15 @@ export interface BenchResult {
   tool: 'tally bench';
   started_at: string;
   finished_at: string;
-  target: { url: string; model: string; endpoint: 'completions' | 'chat'; api_key: boolean };
+  target: { url: string; name: string; model: string; endpoint: 'completions' | 'chat'; api_key: boolean };
   server: {
     models: string[] | null;
     tokenizer: BenchTokenizer['source'] | null;
     prompt_format: 'ids' | 'text' | 'dataset';
     exact_output: boolean;
     include_usage: boolean;
+    /** How output tokens are known: the server's usage, the bench's tokenizer over the text, or text chunks. */
+    output_tokens_from: 'usage' | 'tokenizer' | 'chunks';
     reports_cost: boolean;
     probe: { ok: boolean; attempts: number; error?: string };
   };
@@ -99,7 +113,21 @@ export const pointLabel = (p: LoadPointSpec) => (p.mode === 'concurrency' ? `c=$
 /** Prompts built per load point when only --duration bounds it (they cycle if the point sends more). */
 const DURATION_POOL = 256;
 
+/** A prepared run: probed and warmed up, its load points run one at a time (so that runs can interleave). */
+export interface BenchSession {
+  readonly points: number;
+  runPoint(index: number): Promise<PointResult>;
+  /** The result over the points run so far. */
+  result(): BenchResult;
+}
+
 export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Promise<BenchResult> {
+  const session = await prepareBench(config, hooks);
+  for (let i = 0; i < session.points; i++) await session.runPoint(i);
+  return session.result();
+}
+
+export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}): Promise<BenchSession> {
   const startedAt = new Date();
   const runStart = performance.now();
   const notes: string[] = [];
@@ -138,12 +166,12 @@ export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Pro
   // 3. Probe: one short request; drop what the server refuses (ignore_eos/min_tokens, token-id prompts, stream_options).
   const probeSource = (f: 'ids' | 'text', e: boolean, u: boolean) =>
     new PromptSource({ model: model!, endpoint, format: f, tokenizer, exactOutput: e, includeUsage: u, seed: config.seed + 7919, input: { mean: 8, spread: 0, dist: 'uniform' }, output: { mean: 2, spread: 0, dist: 'uniform' }, dataset: config.dataset?.slice(0, 1).map((d) => ({ ...d, max_tokens: 2 })) });
-  const probeAgent = makeAgent(baseUrl, 1);
+  const probePool = makePool(baseUrl);
   let attempts = 0;
   let probe: RequestRecord | undefined;
   for (;;) {
     attempts++;
-    probe = await sendStreaming(target, await probeSource(format, exact, includeUsage).next(), probeAgent);
+    probe = await sendStreaming(target, await probeSource(format, exact, includeUsage).next(), probePool);
     unmeasured.push(probe);
     if (probe.ok || (probe.error?.kind !== 'http_4xx')) break;
     if (exact && config.exactOutput === 'auto') {
@@ -157,10 +185,10 @@ export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Pro
       notes.push(`The server refused stream_options (${probe.error.message}); output tokens are counted by chunks.`);
     } else break;
   }
-  probeAgent.destroy();
+  probePool.destroy();
   if (!probe.ok) notes.push(`The probe request failed (${probe.error!.kind}: ${probe.error!.message}); running anyway.`);
   else {
-    if (probe.tokensFrom !== 'usage') notes.push('The server sent no usage in the stream: output tokens are counted as text chunks, input tokens as planned.');
+    if (probe.tokensFrom !== 'usage') notes.push(`The server sent no usage in the stream: input tokens are as planned${tokenizer ? '' : ', output tokens counted as text chunks'}.`);
     if (!probe.serverCost) notes.push('The server reports no per-request device-seconds: cost is split between input and output by ' + (config.inputShare.kind === 'fixed' ? `the given share ${config.inputShare.value}.` : 'the client-side time split (Σ TTFT / Σ end-to-end).'));
   }
   if (format === 'text' && !config.dataset && tokenizer && !tokenizer.decode) notes.push('The server has /tokenize but no /detokenize: text prompts are cut at about 4 characters a token, and their lengths are approximate.');
@@ -173,30 +201,45 @@ export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Pro
   if (config.warmup > 0) {
     const first = config.points[0];
     const concurrency = Math.max(1, Math.min(config.warmup, first?.mode === 'concurrency' ? first.value : (config.bounds.maxConcurrency ?? 1)));
-    const agent = makeAgent(baseUrl, concurrency);
+    const pool = makePool(baseUrl);
     hooks.onPointStart?.('warmup', -1, config.points.length);
-    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests: config.warmup }, await source.take(config.warmup), httpSender(target, agent), {
+    const run = await runLoadPoint({ mode: 'concurrency', value: concurrency }, { requests: config.warmup }, await source.take(config.warmup), httpSender(target, pool), {
       onProgress: (p) => hooks.onProgress?.('warmup', p),
     });
-    agent.destroy();
+    pool.destroy();
     unmeasured.push(...run.records);
   }
 
   // 5. Load points.
   const points: PointResult[] = [];
   const all: RequestRecord[] = [...unmeasured];
-  for (const [i, point] of config.points.entries()) {
+  // Without usage in the stream, output tokens are the generated text's tokens by the bench's tokenizer.
+  const countText = tokenizer !== undefined && (!includeUsage || (probe.ok && probe.tokensFrom !== 'usage'));
+  const outputFrom: BenchResult['server']['output_tokens_from'] = probe.ok && probe.tokensFrom === 'usage' ? 'usage' : countText ? 'tokenizer' : 'chunks';
+  if (countText) notes.push(`Output tokens are counted by the ${tokenizer!.source === 'local' ? 'local tokenizer' : "server's /tokenize (after each load point)"} over the text received.`);
+  const runPoint = async (i: number): Promise<PointResult> => {
+    const point = config.points[i];
     const label = pointLabel(point);
     const prompts = await source.take(poolSize);
-    const agent = makeAgent(baseUrl, point.mode === 'concurrency' ? point.value : (config.bounds.maxConcurrency ?? Infinity));
+    const pool = makePool(baseUrl);
     hooks.onPointStart?.(label, i, config.points.length);
-    const run = await runLoadPoint(point, config.bounds, prompts, httpSender(target, agent), {
+    const cpu = process.cpuUsage();
+    const run = await runLoadPoint(point, config.bounds, prompts, httpSender(target, pool, countText), {
       seed: config.seed + i,
       onProgress: (p) => hooks.onProgress?.(label, p),
     });
-    agent.destroy();
+    const used = process.cpuUsage(cpu);
+    pool.destroy();
+    for (const r of run.records) {
+      if (r.text !== undefined && r.ok && r.tokensFrom === 'counted' && r.text.length > 0) {
+        r.completionTokens = (await tokenizer!.encode(r.text, false)).length;
+        r.tokensFrom = 'tokenizer';
+      }
+      delete r.text;
+    }
     all.push(...run.records);
     const stats = aggregate(run.records, run.endMs - run.startMs, config.percentiles);
+    const cpuS = (used.user + used.system) / 1e6;
     const result: PointResult = {
       mode: point.mode,
       value: Number.isFinite(point.value) ? point.value : 'inf',
@@ -204,49 +247,69 @@ export async function runBench(config: BenchConfig, hooks: BenchHooks = {}): Pro
       started_at: new Date(run.startedAt).toISOString(),
       stats,
       cost: pointCost(stats, config.pricing, config.inputShare, config.apiModels, run.startedAt),
+      client: {
+        cpu_s: cpuS,
+        cpu_s_per_1k_tokens: stats.tokens.output > 0 ? cpuS / (stats.tokens.output / 1000) : null,
+        connections: { opened: pool.opened, reused: pool.reused, closed_by_server: pool.closedByServer, kept_alive: pool.keepAlive },
+      },
       ...(config.detailed ? { records: run.records } : {}),
     };
+    const a = stats.asked;
+    if (a && a.short > 0) {
+      notes.push(`${label}: ${a.short} of ${a.requests} requests came back shorter than the output length asked (ignore_eos/min_tokens not honoured): ${a.received} of ${a.output_tokens} output tokens; the figures use the tokens received.`);
+    }
+    if (stats.retried > 0) {
+      notes.push(`${label}: ${stats.retried} requests were sent again on a fresh connection: the server had closed their kept-alive connection before answering. Not errors; their times count from the first send.`);
+    }
+    if (!pool.keepAlive) {
+      notes.push(`${label}: the server closed kept-alive connections without saying so (as llama.cpp's server does after every response), so the bench opened a connection per request (${pool.opened} opened).`);
+    }
     points.push(result);
     hooks.onPointEnd?.(result);
-  }
-  if (source.inexact > 0) notes.push(`${source.inexact} synthetic prompts could not be built to their exact token length.`);
-
-  const totals = aggregate(all, performance.now() - runStart, config.percentiles);
-  const shareText = config.inputShare.kind === 'fixed' ? String(config.inputShare.value) : config.inputShare.kind;
-  return {
-    tool: 'tally bench',
-    started_at: startedAt.toISOString(),
-    finished_at: new Date().toISOString(),
-    target: { url: baseUrl, model, endpoint, api_key: Boolean(config.apiKey) },
-    server: {
-      models,
-      tokenizer: tokenizer?.source ?? null,
-      prompt_format: config.dataset ? 'dataset' : format,
-      exact_output: exact,
-      include_usage: includeUsage,
-      reports_cost: probe.ok && probe.serverCost !== undefined,
-      probe: { ok: probe.ok, attempts, ...(probe.error ? { error: `${probe.error.kind}: ${probe.error.message}` } : {}) },
-    },
-    config: {
-      points: config.points.map((p) => ({ mode: p.mode, value: Number.isFinite(p.value) ? p.value : 'inf' })),
-      requests: config.bounds.requests ?? null,
-      duration_s: config.bounds.durationMs === undefined ? null : config.bounds.durationMs / 1000,
-      max_concurrency: config.bounds.maxConcurrency ?? null,
-      warmup: config.warmup,
-      input_len: config.dataset ? null : config.input,
-      output_len: config.output,
-      dataset: config.datasetFile ?? null,
-      percentiles: config.percentiles,
-      timeout_s: config.timeoutMs / 1000,
-      seed: config.seed,
-      input_cost_share: shareText,
-      api_models: config.apiModels,
-    },
-    pricing: { device: config.pricing.name, usd_per_device_hour: config.pricing.usdPerHour, devices: config.pricing.devices, source: config.pricing.source ?? null, hours_per_month: HOURS_PER_MONTH },
-    notes,
-    unmeasured: aggregate(unmeasured, 0, config.percentiles),
-    points,
-    totals,
-    totals_cost: pointCost(totals, config.pricing, config.inputShare, config.apiModels, startedAt.getTime()),
+    return result;
   };
+
+  const finishResult = (): BenchResult => {
+    if (source.inexact > 0) notes.push(`${source.inexact} synthetic prompts could not be built to their exact token length.`);
+    const totals = aggregate(all, performance.now() - runStart, config.percentiles);
+    const shareText = config.inputShare.kind === 'fixed' ? String(config.inputShare.value) : config.inputShare.kind;
+    return {
+      tool: 'tally bench',
+      started_at: startedAt.toISOString(),
+      finished_at: new Date().toISOString(),
+      target: { url: baseUrl, name: config.name ?? new URL(baseUrl).host, model: model!, endpoint, api_key: Boolean(config.apiKey) },
+      server: {
+        models,
+        tokenizer: tokenizer?.source ?? null,
+        prompt_format: config.dataset ? 'dataset' : format,
+        exact_output: exact,
+        include_usage: includeUsage,
+        output_tokens_from: outputFrom,
+        reports_cost: probe.ok && probe.serverCost !== undefined,
+        probe: { ok: probe.ok, attempts, ...(probe.error ? { error: `${probe.error.kind}: ${probe.error.message}` } : {}) },
+      },
+      config: {
+        points: config.points.map((p) => ({ mode: p.mode, value: Number.isFinite(p.value) ? p.value : 'inf' })),
+        requests: config.bounds.requests ?? null,
+        duration_s: config.bounds.durationMs === undefined ? null : config.bounds.durationMs / 1000,
+        max_concurrency: config.bounds.maxConcurrency ?? null,
+        warmup: config.warmup,
+        input_len: config.dataset ? null : config.input,
+        output_len: config.output,
+        dataset: config.datasetFile ?? null,
+        percentiles: config.percentiles,
+        timeout_s: config.timeoutMs / 1000,
+        seed: config.seed,
+        input_cost_share: shareText,
+        api_models: config.apiModels,
+      },
+      pricing: { device: config.pricing.name, usd_per_device_hour: config.pricing.usdPerHour, devices: config.pricing.devices, source: config.pricing.source ?? null, hours_per_month: HOURS_PER_MONTH },
+      notes,
+      unmeasured: aggregate(unmeasured, 0, config.percentiles),
+      points,
+      totals,
+      totals_cost: pointCost(totals, config.pricing, config.inputShare, config.apiModels, startedAt.getTime()),
+    };
+  };
+  return { points: config.points.length, runPoint, result: finishResult };
 }

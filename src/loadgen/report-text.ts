@@ -3,6 +3,7 @@ import { percentileKey, type Summary } from './stats.ts';
 import type { BenchResult, PointResult } from './run.ts';
 import type { ApiPoint } from './cost.ts';
 import type { LoadProgress } from './load.ts';
+import type { CompareResult } from './compare.ts';
 
 /** 4 significant digits, no exponent below 1e9; "-" for missing. */
 export function fmtNum(v: number | null | undefined, digits = 1): string {
@@ -92,6 +93,16 @@ export function renderTable(result: BenchResult): string {
     }
   }
 
+  const asked = result.points.filter((p) => p.stats.asked && p.stats.asked.short > 0);
+  if (asked.length > 0) {
+    out.push('');
+    out.push('output shorter than asked (the server ignored ignore_eos/min_tokens; figures use the tokens received):');
+    for (const p of asked) out.push(`  ${p.label}: ${p.stats.asked!.short} of ${p.stats.asked!.requests} requests short, ${p.stats.asked!.received} of ${p.stats.asked!.output_tokens} tokens`);
+  }
+
+  out.push('');
+  out.push(`client CPU (this process) per 1,000 output tokens: ${clientCpu(result)}`);
+
   const ref = cheapestPoint(result);
   if (ref) {
     out.push('');
@@ -101,6 +112,74 @@ export function renderTable(result: BenchResult): string {
   if (result.notes.length > 0) {
     out.push('');
     for (const n of result.notes) out.push(`note: ${n}`);
+  }
+  return `${out.join('\n')}\n`;
+}
+
+export const ratioText = (v: number | null | undefined) => (v === null || v === undefined || !Number.isFinite(v) ? '-' : `${v >= 1000 ? v.toFixed(0) : v.toPrecision(3)}×`);
+
+function clientCpu(result: BenchResult): string {
+  return result.points.map((p) => `${p.label} ${p.client?.cpu_s_per_1k_tokens == null ? '-' : `${p.client.cpu_s_per_1k_tokens.toFixed(3)} s`}`).join(', ') || '-';
+}
+
+/** The side-by-side table of servers, with ratios to the first server. */
+export function renderCompareTable(cmp: CompareResult): string {
+  const out: string[] = [];
+  const base = cmp.runs[0].target.name;
+  out.push(`tally bench — ${cmp.runs.length} servers side by side (${cmp.source === 'interleaved' ? 'interleaved load point by load point' : 'from saved reports'}); ratios are over ${base}`);
+  for (const r of cmp.runs) {
+    out.push(`  ${r.target.name}: ${r.target.model} at ${r.target.url}, ${r.pricing.devices} × ${fmtUsd(r.pricing.usd_per_device_hour)}/h (${r.pricing.device})`);
+  }
+  out.push('');
+  const header = ['load', 'server', 'ok', 'err', 'out tok/s', '× tok/s', 'TTFT p50', '× TTFT', 'TPOT p50', 'E2E p50', '$/M in', '$/M out', '$/M blend', '× $/M'];
+  const rows: string[][] = [];
+  for (const row of cmp.rows) {
+    row.servers.forEach((s, i) => {
+      const name = cmp.runs[i].target.name;
+      if (!s) {
+        rows.push([row.label, name, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-']);
+        return;
+      }
+      rows.push([
+        row.label, name, String(s.completed), String(s.failed), fmtNum(s.output_tokens_per_s), ratioText(s.ratio?.output_tokens_per_s),
+        fmtNum(s.ttft_p50_ms), ratioText(s.ratio?.ttft_p50), fmtNum(s.tpot_p50_ms, 2), fmtNum(s.e2e_p50_ms),
+        fmtUsd(s.usd_per_million.input), fmtUsd(s.usd_per_million.output), fmtUsd(s.usd_per_million.blended), ratioText(s.ratio?.usd_per_million_blended),
+      ]);
+    });
+  }
+  out.push(table(header, rows, 2));
+
+  const refs = cmp.runs.map((r) => cheapestPoint(r));
+  const apiIds = [...new Set(refs.flatMap((p) => p?.cost.api.map((a) => a.id) ?? []))];
+  if (apiIds.length > 0) {
+    out.push('');
+    out.push(`against API prices, each server at its cheapest load point (${cmp.runs.map((r, i) => `${r.target.name}: ${refs[i]?.label ?? '-'} at ${fmtUsd(refs[i]?.cost.usd_per_million.blended)}/M`).join('; ')}):`);
+    out.push(table(
+      ['API model', '$/M blend', ...cmp.runs.map((r) => `API ÷ ${r.target.name}`)],
+      apiIds.map((id) => {
+        const quotes = refs.map((p) => p?.cost.api.find((a) => a.id === id));
+        const any = quotes.find((q) => q);
+        return [any?.name ? `${id} (${any.name})` : id, fmtUsd(any?.blended_usd_per_million), ...quotes.map((q) => ratioText(q?.cost_ratio))];
+      }),
+    ));
+  }
+
+  const failed = cmp.runs.flatMap((r) => r.points.filter((p) => p.stats.requests.failed > 0).map((p) => ({ r, p })));
+  if (failed.length > 0) {
+    out.push('');
+    out.push('errors:');
+    for (const { r, p } of failed) {
+      out.push(`  ${r.target.name} ${p.label}: ${Object.entries(p.stats.errors).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`).join(', ')}`);
+      for (const s of p.stats.error_samples.slice(0, 2)) out.push(`    ${s.count} × ${s.kind}: ${s.message}`);
+    }
+  }
+  out.push('');
+  out.push('client CPU (this process) per 1,000 output tokens:');
+  for (const r of cmp.runs) out.push(`  ${r.target.name}: ${clientCpu(r)}`);
+  const notes = [...cmp.notes, ...cmp.runs.flatMap((r) => r.notes.map((n) => `${r.target.name}: ${n}`))];
+  if (notes.length > 0) {
+    out.push('');
+    for (const n of notes) out.push(`note: ${n}`);
   }
   return `${out.join('\n')}\n`;
 }

@@ -22,7 +22,9 @@
  * point it serves at most its measured tokens/s all month; the break-even volume is that fixed cost over
  * the API's blended per-token price, when it is within that capacity (else the API stays cheaper).
  */
-import { buildCostReport, HOURS_PER_MONTH } from '../meter/cost-report.ts';
+import { HOURS_PER_MONTH, usdOf } from '../meter/cost-math.ts';
+import { buildCostReport } from '../meter/cost-report.ts';
+import type { Pricing } from '../meter/types.ts';
 import type { WindowTotals } from '../meter/meter.ts';
 import type { PointStats } from './aggregate.ts';
 
@@ -74,7 +76,7 @@ export function inputShare(stats: PointStats, spec: InputShareSpec): { share: nu
 
 function totals(startMs: number, endMs: number, stats: PointStats, prefillDs: number, decodeDs: number, usdPerHour: number): WindowTotals {
   const busy = prefillDs + decodeDs;
-  const usd = (ds: number) => (ds * usdPerHour) / 3600;
+  const usd = (ds: number) => usdOf(ds, usdPerHour);
   return {
     startMs,
     endMs,
@@ -114,7 +116,8 @@ export function pointCost(stats: PointStats, pricing: BenchPricing, share: Input
   const wallDs = stats.duration_s * pricing.devices;
   const { share: s, from } = inputShare(stats, share);
   const endMs = startedAt + stats.duration_s * 1000;
-  const pr = { devices: pricing.devices, devicePriceUsdPerHour: pricing.usdPerHour, usdPerDeviceHour: pricing.usdPerHour };
+  // A benchmark measures no power: the device price is the whole hourly rate.
+  const pr: Pricing = { devices: pricing.devices, devicePriceUsdPerHour: pricing.usdPerHour, usdPerDeviceHour: pricing.usdPerHour };
   const wall = buildCostReport(totals(startedAt, endMs, stats, wallDs * s, wallDs * (1 - s), pricing.usdPerHour), pr, { apiModels });
   let metered: PointCost['metered'] = null;
   if (stats.server) {

@@ -7,9 +7,10 @@
  * <rect class="bar">, its lines <path class="line">, and break-even crossings <circle class="cross">.
  */
 import { percentileKey } from './stats.ts';
-import { cheapestPoint, fmtCount, fmtNum, fmtUsd } from './report-text.ts';
+import { cheapestPoint, fmtCount, fmtNum, fmtUsd, ratioText } from './report-text.ts';
 import type { BenchResult, PointResult } from './run.ts';
 import { selfHostedMonthly } from './cost.ts';
+import type { CompareResult } from './compare.ts';
 
 const esc = (s: string) => s.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c]!);
 const n2 = (v: number) => (Math.round(v * 100) / 100).toString();
@@ -284,11 +285,12 @@ export function renderHtml(result: BenchResult): string {
   const pr = result.pricing;
   const lat = (p: PointResult, m: 'ttft' | 'itl' | 'tpot' | 'e2e') => ps.map((q) => fmtNum(pctValue(p, m, q), m === 'itl' || m === 'tpot' ? 2 : 1));
   const summary = htmlTable(
-    ['load', 'ok', 'failed', 'duration s', 'req/s', 'in tok/s', 'out tok/s', ...ps.map((q) => `TTFT p${q} ms`), ...ps.map((q) => `TPOT p${q} ms`), ...ps.map((q) => `ITL p${q} ms`), ...ps.map((q) => `E2E p${q} ms`), '$/M in', '$/M out', '$/M blended', 'input share'],
+    ['load', 'ok', 'failed', 'duration s', 'req/s', 'in tok/s', 'out tok/s', ...ps.map((q) => `TTFT p${q} ms`), ...ps.map((q) => `TPOT p${q} ms`), ...ps.map((q) => `ITL p${q} ms`), ...ps.map((q) => `E2E p${q} ms`), '$/M in', '$/M out', '$/M blended', 'input share', 'client CPU s / 1k tok'],
     result.points.map((p) => [
       p.label, String(p.stats.requests.completed), String(p.stats.requests.failed), fmtNum(p.stats.duration_s, 2), fmtNum(p.stats.throughput.requests_per_s, 2),
       fmtNum(p.stats.throughput.input_tokens_per_s), fmtNum(p.stats.throughput.output_tokens_per_s), ...lat(p, 'ttft'), ...lat(p, 'tpot'), ...lat(p, 'itl'), ...lat(p, 'e2e'),
       fmtUsd(p.cost.usd_per_million.input), fmtUsd(p.cost.usd_per_million.output), fmtUsd(p.cost.usd_per_million.blended), `${(p.cost.input_share * 100).toFixed(1)}% (${p.cost.input_share_from})`,
+      p.client?.cpu_s_per_1k_tokens == null ? '-' : p.client.cpu_s_per_1k_tokens.toFixed(3),
     ]),
   );
   const meteredPts = result.points.filter((p) => p.cost.metered);
@@ -322,6 +324,84 @@ ${metered}
 <h2>Against API prices</h2>${api}
 <h2>Errors</h2>${errors}
 <h2>Run</h2><details><summary>settings and totals (the full result is the --json file)</summary><pre>${esc(JSON.stringify(config, null, 2))}</pre></details>
+</body></html>
+`;
+}
+
+/** The plots of a comparison: one series per server. */
+export function comparePlots(cmp: CompareResult): { name: string; svg: string }[] {
+  const out: { name: string; svg: string }[] = [];
+  for (const mode of ['concurrency', 'rate'] as const) {
+    const labels = cmp.rows.map((r) => r.label).filter((l) => cmp.runs.some((run) => run.points.some((p) => p.label === l && p.mode === mode)));
+    if (labels.length === 0) continue;
+    const cats = labels.map((l) => {
+      const p = cmp.runs.flatMap((r) => r.points).find((q) => q.label === l)!;
+      return p.value === 'inf' ? '∞' : String(p.value);
+    });
+    const xLabel = mode === 'concurrency' ? 'concurrency (requests in flight)' : 'request rate (requests/s, Poisson)';
+    const series = (f: (p: PointResult) => number | null) => cmp.runs.map((r) => ({ name: r.target.name, values: labels.map((l) => {
+      const p = r.points.find((q) => q.label === l);
+      return p ? f(p) : null;
+    }) }));
+    out.push({ name: `throughput-${mode}`, svg: lineChart(`throughput-${mode}`, `Output tokens/s vs ${mode}`, cats, series((p) => p.stats.throughput.output_tokens_per_s), xLabel, 'output tokens per second') });
+    out.push({ name: `ttft-${mode}`, svg: lineChart(`ttft-${mode}`, `TTFT p50 vs ${mode}`, cats, series((p) => pctValue(p, 'ttft', 50)), xLabel, 'ms') });
+    out.push({ name: `usd-${mode}`, svg: lineChart(`usd-${mode}`, `Blended $/M tokens vs ${mode} (each at its own device price)`, cats, series((p) => p.cost.usd_per_million.blended), xLabel, 'USD per million tokens') });
+  }
+  const bars: Bar[] = [];
+  const refs = cmp.runs.map((r) => cheapestPoint(r));
+  cmp.runs.forEach((r, i) => {
+    const v = refs[i]?.cost.usd_per_million.blended;
+    if (v != null && v > 0) bars.push({ label: `${r.target.name} (${refs[i]!.label})`, value: v, group: 'self-hosted' });
+  });
+  const seen = new Set<string>();
+  for (const ref of refs) for (const a of ref?.cost.api ?? []) {
+    if (a.blended_usd_per_million === null || seen.has(a.id)) continue;
+    seen.add(a.id);
+    bars.push({ label: a.name ?? a.id, value: a.blended_usd_per_million, group: 'API' });
+  }
+  if (bars.length > 0) out.push({ name: 'cost', svg: barChart('cost', 'Blended $/M tokens: each server at its cheapest load point, and APIs', bars, 'USD per million tokens (input + output)') });
+  return out;
+}
+
+export function renderCompareHtml(cmp: CompareResult): string {
+  const ratio = ratioText;
+  const base = cmp.runs[0].target.name;
+  const servers = htmlTable(['server', 'model', 'URL', 'device price', 'prompts', 'output tokens from', 'client CPU s / 1k tokens'], cmp.runs.map((r) => [
+    r.target.name, r.target.model, r.target.url, `${r.pricing.devices} × ${fmtUsd(r.pricing.usd_per_device_hour)}/h (${r.pricing.device})`,
+    `${r.server.prompt_format}${r.server.exact_output ? ', exact output' : ''}`, r.server.output_tokens_from ?? '-',
+    r.points.map((p) => `${p.label} ${p.client?.cpu_s_per_1k_tokens == null ? '-' : p.client.cpu_s_per_1k_tokens.toFixed(3)}`).join(', '),
+  ]));
+  const rows: string[][] = [];
+  for (const row of cmp.rows) {
+    row.servers.forEach((s, i) => {
+      if (!s) return;
+      rows.push([row.label, cmp.runs[i].target.name, String(s.completed), String(s.failed), fmtNum(s.output_tokens_per_s), ratio(s.ratio?.output_tokens_per_s), fmtNum(s.ttft_p50_ms), ratio(s.ratio?.ttft_p50), fmtNum(s.tpot_p50_ms, 2), fmtNum(s.itl_p50_ms, 2), fmtNum(s.e2e_p50_ms), fmtUsd(s.usd_per_million.input), fmtUsd(s.usd_per_million.output), fmtUsd(s.usd_per_million.blended), ratio(s.ratio?.usd_per_million_blended)]);
+    });
+  }
+  const table = htmlTable(['load', 'server', 'ok', 'failed', 'out tok/s', `× ${base}`, 'TTFT p50 ms', `× ${base}`, 'TPOT p50 ms', 'ITL p50 ms', 'E2E p50 ms', '$/M in', '$/M out', '$/M blended', `× ${base}`], rows);
+  const refs = cmp.runs.map((r) => cheapestPoint(r));
+  const apiIds = [...new Set(refs.flatMap((p) => p?.cost.api.map((a) => a.id) ?? []))];
+  const api = apiIds.length === 0 ? '<p>No API prices.</p>' : htmlTable(['API model', '$/M blended', ...cmp.runs.map((r, i) => `API ÷ ${r.target.name} (${refs[i]?.label ?? '-'})`)], apiIds.map((id) => {
+    const quotes = refs.map((p) => p?.cost.api.find((a) => a.id === id));
+    const any = quotes.find((q) => q);
+    return [any?.name ? `${id} (${any.name})` : id, fmtUsd(any?.blended_usd_per_million), ...quotes.map((q) => ratio(q?.cost_ratio))];
+  }));
+  const errors = cmp.runs.flatMap((r) => r.points.flatMap((p) => p.stats.error_samples.map((s) => [r.target.name, p.label, s.kind, String(s.count), s.message])));
+  const notes = [...cmp.notes, ...cmp.runs.flatMap((r) => r.notes.map((n) => `${r.target.name}: ${n}`))].map((n) => `<li class="note">${esc(n)}</li>`).join('');
+  const title = `tally bench — ${cmp.runs.map((r) => r.target.name).join(' vs ')}`;
+  return `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>${esc(title)}</title><style>${CSS}</style></head>
+<body>
+<h1>${esc(title)}</h1>
+<p class="meta">${cmp.source === 'interleaved' ? 'The same workload against each server, interleaved load point by load point' : 'Saved reports put side by side'} · ${esc(cmp.started_at)} → ${esc(cmp.finished_at)}<br>
+Each server's $/M tokens are its devices' wall-clock cost at its own price over each load point's duration, divided by its tokens; ratios are each server's figure over ${esc(base)}'s.</p>
+${notes ? `<ul>${notes}</ul>` : ''}
+<h2>Servers</h2>${servers}
+<h2>Side by side</h2>${table}
+<h2>Plots</h2><div class="plots">${comparePlots(cmp).map((p) => p.svg).join('\n')}</div>
+<h2>Against API prices</h2><p>API ÷ server above 1: the server's tokens cost less than the API's.</p>${api}
+<h2>Errors</h2>${errors.length === 0 ? '<p>No request failed.</p>' : htmlTable(['server', 'load', 'kind', 'count', 'message'], errors)}
 </body></html>
 `;
 }

@@ -38,9 +38,18 @@ export interface RequestRecord {
   e2eMs?: number;
   /** The server's usage.prompt_tokens, else the planned length when the bench built the prompt to it. */
   promptTokens?: number;
-  /** The server's usage.completion_tokens, else the number of chunks carrying generated text. */
+  /**
+   * The server's usage.completion_tokens, else the generated text's tokens by the bench's tokenizer,
+   * else the number of chunks carrying generated text.
+   */
   completionTokens?: number;
-  tokensFrom: 'usage' | 'counted';
+  tokensFrom: 'usage' | 'tokenizer' | 'counted';
+  /** max_tokens when the bench asked for exactly that many (ignore_eos + min_tokens). */
+  plannedOutput?: number;
+  /** Sends on a fresh connection after a reused one closed before any response byte. */
+  retries?: number;
+  /** The generated text, kept only until its tokens are counted. */
+  text?: string;
   /** Chunks that carried generated text. */
   contentChunks: number;
   serverCost?: ServerCost;

@@ -4,6 +4,8 @@
  */
 import http from 'node:http';
 import https from 'node:https';
+import { StringDecoder } from 'node:string_decoder';
+import { ConnectionPool } from './http1.ts';
 import type { ErrorKind, RequestRecord, RequestSpec, ServerCost } from './types.ts';
 
 export interface Target {
@@ -23,10 +25,9 @@ export function normalizeBaseUrl(url: string): string {
 
 export const ENDPOINT_PATHS = { completions: '/v1/completions', chat: '/v1/chat/completions' } as const;
 
-/** Keep-alive agents for a target, one per load point so that connections of one do not carry over. */
-export function makeAgent(baseUrl: string, maxSockets = Infinity): http.Agent {
-  const options = { keepAlive: true, maxSockets, keepAliveMsecs: 10_000 };
-  return baseUrl.startsWith('https:') ? new https.Agent(options) : new http.Agent(options);
+/** Keep-alive connections to a target, one pool per load point so that connections of one do not carry over. */
+export function makePool(baseUrl: string): ConnectionPool {
+  return new ConnectionPool(new URL(baseUrl).origin);
 }
 
 const SNIPPET = 200;
@@ -75,12 +76,28 @@ function chunkText(choice: Record<string, unknown>): string {
   return text;
 }
 
+export interface SendOptions {
+  now?: () => number;
+  /** performance.now() of the load point's start, which record.startMs counts from. */
+  originMs?: number;
+  /** Keep the generated text in record.text (to count its tokens when the server sends no usage). */
+  keepText?: boolean;
+}
+
 /**
  * Sends `spec` with stream=true and times it: TTFT is the first chunk carrying generated text, the
  * inter-token latencies are the gaps between such chunks (a chunk holding several tokens is one gap, as
  * in vLLM's benchmark_serving), and end-to-end runs to the end of the response.
+ *
+ * A request written on a reused keep-alive connection that fails before a single response byte came
+ * back is sent once more on a fresh connection, as Go's net/http and urllib3 do: the server closed
+ * that connection while it sat idle (llama.cpp's server closes after every streamed response without
+ * saying so), so the request never reached its handler. Its times still count from the first send.
+ * A response that carried [DONE] or a finish_reason is complete even if the connection then closes
+ * without the chunked terminator.
  */
-export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Agent, now: () => number = () => performance.now(), originMs = 0): Promise<RequestRecord> {
+export function sendStreaming(target: Target, spec: RequestSpec, pool: ConnectionPool, options: SendOptions = {}): Promise<RequestRecord> {
+  const now = options.now ?? (() => performance.now());
   return new Promise((resolve) => {
     const url = new URL(`${target.baseUrl}${ENDPOINT_PATHS[spec.endpoint]}`);
     const payload = JSON.stringify({ ...spec.body, stream: true });
@@ -92,7 +109,9 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
     if (target.apiKey) headers.authorization = `Bearer ${target.apiKey}`;
 
     const t0 = now();
-    const record: RequestRecord = { ok: false, startMs: t0 - originMs, itlMs: [], tokensFrom: 'counted', contentChunks: 0 };
+    const record: RequestRecord = { ok: false, startMs: t0 - (options.originMs ?? 0), itlMs: [], tokensFrom: 'counted', contentChunks: 0 };
+    if (spec.plannedOutput !== undefined) record.plannedOutput = spec.plannedOutput;
+    if (options.keepText) record.text = '';
     let settled = false;
     let timedOut = false;
     let lastContent: number | undefined;
@@ -103,6 +122,7 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
     let buffer = '';
     let raw = '';
     let contentType = '';
+    let abort: () => void = () => undefined;
 
     const finish = (error?: { kind: ErrorKind; message: string; status?: number }) => {
       if (settled) return;
@@ -155,8 +175,10 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       const choices = parsed.choices;
       if (Array.isArray(choices) && choices.length > 0) {
         const choice = choices[0] as Record<string, unknown>;
-        if (chunkText(choice).length > 0) {
+        const text = chunkText(choice);
+        if (text.length > 0) {
           record.contentChunks++;
+          if (record.text !== undefined) record.text += text;
           if (lastContent === undefined) record.ttftMs = at - t0;
           else record.itlMs.push(at - lastContent);
           lastContent = at;
@@ -170,18 +192,28 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       return undefined;
     };
 
-    /** Parses complete SSE events out of the buffer (events end with a blank line). */
+    /** Parses complete SSE events out of the buffer (events end with a blank line; comment lines are skipped). */
     const drain = (at: number, final: boolean) => {
       for (;;) {
-        const m = /\r?\n\r?\n/.exec(buffer);
+        let end = buffer.indexOf('\n\n');
+        let sep = 2;
+        if (end < 0 || buffer.indexOf('\r') >= 0) {
+          const m = /\r?\n\r?\n/.exec(buffer);
+          end = m ? m.index : -1;
+          sep = m ? m[0].length : 0;
+        }
         let block: string;
-        if (m) {
-          block = buffer.slice(0, m.index);
-          buffer = buffer.slice(m.index + m[0].length);
+        if (end >= 0) {
+          block = buffer.slice(0, end);
+          buffer = buffer.slice(end + sep);
         } else if (final && buffer.trim() !== '') {
           block = buffer;
           buffer = '';
         } else return;
+        if (block.startsWith('data: ') && block.indexOf('\n') < 0) {
+          if (onEvent(block.slice(6), at)) return;
+          continue;
+        }
         const data: string[] = [];
         for (const line of block.split(/\r?\n/)) {
           if (line.startsWith('data:')) data.push(line.slice(line.startsWith('data: ') ? 6 : 5));
@@ -190,58 +222,67 @@ export function sendStreaming(target: Target, spec: RequestSpec, agent: http.Age
       }
     };
 
-    const client = target.baseUrl.startsWith('https:') ? https : http;
-    const req = client.request(url, { method: 'POST', agent, headers }, (res) => {
-      const status = res.statusCode ?? 0;
-      contentType = String(res.headers['content-type'] ?? '');
-      res.setEncoding('utf8');
-      if (status !== 200) {
-        let body = '';
-        res.on('data', (chunk: string) => {
-          if (body.length < 8192) body += chunk;
-        });
-        res.on('end', () => finish({ kind: statusKind(status), status, message: `HTTP ${status}: ${errorMessage(body)}` }));
-        res.on('error', () => finish({ kind: statusKind(status), status, message: `HTTP ${status}` }));
-        res.on('close', () => finish({ kind: statusKind(status), status, message: `HTTP ${status}: ${errorMessage(body)}` }));
-        return;
-      }
-      res.on('data', (chunk: string) => {
-        if (settled) return;
-        const at = now();
-        if (raw.length < SNIPPET) raw += chunk;
-        buffer += chunk;
-        drain(at, false);
-      });
-      res.on('end', () => {
-        if (settled) return;
-        drain(now(), true);
-        if (settled) return;
-        if (events === 0 && !sawDone) {
-          finish({ kind: 'bad_response', message: `not an SSE stream of JSON events (content-type ${contentType || 'none'}): ${snippet(raw)}` });
-        } else if (!sawDone && !sawFinish) {
-          finish({ kind: 'stream_dropped', message: 'the stream ended before [DONE] or a finish_reason' });
-        } else {
-          finish();
-        }
-      });
-      res.on('close', () => {
-        if (settled) return;
-        if (timedOut) finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
-        else finish({ kind: 'stream_dropped', message: `the connection closed mid-stream after ${record.contentChunks} content chunks` });
-      });
-      res.on('error', () => undefined);
-    });
-    req.setNoDelay(true);
-    req.on('error', (err: NodeJS.ErrnoException) => {
+    const ended = () => {
       if (settled) return;
-      if (timedOut) finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
-      else finish({ kind: 'connection', message: `${err.code ?? 'error'}: ${err.message}` });
-    });
+      drain(now(), true);
+      if (settled) return;
+      if (events === 0 && !sawDone) {
+        finish({ kind: 'bad_response', message: `not an SSE stream of JSON events (content-type ${contentType || 'none'}): ${snippet(raw)}` });
+      } else if (!sawDone && !sawFinish) {
+        finish({ kind: 'stream_dropped', message: 'the stream ended before [DONE] or a finish_reason' });
+      } else {
+        finish();
+      }
+    };
+
+    const path = `${url.pathname}${url.search}`;
+    const send = (fresh: boolean) => {
+      let status = 0;
+      let errorBody = '';
+      const decoder = new StringDecoder('utf8');
+      const statusError = () => finish({ kind: statusKind(status), status, message: `HTTP ${status}: ${errorMessage(errorBody)}` });
+      abort = pool.request(path, 'POST', headers, payload, {
+        onHead: (head) => {
+          status = head.status;
+          contentType = head.headers['content-type'] ?? '';
+        },
+        onBody: (data) => {
+          if (settled) return;
+          if (status !== 200) {
+            if (errorBody.length < 8192) errorBody += decoder.write(data);
+            return;
+          }
+          const at = now();
+          const chunk = decoder.write(data);
+          if (raw.length < SNIPPET) raw += chunk;
+          buffer += chunk;
+          drain(at, false);
+        },
+        onEnd: () => {
+          if (settled) return;
+          if (status !== 200) return statusError();
+          buffer += decoder.end();
+          ended();
+        },
+        onError: (err, info) => {
+          if (settled) return;
+          if (timedOut) return finish({ kind: 'timeout', message: `no end of stream after ${target.timeoutMs} ms` });
+          if (info.silent && info.reused && !fresh) {
+            record.retries = (record.retries ?? 0) + 1;
+            return send(true);
+          }
+          if (status !== 0 && status !== 200) return statusError();
+          if (status === 200 && (sawDone || sawFinish)) return ended();
+          if (status === 200) return finish({ kind: 'stream_dropped', message: `the connection closed mid-stream after ${record.contentChunks} content chunks` });
+          finish({ kind: 'connection', message: `${err.code ?? 'error'}: ${err.message}${fresh ? ' (on a fresh connection, after the reused one was closed)' : ''}` });
+        },
+      }, fresh);
+    };
     const timer = setTimeout(() => {
       timedOut = true;
-      req.destroy(new Error('timeout'));
+      abort();
     }, target.timeoutMs);
-    req.end(payload);
+    send(false);
   });
 }
 

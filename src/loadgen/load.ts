@@ -5,9 +5,9 @@
  * --max-concurrency does). A point stops issuing when --requests have been sent or --duration has
  * passed, whichever comes first, and then waits for the requests in flight.
  */
-import type http from 'node:http';
 import { exponentialGap, seededRandom } from './stats.ts';
 import { sendStreaming, type Target } from './client.ts';
+import type { ConnectionPool } from './http1.ts';
 import type { LoadPointSpec, RequestRecord, RequestSpec } from './types.ts';
 
 export interface LoadBounds {
@@ -35,8 +35,8 @@ export interface LoadPointRun {
 
 export type Sender = (spec: RequestSpec, originMs: number) => Promise<RequestRecord>;
 
-export function httpSender(target: Target, agent: http.Agent): Sender {
-  return (spec, originMs) => sendStreaming(target, spec, agent, () => performance.now(), originMs);
+export function httpSender(target: Target, pool: ConnectionPool, keepText = false): Sender {
+  return (spec, originMs) => sendStreaming(target, spec, pool, { originMs, keepText });
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
