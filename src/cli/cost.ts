@@ -74,13 +74,14 @@ export async function runCostCommand(argv: string[], io: Io = stdio, now: () => 
       requests: a.requests + r.requests,
       cancelled: a.cancelled + r.cancelled,
       promptTokens: a.promptTokens + r.promptTokens,
+      cachedTokens: a.cachedTokens + r.cachedTokens,
       completionTokens: a.completionTokens + r.completionTokens,
       prefillDeviceSeconds: a.prefillDeviceSeconds + r.prefillDeviceSeconds,
       decodeDeviceSeconds: a.decodeDeviceSeconds + r.decodeDeviceSeconds,
       usdUsage: a.usdUsage + r.usdUsage,
       usdAllocation: a.usdAllocation + r.usdAllocation,
     }),
-    { key: 'total', requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillDeviceSeconds: 0, decodeDeviceSeconds: 0, usdUsage: 0, usdAllocation: 0 },
+    { key: 'total', requests: 0, cancelled: 0, promptTokens: 0, cachedTokens: 0, completionTokens: 0, prefillDeviceSeconds: 0, decodeDeviceSeconds: 0, usdUsage: 0, usdAllocation: 0 },
   );
 
   if (format === 'json') {
@@ -103,11 +104,18 @@ function json(r: LedgerRow) {
     requests: r.requests,
     cancelled: r.cancelled,
     prompt_tokens: r.promptTokens,
+    cached_prompt_tokens: r.cachedTokens,
+    prefix_cache_hit_rate: hitRate(r),
     completion_tokens: r.completionTokens,
     device_seconds: { prefill: r.prefillDeviceSeconds, decode: r.decodeDeviceSeconds },
     usd: { usage: r.usdUsage, allocation: r.usdAllocation },
     usd_per_million_tokens: ledgerPerMillion(r),
   };
+}
+
+/** Of the prompt tokens, the share the prefix cache held; null without prompt tokens. */
+function hitRate(r: LedgerRow): number | null {
+  return r.promptTokens > 0 ? r.cachedTokens / r.promptTokens : null;
 }
 
 function usd(x: number | null): string {
@@ -116,7 +124,7 @@ function usd(x: number | null): string {
 }
 
 function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
-  const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
+  const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'CACHED TOK', 'HIT RATE', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
   const line = (r: LedgerRow) => {
     const perM = ledgerPerMillion(r);
     return [
@@ -124,6 +132,8 @@ function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
       String(r.requests),
       String(r.cancelled),
       String(r.promptTokens),
+      String(r.cachedTokens),
+      hitRate(r) === null ? '-' : `${(hitRate(r)! * 100).toFixed(1)}%`,
       String(r.completionTokens),
       r.prefillDeviceSeconds.toFixed(3),
       r.decodeDeviceSeconds.toFixed(3),
