@@ -41,6 +41,8 @@ export interface RequestRecord {
   /** The server's usage.completion_tokens, else the number of chunks carrying generated text. */
   completionTokens?: number;
   tokensFrom: 'usage' | 'counted';
+  /** The server's usage.prompt_tokens_details.cached_tokens (prefix-cache hits), where it reports them. */
+  cachedTokens?: number;
   /** Chunks that carried generated text. */
   contentChunks: number;
   serverCost?: ServerCost;
