@@ -43,6 +43,9 @@ export interface LedgerTableRow {
   requests: number;
   cancelled: number;
   prompt_tokens: number;
+  /** Of the prompt tokens, those the prefix cache held, and their share (null without prompt tokens). */
+  cached_prompt_tokens: number;
+  prefix_cache_hit_rate: number | null;
   completion_tokens: number;
   device_seconds: number;
   usd_usage: number;
@@ -121,6 +124,8 @@ function tableRows(rows: LedgerRow[]): LedgerTableRow[] {
       requests: r.requests,
       cancelled: r.cancelled,
       prompt_tokens: r.promptTokens,
+      cached_prompt_tokens: r.cachedTokens,
+      prefix_cache_hit_rate: r.promptTokens > 0 ? r.cachedTokens / r.promptTokens : null,
       completion_tokens: r.completionTokens,
       device_seconds: r.prefillDeviceSeconds + r.decodeDeviceSeconds,
       usd_usage: r.usdUsage,
