@@ -8,6 +8,7 @@ import { runCostCommand } from '../src/cli/cost.ts';
 import { Ledger, type LedgerRecord } from '../src/meter/ledger.ts';
 import { CostMeter } from '../src/meter/meter.ts';
 import type { FinishedRequest } from '../src/meter/types.ts';
+import { Metrics } from '../src/telemetry/metrics.ts';
 
 const dirs: string[] = [];
 function tempDir(): string {
@@ -143,8 +144,10 @@ describe('cached prompt tokens in the ledger', () => {
     readOnly.close();
 
     const ledger = new Ledger(dir);
-    const meter = new CostMeter({ devicePriceUsdPerHour: 3.6, ledger });
+    const metrics = new Metrics();
+    const meter = new CostMeter({ devicePriceUsdPerHour: 3.6, ledger, metrics });
     const cost = meter.requestFinished(finished('hit', { promptTokens: 2000, cachedTokens: 1984 }));
+    expect(await metrics.registry.metrics()).toContain('tally:cached_prompt_tokens_total{model="stories",tenant="alice"} 1984');
     expect(cost.tokens).toEqual({ prompt: 2000, cached_prompt: 1984, completion: 20 });
     ledger.insert(record('bob', { tenant: 'bob', promptTokens: 50, cachedTokens: 0 }));
     expect(ledger.get('hit')?.cachedTokens).toBe(1984);
