@@ -5,8 +5,12 @@
  * copied), n choices, and prompts cycling through a cache too small to keep them all (eviction).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createEngineCore } from '../src/engine/core/engine-core.ts';
+import type { GenerationRequest, StepRecord } from '../src/engine/protocol.ts';
 import { storiesModel } from './helpers/models.ts';
 import { startTestServer, type TestServer } from './helpers/server.ts';
+
+const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
 
 interface Completion {
   choices: { text: string; index: number }[];
@@ -121,5 +125,53 @@ describe('prefix caching over HTTP', () => {
     } finally {
       await small.close();
     }
+  });
+});
+
+describe('KV admission with prefix caching', () => {
+  /** Runs `count` requests on one prompt together in an engine of `kvCacheTokens`; the most that ran at once, and their outputs. */
+  async function together(prefixCache: boolean, prompt: number[], count: number) {
+    const steps: StepRecord[] = [];
+    const outputs = new Map<string, number[]>();
+    let done!: () => void;
+    const finished = new Promise<void>((r) => (done = r));
+    let left = count + 1;
+    const engine = await createEngineCore(
+      { modelDir: storiesModel(), device: { kind: 'cpu' }, threads: 1, maxNumSeqs: 8, maxNumBatchedTokens: 512, kvCacheTokens: 600, prefixCache },
+      (events) => {
+        for (const e of events) {
+          outputs.set(e.id, [...(outputs.get(e.id) ?? []), ...e.tokens.map((t) => t.id)]);
+          if (e.finish) {
+            expect(e.finish, e.error).toBe('length');
+            if (--left === 0) done();
+          }
+        }
+      },
+      (r) => steps.push(r),
+    );
+    const loop = engine.scheduler.run();
+    const request = (id: string): GenerationRequest => ({ id, promptIds: prompt, maxTokens: 20, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY });
+    // One request first (it fills the cache), then the rest at once.
+    engine.scheduler.submit(request('first'));
+    while (!outputs.has('first')) await new Promise((r) => setTimeout(r, 1));
+    for (let i = 0; i < count; i++) engine.scheduler.submit(request(`r${i}`));
+    await finished;
+    engine.scheduler.stop();
+    await loop;
+    await engine.release();
+    for (const s of steps) expect(s.kvUsedTokens).toBeLessThanOrEqual(600);
+    return { running: Math.max(...steps.map((s) => s.running)), outputs };
+  }
+
+  it('counts pages shared by several sequences once: more requests on one long prompt run at once, with the same tokens', async () => {
+    // 260 + 20 tokens each: two fit in 600 alone; sharing four pages (256 tokens), each needs only 24 more.
+    const prompt = story.slice(0, 260);
+    const plainRun = await together(false, prompt, 6);
+    const cachedRun = await together(true, prompt, 6);
+    expect(plainRun.running).toBe(2);
+    expect(cachedRun.running).toBeGreaterThanOrEqual(5);
+    const want = plainRun.outputs.get('first')!;
+    expect(want.length).toBe(20);
+    for (const [id, tokens] of [...plainRun.outputs, ...cachedRun.outputs]) expect(tokens, id).toEqual(want);
   });
 });
