@@ -137,7 +137,7 @@ describe('KV admission with prefix caching', () => {
     const finished = new Promise<void>((r) => (done = r));
     let left = count + 1;
     const engine = await createEngineCore(
-      { modelDir: storiesModel(), device: { kind: 'cpu' }, threads: 1, maxNumSeqs: 8, maxNumBatchedTokens: 512, kvCacheTokens: 600, prefixCache },
+      { modelDir: storiesModel(), device: { kind: 'cpu' }, threads: 1, maxNumSeqs: 8, maxNumBatchedTokens: 512, kvCacheTokens: 600, kvCacheBytes: 2 ** 26, prefixCache },
       (events) => {
         for (const e of events) {
           outputs.set(e.id, [...(outputs.get(e.id) ?? []), ...e.tokens.map((t) => t.id)]);
