@@ -175,3 +175,53 @@ describe('KV admission with prefix caching', () => {
     for (const [id, tokens] of [...plainRun.outputs, ...cachedRun.outputs]) expect(tokens, id).toEqual(want);
   });
 });
+
+describe('pages written while generating', () => {
+  async function engineWith(prefixCache: boolean) {
+    const waiting = new Map<string, { tokens: number[]; resolve: (r: { tokens: number[]; cached: number }) => void }>();
+    const engine = await createEngineCore(
+      { modelDir: storiesModel(), device: { kind: 'cpu' }, threads: 1, maxNumSeqs: 4, maxNumBatchedTokens: 256, kvCacheBytes: 2 ** 26, prefixCache },
+      (events) => {
+        for (const e of events) {
+          const w = waiting.get(e.id)!;
+          w.tokens.push(...e.tokens.map((t) => t.id));
+          if (e.finish) w.resolve({ tokens: w.tokens, cached: e.cachedTokens ?? 0 });
+        }
+      },
+      () => {},
+    );
+    const loop = engine.scheduler.run();
+    let n = 0;
+    return {
+      run: (promptIds: number[], maxTokens: number) =>
+        new Promise<{ tokens: number[]; cached: number }>((resolve) => {
+          const id = `q${n++}`;
+          waiting.set(id, { tokens: [], resolve });
+          engine.scheduler.submit({ id, promptIds, maxTokens, minTokens: 0, ignoreEos: true, stop: [], stopTokenIds: [], sampling: GREEDY });
+        }),
+      close: async () => {
+        engine.scheduler.stop();
+        await loop;
+        await engine.release();
+      },
+    };
+  }
+
+  it('the next turn, which resends the answer, reuses the pages the answer was written into', async () => {
+    const cachedEngine = await engineWith(true);
+    const plainEngine = await engineWith(false);
+    try {
+      const prompt = story.slice(0, 70);
+      const answer = (await cachedEngine.run(prompt, 100)).tokens;
+      // Positions 0-168 were written (the last answer token is never fed back): pages 0 and 1 are full, and
+      // page 1 holds answer tokens.
+      const next = [...prompt, ...answer, ...story.slice(300, 310)];
+      const turn = await cachedEngine.run(next, 12);
+      expect(turn.cached).toBe(128);
+      expect(turn.tokens).toEqual((await plainEngine.run(next, 12)).tokens);
+    } finally {
+      await cachedEngine.close();
+      await plainEngine.close();
+    }
+  });
+});
