@@ -50,7 +50,7 @@ describe('bench against the stand-in server', () => {
       for (const point of result.points) {
         const s = point.stats;
         expect(s.requests).toEqual({ sent: 12, completed: 12, failed: 0 });
-        expect(s.tokens).toEqual({ input: 12 * 32, output: 12 * 16, from_usage: 12, input_unknown: 0 });
+        expect(s.tokens).toEqual({ input: 12 * 32, output: 12 * 16, from_usage: 12, input_unknown: 0, cached_input: 0, prefix_cache_hit_rate: null });
         const l = s.latency_ms;
         // Timings within timer jitter of the stand-in's schedule.
         expect(l.ttft.min!).toBeGreaterThanOrEqual(49);

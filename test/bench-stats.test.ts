@@ -7,6 +7,7 @@ import { parseDataset, PromptSource, sampleLength, type BenchTokenizer } from '.
 import { exponentialGap, percentile, seededRandom, summarize } from '../src/loadgen/stats.ts';
 import type { RequestRecord } from '../src/loadgen/types.ts';
 import { HOURS_PER_MONTH } from '../src/meter/cost-math.ts';
+import { cachedTokensOf } from '../src/loadgen/usage.ts';
 import { quoteApi } from '../src/meter/prices.ts';
 
 describe('percentile (numpy linear interpolation)', () => {
@@ -59,7 +60,7 @@ describe('aggregate', () => {
     expect(s.requests).toEqual({ sent: 5, completed: 2, failed: 3 });
     expect(s.errors).toMatchObject({ http_429: 2, stream_dropped: 1, connection: 0 });
     expect(s.error_samples[0]).toEqual({ kind: 'http_429', message: 'HTTP 429: slow down', count: 2 });
-    expect(s.tokens).toEqual({ input: 64, output: 8, from_usage: 2, input_unknown: 0 });
+    expect(s.tokens).toEqual({ input: 64, output: 8, from_usage: 2, input_unknown: 0, cached_input: 0, prefix_cache_hit_rate: null });
     expect(s.throughput).toEqual({ requests_per_s: 1, input_tokens_per_s: 32, output_tokens_per_s: 4, total_tokens_per_s: 36 });
     expect(s.latency_ms.ttft.percentiles).toEqual({ p50: 60, p90: 68 });
     // TPOT: (80 − 50) / 3 = 10 and (130 − 70) / 3 = 20.
@@ -129,6 +130,23 @@ describe('cost', () => {
   });
 });
 
+describe('prefix-cache hit rate', () => {
+  it('is cached prompt tokens over the prompt tokens of the requests that report them, from usage', () => {
+    expect(cachedTokensOf({ prompt_tokens: 10, prompt_tokens_details: { cached_tokens: 8 } })).toBe(8);
+    expect(cachedTokensOf({ prompt_tokens: 10 })).toBeUndefined();
+    expect(cachedTokensOf({ prompt_tokens_details: null })).toBeUndefined();
+    const s = aggregate([
+      rec({ promptTokens: 2000, cachedTokens: 1984, completionTokens: 1 }),
+      rec({ promptTokens: 2000, cachedTokens: 0, completionTokens: 1 }),
+      rec({ promptTokens: 500, completionTokens: 1 }),
+      rec({ ok: false, promptTokens: 2000, cachedTokens: 1984, error: { kind: 'http_5xx', message: 'x' } }),
+    ], 1000, [50]);
+    expect(s.tokens.cached_input).toBe(1984);
+    expect(s.tokens.prefix_cache_hit_rate).toBeCloseTo(1984 / 4000, 12);
+    expect(aggregate([rec({ promptTokens: 5, completionTokens: 1 })], 1000, [50]).tokens.prefix_cache_hit_rate).toBeNull();
+  });
+});
+
 describe('prompts', () => {
   /** Words as tokens; decode joins them; BOS (id 1) when special tokens are added. */
   const words = new Map<string, number>();
@@ -166,6 +184,27 @@ describe('prompts', () => {
       expect(spec.plannedInput).toBeLessThanOrEqual(75);
     }
     expect(src.inexact).toBe(0);
+  });
+
+  it('--shared-prefix N:L: each prompt is one of N prefixes of L tokens, then its own synthetic part', async () => {
+    const src = new PromptSource({ ...base, format: 'ids', tokenizer: wordTokenizer, sharedPrefix: { count: 3, length: 40 } });
+    const specs = await src.take(30);
+    const prefixes = new Set<string>();
+    for (const spec of specs) {
+      const ids = spec.body.prompt as number[];
+      expect(ids.length).toBe(60);
+      expect(spec.plannedInput).toBe(60);
+      prefixes.add(JSON.stringify(ids.slice(0, 40)));
+    }
+    // Three distinct prefixes, each used many times; the parts after them differ.
+    expect(prefixes.size).toBe(3);
+    expect(new Set(specs.map((s) => JSON.stringify((s.body.prompt as number[]).slice(40)))).size).toBeGreaterThan(20);
+    const chat = new PromptSource({ ...base, endpoint: 'chat', format: 'text', tokenizer: wordTokenizer, sharedPrefix: { count: 2, length: 30 } });
+    const messages = (await chat.take(10)).map((s) => s.body.messages as { role: string; content: string }[]);
+    expect(new Set(messages.map((m) => m[0].content)).size).toBe(2);
+    expect(messages[0][0]).toMatchObject({ role: 'system' });
+    expect((await wordTokenizer.encode(messages[0][0].content, false)).length).toBe(30);
+    expect(messages[0][1].role).toBe('user');
   });
 
   it('draws lengths from the distribution', () => {
@@ -207,6 +246,14 @@ describe('options', () => {
     if (n.help) throw new Error('help');
     expect(n.config.bounds.requests).toBe(100);
     expect(n.config.apiKey).toBe('k');
+  });
+
+  it('takes --shared-prefix N:L, not with a dataset', () => {
+    const p = parseBenchArgs(['--url', 'http://x', '--shared-prefix', '4:2000'], {});
+    if (p.help) throw new Error('help');
+    expect(p.config.sharedPrefix).toEqual({ count: 4, length: 2000 });
+    expect(() => parseBenchArgs(['--url', 'http://x', '--shared-prefix', '4'], {})).toThrow('--shared-prefix takes N:L');
+    expect(() => parseBenchArgs(['--url', 'http://x', '--shared-prefix', '0:10'], {})).toThrow('--shared-prefix takes N:L');
   });
 
   it('refuses bad options', () => {

@@ -73,4 +73,27 @@ describe('bench against Tally', () => {
     expect(sum((s) => s.tokens.input)).toBe(cost.tokens.prompt);
     expect(sum((s) => s.tokens.output)).toBe(cost.tokens.completion);
   });
+
+  it('--shared-prefix N:L sends prompts that begin with one of N prefixes, which the server then serves from its cache', async () => {
+    type Cost = { requests: number; tokens: { prompt: number; cached_prompt: number } };
+    const before = (await (await fetch(`${server.url}/v1/cost?window=1h&models=openai:gpt-6-sol`)).json()) as Cost;
+    const json = path.join(tmp, 'shared.json');
+    let out = '';
+    const code = await runBenchCommand(
+      ['--url', server.url, '--model', 'stories260K', '--concurrency', '2', '--requests', '12', '--shared-prefix', '2:150', '--input-len', '10', '--output-len', '4', '--warmup', '0', '--api-models', 'openai:gpt-6-sol', '--json', json],
+      { out: (t) => (out += t), err: { write: () => true, isTTY: false } },
+    );
+    expect(code).toBe(0);
+    const result = JSON.parse(fs.readFileSync(json, 'utf8')) as BenchResult;
+    expect(result.config.shared_prefix).toEqual({ count: 2, length: 150 });
+    expect(result.points[0].stats.tokens.input).toBe(12 * 160);
+    expect(out).toContain('prefix cache (2 shared prefixes of 150 tokens)');
+    const after = (await (await fetch(`${server.url}/v1/cost?window=1h&models=openai:gpt-6-sol`)).json()) as Cost;
+    // Each prefix's two full pages (128 tokens) are computed once or twice (two clients) and reused after.
+    const cached = after.tokens.cached_prompt - before.tokens.cached_prompt;
+    expect(after.requests - before.requests).toBe(13); // the probe and the load point
+    expect(cached % 64).toBe(0);
+    expect(cached).toBeGreaterThanOrEqual(128 * (12 - 4));
+    expect(cached).toBeLessThanOrEqual(128 * 12);
+  });
 });

@@ -25,7 +25,9 @@ describe('tally serve configuration', () => {
     expect(engineOptionsOf(config, '/m', { kind: 'cpu' })).toEqual({
       modelDir: '/m', device: { kind: 'cpu' }, threads: 2, spinWait: true, attention: undefined, kvCacheDtype: undefined,
       maxNumSeqs: 8, maxNumBatchedTokens: ENGINE_DEFAULTS.maxNumBatchedTokens, maxModelLen: undefined, kvCacheTokens: undefined, kvCacheBytes: 0.5 * 2 ** 30,
+      prefixCache: true,
     });
+    expect(engineOptionsOf(resolveServeConfig({ 'no-prefix-cache': true }), '/m', { kind: 'cpu' }).prefixCache).toBe(false);
   });
 
   it('`tally serve --help` is written from the option table: every flag, its default and its variable', () => {

@@ -129,6 +129,27 @@ describe('cost report', () => {
   });
 });
 
+describe('cached input, compared like with like', () => {
+  it('reports the hit rate, $/M of computed input apart, and prices the API mix with cached input at its cache-read price', () => {
+    const at = new Date(Date.UTC(2026, 10, 28, 12, 15));
+    const t = totals({ cachedTokens: 90_000 });
+    const report = buildCostReport(t, PRICING, { apiModels: ['anthropic:claude-haiku-4-5', 'openai:gpt-3.5-turbo'] });
+    expect(report.tokens).toEqual({ prompt: 120_000, cached_prompt: 90_000, completion: 30_000, total: 150_000 });
+    expect(report.prefix_cache.hit_rate).toBeCloseTo(0.75, 12);
+    expect(report.usd_per_million_tokens.usage.input).toBeCloseTo((0.06 / 120_000) * 1e6, 9);
+    expect(report.usd_per_million_tokens.usage.input_uncached).toBeCloseTo((0.06 / 30_000) * 1e6, 9);
+    const [haiku, old] = report.api_comparison;
+    const own = calcPrice({ input_tokens: 1200, cache_read_tokens: 900, output_tokens: 300 }, 'claude-haiku-4-5', { providerId: 'anthropic', timestamp: at })!;
+    expect(haiku.cost_usd).toBeCloseTo(own.total_price * 100, 12);
+    expect(haiku.cached_input_usd_per_million! * 10).toBeCloseTo(haiku.input_usd_per_million!, 9);
+    // No cache-read price: cached input costs what input costs.
+    expect(old.cached_input_usd_per_million).toBeCloseTo(old.input_usd_per_million!, 12);
+    const none = buildCostReport(totals(), PRICING, { apiModels: ['anthropic:claude-haiku-4-5'] });
+    expect(none.prefix_cache.hit_rate).toBe(0);
+    expect(none.api_comparison[0].cost_usd!).toBeGreaterThan(haiku.cost_usd!);
+  });
+});
+
 describe('GET /v1/cost and /metrics', () => {
   it('serves the window report over HTTP and rejects bad windows OpenAI-style', async () => {
     let now = Date.UTC(2026, 10, 28, 12);
@@ -155,7 +176,7 @@ describe('GET /v1/cost and /metrics', () => {
       const body = await ok.json();
       expect(body.window.seconds).toBe(600);
       expect(body.requests).toBe(1);
-      expect(body.tokens).toEqual({ prompt: 100, completion: 50, total: 150 });
+      expect(body.tokens).toEqual({ prompt: 100, cached_prompt: 0, completion: 50, total: 150 });
       expect(body.device_seconds.wall).toBeCloseTo(600, 9);
       expect(body.device_seconds.busy).toBeCloseTo(2, 12);
       expect(body.utilization).toBeCloseTo(2 / 600, 12);

@@ -8,6 +8,7 @@ import { runCostCommand } from '../src/cli/cost.ts';
 import { Ledger, type LedgerRecord } from '../src/meter/ledger.ts';
 import { CostMeter } from '../src/meter/meter.ts';
 import type { FinishedRequest } from '../src/meter/types.ts';
+import { Metrics } from '../src/telemetry/metrics.ts';
 
 const dirs: string[] = [];
 function tempDir(): string {
@@ -127,6 +128,43 @@ describe('Ledger', () => {
   });
 });
 
+describe('cached prompt tokens in the ledger', () => {
+  it('records them, sums them per group, and a ledger from before them gains the column (read-only: reads 0)', async () => {
+    const dir = tempDir();
+    // A ledger file written before prefix caching: the old table, one row.
+    const old = new Database(join(dir, 'ledger.sqlite'));
+    old.exec(`CREATE TABLE requests (id TEXT PRIMARY KEY, end_ms INTEGER NOT NULL, arrival_ms INTEGER NOT NULL, tenant TEXT NOT NULL,
+      model TEXT NOT NULL, status TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+      prefill_device_seconds REAL NOT NULL, decode_device_seconds REAL NOT NULL, usd_usage REAL NOT NULL, usd_allocation REAL NOT NULL,
+      device_price_usd_per_hour REAL NOT NULL)`);
+    old.prepare('INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)').run('before', Date.UTC(2026, 10, 20), Date.UTC(2026, 10, 20), 'alice', 'stories', 'completed', 100, 10, 0.1, 0.1, 0.001, 0.002, 3.6);
+    old.close();
+    const readOnly = new Ledger(dir, { readonly: true });
+    expect(readOnly.query({ by: 'tenant' })[0]).toMatchObject({ promptTokens: 100, cachedTokens: 0 });
+    readOnly.close();
+
+    const ledger = new Ledger(dir);
+    const metrics = new Metrics();
+    const meter = new CostMeter({ devicePriceUsdPerHour: 3.6, ledger, metrics });
+    const cost = meter.requestFinished(finished('hit', { promptTokens: 2000, cachedTokens: 1984 }));
+    expect(await metrics.registry.metrics()).toContain('tally:cached_prompt_tokens_total{model="stories",tenant="alice"} 1984');
+    expect(cost.tokens).toEqual({ prompt: 2000, cached_prompt: 1984, completion: 20 });
+    ledger.insert(record('bob', { tenant: 'bob', promptTokens: 50, cachedTokens: 0 }));
+    expect(ledger.get('hit')?.cachedTokens).toBe(1984);
+    expect(ledger.get('before')?.cachedTokens).toBe(0);
+    const rows = ledger.query({ by: 'tenant' });
+    expect(rows.map((r) => [r.key, r.promptTokens, r.cachedTokens])).toEqual([['alice', 2100, 1984], ['bob', 50, 0]]);
+    ledger.close();
+
+    const out: string[] = [];
+    expect(await runCostCommand(['--data-dir', dir, '--format', 'json'], { out: (t) => out.push(t), err: () => {} })).toBe(0);
+    const report = JSON.parse(out.join(''));
+    expect(report.rows[0]).toMatchObject({ key: 'alice', prompt_tokens: 2100, cached_prompt_tokens: 1984 });
+    expect(report.rows[0].prefix_cache_hit_rate).toBeCloseTo(1984 / 2100, 12);
+    expect(report.total.cached_prompt_tokens).toBe(1984);
+  });
+});
+
 describe('tally cost', () => {
   function capture() {
     let out = '';
@@ -157,10 +195,10 @@ describe('tally cost', () => {
     c = capture();
     expect(await runCostCommand(['--data-dir', dir, '--by', 'day', '--since', '2026-11-26'], c.io, () => now)).toBe(0);
     const lines = c.out().trim().split('\n');
-    expect(lines[0]).toMatch(/^DAY\s+REQUESTS\s+CANCELLED\s+PROMPT TOK\s+COMPL TOK\s+PREFILL DEV-S\s+DECODE DEV-S\s+USD USAGE\s+USD ALLOC\s+\$\/M USAGE\s+\$\/M ALLOC$/);
+    expect(lines[0]).toMatch(/^DAY\s+REQUESTS\s+CANCELLED\s+PROMPT TOK\s+CACHED TOK\s+HIT RATE\s+COMPL TOK\s+PREFILL DEV-S\s+DECODE DEV-S\s+USD USAGE\s+USD ALLOC\s+\$\/M USAGE\s+\$\/M ALLOC$/);
     expect(lines[1]).toMatch(/^2026-11-26\s+1\s+1\s/);
     expect(lines[2]).toMatch(/^2026-11-28\s+2\s+0\s/);
-    expect(lines.at(-1)).toMatch(/^total\s+3\s+1\s+30\s+60\s/);
+    expect(lines.at(-1)).toMatch(/^total\s+3\s+1\s+30\s+0\s+0.0%\s+60\s/);
 
     c = capture();
     expect(await runCostCommand(['--data-dir', dir, '--by', 'week'], c.io)).toBe(2);

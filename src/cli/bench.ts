@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import { parseDuration } from '../meter/cost-report.ts';
 import { DEFAULT_API_MODELS, DEVICE_PRESETS, resolveDevicePrice } from '../meter/prices.ts';
 import type { InputShareSpec } from '../loadgen/cost.ts';
-import { readDataset, type DatasetEntry } from '../loadgen/prompts.ts';
+import { parseSharedPrefix, readDataset, type DatasetEntry, type SharedPrefixSpec } from '../loadgen/prompts.ts';
 import { compareReports, runCompare } from '../loadgen/compare.ts';
 import { ProgressBar, renderCompareTable, renderTable } from '../loadgen/report-text.ts';
 import { renderCompareHtml, renderHtml } from '../loadgen/report-html.ts';
@@ -43,6 +43,9 @@ Prompts
   --output-len N               max_tokens (default 128)
   --output-len-spread F        likewise for output
   --length-dist uniform|normal uniform in [N(1-F), N(1+F)] (default) or normal with σ = F·N
+  --shared-prefix N:L          N prompt prefixes of L tokens (a long system prompt), each request one of them
+                               followed by its --input-len tokens; the report gives the prefix-cache hit rate
+                               (cached prompt tokens over prompt tokens, from usage.prompt_tokens_details)
   --dataset FILE               JSONL: {"prompt": "..."} or {"messages": [...]}, optional "max_tokens"
   --tokenizer DIR              the model's tokenizer.json folder, for exact synthetic lengths
                                (default: the server's /tokenize when it has one)
@@ -135,6 +138,7 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       'output-len-spread': { type: 'string' },
       'length-dist': { type: 'string' },
       dataset: { type: 'string' },
+      'shared-prefix': { type: 'string' },
       tokenizer: { type: 'string' },
       'prompt-format': { type: 'string' },
       'ignore-eos': { type: 'string' },
@@ -202,6 +206,15 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
       throw new UsageError(`--dataset: ${(err as Error).message}`);
     }
   }
+  let sharedPrefix: SharedPrefixSpec | undefined;
+  if (values['shared-prefix'] !== undefined) {
+    if (dataset) throw new UsageError('--shared-prefix builds synthetic prompts: leave out --dataset');
+    try {
+      sharedPrefix = parseSharedPrefix(values['shared-prefix']);
+    } catch (err) {
+      throw new UsageError((err as Error).message);
+    }
+  }
   const endpoint = values.endpoint === undefined ? undefined : choice(values.endpoint, '--endpoint', ['completions', 'chat'] as const, 'completions');
   if (endpoint === 'completions' && dataset?.some((e) => e.messages)) throw new UsageError('the dataset has "messages" lines: use --endpoint chat (or leave --endpoint out)');
 
@@ -234,6 +247,7 @@ export function parseBenchArgs(argv: string[], env: NodeJS.ProcessEnv = process.
     output,
     dataset,
     datasetFile: values.dataset,
+    sharedPrefix,
     tokenizerDir: values.tokenizer,
     promptFormat: choice(values['prompt-format'], '--prompt-format', ['auto', 'ids', 'text'] as const, 'auto'),
     exactOutput: choice(values['ignore-eos'], '--ignore-eos', ['auto', 'on', 'off'] as const, 'auto'),

@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { defaultDataDir } from '../config/serve-config.ts';
-import { ledgerRowReport, perMillion } from '../meter/cost-math.ts';
+import { ledgerRowReport, perMillion, prefixHitRate } from '../meter/cost-math.ts';
 import { parseDuration } from '../meter/cost-report.ts';
 import { LEDGER_FILE, Ledger, type LedgerGroup, type LedgerRow } from '../meter/ledger.ts';
 
@@ -74,13 +74,14 @@ export async function runCostCommand(argv: string[], io: Io = stdio, now: () => 
       requests: a.requests + r.requests,
       cancelled: a.cancelled + r.cancelled,
       promptTokens: a.promptTokens + r.promptTokens,
+      cachedTokens: a.cachedTokens + r.cachedTokens,
       completionTokens: a.completionTokens + r.completionTokens,
       prefillDeviceSeconds: a.prefillDeviceSeconds + r.prefillDeviceSeconds,
       decodeDeviceSeconds: a.decodeDeviceSeconds + r.decodeDeviceSeconds,
       usdUsage: a.usdUsage + r.usdUsage,
       usdAllocation: a.usdAllocation + r.usdAllocation,
     }),
-    { key: 'total', requests: 0, cancelled: 0, promptTokens: 0, completionTokens: 0, prefillDeviceSeconds: 0, decodeDeviceSeconds: 0, usdUsage: 0, usdAllocation: 0 },
+    { key: 'total', requests: 0, cancelled: 0, promptTokens: 0, cachedTokens: 0, completionTokens: 0, prefillDeviceSeconds: 0, decodeDeviceSeconds: 0, usdUsage: 0, usdAllocation: 0 },
   );
 
   if (format === 'json') {
@@ -98,13 +99,15 @@ function usage(io: Io, message: string): number {
 
 
 
+/** Of the prompt tokens, the share the prefix cache held; null without prompt tokens. */
+
 function usd(x: number | null): string {
   if (x === null) return '-';
   return x >= 1 ? x.toFixed(2) : x.toPrecision(3);
 }
 
 function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
-  const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
+  const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'CACHED TOK', 'HIT RATE', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
   const line = (r: LedgerRow) => {
     const tokens = r.promptTokens + r.completionTokens;
     return [
@@ -112,6 +115,8 @@ function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
       String(r.requests),
       String(r.cancelled),
       String(r.promptTokens),
+      String(r.cachedTokens),
+      prefixHitRate(r) === null ? '-' : `${(prefixHitRate(r)! * 100).toFixed(1)}%`,
       String(r.completionTokens),
       r.prefillDeviceSeconds.toFixed(3),
       r.decodeDeviceSeconds.toFixed(3),

@@ -64,6 +64,7 @@ export const SERVE_OPTIONS = {
   kvCacheGb: { flag: 'kv-cache-gb', arg: 'GB', schema: positive, default: ENGINE_DEFAULTS.kvCacheBytes / GIB, help: 'KV memory budget' },
   kvCacheDtype: { flag: 'kv-cache-dtype', arg: 'auto|fp16|fp32', schema: kvCacheDtype, defaultText: 'auto', help: "KV cache elements. auto: float16 with native attention on the CPU (half the memory and the bytes each step reads, as llama.cpp's server), else the graph's type; fp32 keeps float32 there" },
   attention: { flag: 'attention', arg: 'native|onnx', schema: z.enum(['native', 'onnx']), defaultText: 'native when that addon is built', help: "where a Tally graph's attention runs on the CPU: native/attention over a paged cache or inside the ONNX graph" },
+  noPrefixCache: { flag: 'no-prefix-cache', schema: z.boolean(), default: false, help: "don't reuse the keys and values of prompt prefixes that earlier requests computed (automatic prefix caching, on the paged cache of native attention)" },
   maxQueue: { flag: 'max-queue', arg: 'N', schema: int(0), default: 256, help: 'waiting requests before 429' },
   requestTimeoutSeconds: { flag: 'request-timeout', arg: 'SECONDS', schema: nonNegative, default: 600, help: 'a generation running longer is cancelled (504); 0: no limit' },
   apiKeys: { flag: 'api-key', arg: '[NAME:]KEY', env: 'TALLY_API_KEYS', schema: z.string(), multiple: true, help: 'require this bearer key (repeatable; the variable takes name:key,...)' },
@@ -183,6 +184,7 @@ export function engineOptionsOf(config: ServeConfig, modelDir: string, device: D
     maxModelLen: config.maxModelLen,
     kvCacheTokens: config.kvCacheTokens,
     kvCacheBytes: config.kvCacheGb * GIB,
+    prefixCache: !config.noPrefixCache,
   };
 }
 

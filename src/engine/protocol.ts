@@ -65,6 +65,8 @@ export interface RequestEvent {
   promptTokens?: number;
   completionTokens?: number;
   cost?: RequestCost;
+  /** Prompt tokens whose keys and values came from the prefix cache (not computed), on the final event. */
+  cachedTokens?: number;
   /** Seconds from admission to the first token, set on the event that carries it. */
   queueSeconds?: number;
 }
@@ -79,6 +81,9 @@ export interface StepRecord {
   decodeSeconds: number;
   prefillTokens: number;
   decodeTokens: number;
+  /** Prompt tokens of the requests admitted in this step, and how many of them the prefix cache held. */
+  admittedPromptTokens?: number;
+  admittedCachedTokens?: number;
   running: number;
   waiting: number;
   kvUsedTokens: number;
@@ -128,6 +133,8 @@ export interface EngineOptions {
   /** KV capacity in tokens; undefined: what fits in kvCacheBytes. */
   kvCacheTokens?: number;
   kvCacheBytes: number;
+  /** Automatic prefix caching on the paged KV cache; undefined: on. */
+  prefixCache?: boolean;
 }
 
 export interface EngineInfo {
@@ -139,6 +146,8 @@ export interface EngineInfo {
   /** Intra-op threads on the CPU. */
   threads: number;
   kvCacheDtype: KvCacheDtype;
+  /** Whether prompts reuse cached prefixes (the paged runner with prefix caching on). */
+  prefixCache: boolean;
   limits: SchedulerLimits;
   eosIds: number[];
   vocabSize: number;

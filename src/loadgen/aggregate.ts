@@ -7,6 +7,7 @@
  *   tpot          per completed request with ≥ 2 output tokens: (last text chunk − first) / (tokens − 1)
  *   itl           all gaps between successive text chunks of completed requests, pooled
  *   e2e           per completed request: send → end of the response
+ *   hit rate      cached prompt tokens over the prompt tokens of the completed requests that report them
  * Failed requests count in `requests.failed` and `errors` only. Token figures are always the tokens
  * received (usage, else counted); `asked` compares them with what exact-length requests asked for.
  */
@@ -32,6 +33,10 @@ export interface PointStats {
     from_usage: number;
     /** Completed requests with no known prompt length (no usage, no planned length); their input counts 0. */
     input_unknown: number;
+    /** Prompt tokens the server took from its prefix cache, and their share of the prompt tokens of the requests
+     * that report them (usage.prompt_tokens_details.cached_tokens); null where none does. */
+    cached_input: number;
+    prefix_cache_hit_rate: number | null;
   };
   throughput: { requests_per_s: number; input_tokens_per_s: number; output_tokens_per_s: number; total_tokens_per_s: number };
   latency_ms: { ttft: Summary; tpot: Summary; itl: Summary; e2e: Summary };
@@ -67,6 +72,8 @@ export function aggregate(records: readonly RequestRecord[], durationMs: number,
   let output = 0;
   let fromUsage = 0;
   let inputUnknown = 0;
+  let cached = 0;
+  let cacheReported = 0;
   let ttftSum = 0;
   let e2eSum = 0;
   const ttft: number[] = [];
@@ -91,6 +98,10 @@ export function aggregate(records: readonly RequestRecord[], durationMs: number,
       asked.received += out;
       if (out < r.plannedOutput) asked.short++;
     }
+    if (r.cachedTokens !== undefined) {
+      cached += r.cachedTokens;
+      cacheReported += r.promptTokens ?? 0;
+    }
     if (r.ttftMs !== undefined) {
       ttft.push(r.ttftMs);
       ttftSum += r.ttftMs;
@@ -113,7 +124,7 @@ export function aggregate(records: readonly RequestRecord[], durationMs: number,
     requests: { sent: records.length, completed: ok.length, failed: records.length - ok.length },
     errors,
     error_samples: [...samples.values()].sort((a, b) => b.count - a.count).slice(0, 8),
-    tokens: { input, output, from_usage: fromUsage, input_unknown: inputUnknown },
+    tokens: { input, output, from_usage: fromUsage, input_unknown: inputUnknown, cached_input: cached, prefix_cache_hit_rate: cacheReported > 0 ? cached / cacheReported : null },
     throughput: { requests_per_s: rate(ok.length), input_tokens_per_s: rate(input), output_tokens_per_s: rate(output), total_tokens_per_s: rate(input + output) },
     latency_ms: {
       ttft: summarize(ttft, percentiles),

@@ -7,6 +7,7 @@ import https from 'node:https';
 import { StringDecoder } from 'node:string_decoder';
 import { ConnectionPool } from './http1.ts';
 import type { ErrorKind, RequestRecord, RequestSpec, ServerCost } from './types.ts';
+import { cachedTokensOf } from './usage.ts';
 
 export interface Target {
   /** The server's root, e.g. http://127.0.0.1:8000 (a trailing /v1 is dropped by normalizeBaseUrl). */
@@ -144,6 +145,7 @@ export function sendStreaming(target: Target, spec: RequestSpec, pool: Connectio
           record.tokensFrom = 'usage';
         }
         record.serverCost = serverCost(usage);
+        record.cachedTokens = cachedTokensOf(usage);
       }
       record.promptTokens ??= spec.plannedInput;
       if (record.completionTokens === undefined) record.completionTokens = record.contentChunks;

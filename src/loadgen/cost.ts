@@ -87,6 +87,7 @@ function totals(startMs: number, endMs: number, stats: PointStats, prefillDs: nu
     requests: stats.requests.completed,
     cancelled: 0,
     promptTokens: stats.tokens.input,
+    cachedTokens: stats.tokens.cached_input ?? 0,
     completionTokens: stats.tokens.output,
     prefillDeviceSeconds: prefillDs,
     decodeDeviceSeconds: decodeDs,

@@ -9,6 +9,11 @@
  *          (special tokens included) has exactly the asked length; needs encode and decode (a local
  *          --tokenizer, or the server's /tokenize and /detokenize). Without a tokenizer the text is cut at
  *          about 4 characters per token and the lengths are only approximate.
+ *
+ * With a shared prefix (--shared-prefix N:L, as agent frameworks resend one long system prompt on every turn),
+ * each prompt is one of N fixed prefixes of L tokens, picked at random, followed by a synthetic part as above
+ * (on chat: the prefix as the system message, the rest as the user's): a server with prefix caching computes
+ * each prefix once.
  */
 import { readFileSync } from 'node:fs';
 import { TextTokenizer } from '../model/tokenizer.ts';
@@ -128,6 +133,21 @@ export function readDataset(file: string): DatasetEntry[] {
   return parseDataset(readFileSync(file, 'utf8'), file);
 }
 
+/** N distinct prompt prefixes of L tokens each. */
+export interface SharedPrefixSpec {
+  count: number;
+  length: number;
+}
+
+/** "N:L" → the spec; throws with what is wrong. */
+export function parseSharedPrefix(text: string): SharedPrefixSpec {
+  const m = /^(\d+):(\d+)$/.exec(text.trim());
+  const count = m ? Number(m[1]) : NaN;
+  const length = m ? Number(m[2]) : NaN;
+  if (!(count >= 1 && length >= 1)) throw new Error(`--shared-prefix takes N:L, N prefixes of L tokens (got "${text}")`);
+  return { count, length };
+}
+
 export interface PromptOptions {
   model: string;
   endpoint: 'completions' | 'chat';
@@ -140,6 +160,7 @@ export interface PromptOptions {
   exactOutput: boolean;
   includeUsage: boolean;
   seed: number;
+  sharedPrefix?: SharedPrefixSpec;
 }
 
 /** Builds prompts on demand, each one once; `take(n)` returns n specs (a dataset cycles). */
@@ -150,6 +171,7 @@ export class PromptSource {
   private datasetIndex = 0;
   /** Prompts whose text encoding missed the asked length. */
   inexact = 0;
+  private prefixes?: { ids?: number[]; text: string }[];
 
   constructor(private readonly options: PromptOptions) {
     this.rand = seededRandom(options.seed);
@@ -215,8 +237,45 @@ export class PromptSource {
     return body;
   }
 
+  /**
+   * The shared prefixes: each a header naming it ("System prompt 3.") and a window of the corpus, together L
+   * tokens (ids), or that text (text; its length is approximate without a tokenizer).
+   */
+  private async sharedPrefixes(spec: SharedPrefixSpec): Promise<{ ids?: number[]; text: string }[]> {
+    if (this.prefixes) return this.prefixes;
+    const tok = this.options.tokenizer;
+    const out: { ids?: number[]; text: string }[] = [];
+    for (let i = 0; i < spec.count; i++) {
+      const header = `System prompt ${i + 1}. `;
+      if (!tok) {
+        out.push({ text: header + this.approximateText(Math.max(1, spec.length - header.length / 4)) });
+        continue;
+      }
+      const ids = [...(await tok.encode(header, false)), ...this.window(await this.corpus(), spec.length)].slice(0, spec.length);
+      out.push({ ids, text: tok.decode ? await tok.decode(ids) : header + this.approximateText(spec.length) });
+    }
+    return (this.prefixes = out);
+  }
+
+  private async nextShared(spec: SharedPrefixSpec): Promise<RequestSpec> {
+    const o = this.options;
+    const prefixes = await this.sharedPrefixes(spec);
+    const prefix = prefixes[Math.floor(this.rand() * prefixes.length)];
+    const inputLen = sampleLength(o.input, this.rand);
+    const outputLen = sampleLength(o.output, this.rand);
+    const plannedOutput = o.exactOutput ? outputLen : undefined;
+    if (o.format === 'ids' && o.endpoint === 'completions' && prefix.ids) {
+      const prompt = [...prefix.ids, ...this.window(await this.corpus(), inputLen)];
+      return { endpoint: o.endpoint, body: this.body(prompt, undefined, outputLen, o.exactOutput), plannedInput: prompt.length, plannedOutput };
+    }
+    const rest = o.tokenizer?.decode ? await o.tokenizer.decode(this.window(await this.corpus(), inputLen)) : this.approximateText(inputLen);
+    const messages = [{ role: 'system', content: prefix.text }, { role: 'user', content: rest }];
+    return { endpoint: o.endpoint, body: this.body(prefix.text + rest, messages, outputLen, o.exactOutput), plannedOutput };
+  }
+
   async next(): Promise<RequestSpec> {
     const o = this.options;
+    if (o.sharedPrefix && !o.dataset) return this.nextShared(o.sharedPrefix);
     if (o.dataset) {
       const entry = o.dataset[this.datasetIndex++ % o.dataset.length];
       const maxTokens = entry.max_tokens ?? sampleLength(o.output, this.rand);

@@ -298,6 +298,13 @@ export function renderHtml(result: BenchResult): string {
     htmlTable(['load', 'prefill s', 'decode s', 'busy tokens/device-s', '$/M in', '$/M out', '$/M blended'], meteredPts.map((p) => [
       p.label, fmtNum(p.stats.server!.prefill_s, 3), fmtNum(p.stats.server!.decode_s, 3), fmtNum(p.cost.metered!.tokens_per_busy_device_second), fmtUsd(p.cost.metered!.usd_per_million.input), fmtUsd(p.cost.metered!.usd_per_million.output), fmtUsd(p.cost.metered!.usd_per_million.blended),
     ]));
+  const shared = result.config.shared_prefix;
+  const prefix = !shared && !result.points.some((p) => p.stats.tokens.prefix_cache_hit_rate !== null) ? '' :
+    `<h2>Prefix cache</h2><p>${shared ? `${shared.count} shared prefixes of ${shared.length} tokens. ` : ''}Cached prompt tokens over prompt tokens, from the server's usage.prompt_tokens_details.cached_tokens.</p>` +
+    htmlTable(['load', 'cached tokens', 'prompt tokens', 'hit rate'], result.points.map((p) => {
+      const t = p.stats.tokens;
+      return [p.label, String(t.cached_input), String(t.input), t.prefix_cache_hit_rate === null ? 'not reported' : `${(t.prefix_cache_hit_rate * 100).toFixed(1)}%`];
+    }));
   const ref = cheapestPoint(result);
   const api = !ref ? '<p>No load point completed a request, so there is nothing to compare.</p>' :
     `<p>At ${esc(ref.label)}'s token mix (${fmtNum(ref.stats.tokens.input / Math.max(1, ref.stats.requests.completed), 0)} in / ${fmtNum(ref.stats.tokens.output / Math.max(1, ref.stats.requests.completed), 0)} out per request) and cost, the cheapest point. A month is ${pr.hours_per_month} h: ${fmtUsd(ref.cost.monthly.fixed_usd)} for ${pr.devices} device(s), serving up to ${fmtCount(ref.cost.monthly.capacity_tokens)} tokens.</p>` +
@@ -320,6 +327,7 @@ Price: ${pr.devices} × ${fmtUsd(pr.usd_per_device_hour)}/device-hour (${esc(pr.
 ${notes ? `<ul>${notes}</ul>` : ''}
 <h2>Results</h2>${summary}
 ${metered}
+${prefix}
 <h2>Plots</h2><div class="plots">${plots(result).map((p) => p.svg).join('\n')}</div>
 <h2>Against API prices</h2>${api}
 <h2>Errors</h2>${errors}

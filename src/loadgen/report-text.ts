@@ -82,6 +82,17 @@ export function renderTable(result: BenchResult): string {
     ])));
   }
 
+  const cached = result.points.filter((p) => p.stats.tokens.prefix_cache_hit_rate !== null);
+  const shared = result.config.shared_prefix;
+  if (cached.length > 0 || shared) {
+    out.push('');
+    out.push(`prefix cache${shared ? ` (${shared.count} shared prefixes of ${shared.length} tokens)` : ''}: cached prompt tokens over prompt tokens, from the server's usage`);
+    out.push(table(['load', 'cached tok', 'prompt tok', 'hit rate'], result.points.map((p) => {
+      const t = p.stats.tokens;
+      return [p.label, String(t.cached_input), String(t.input), t.prefix_cache_hit_rate === null ? 'not reported' : `${(t.prefix_cache_hit_rate * 100).toFixed(1)}%`];
+    })));
+  }
+
   const failed = result.points.filter((p) => p.stats.requests.failed > 0);
   if (failed.length > 0) {
     out.push('');

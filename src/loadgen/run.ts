@@ -7,7 +7,7 @@ import { aggregate, type PointStats } from './aggregate.ts';
 import { makePool, normalizeBaseUrl, requestJson, sendStreaming, type Target } from './client.ts';
 import { type BenchPricing, type InputShareSpec, pointCost, type PointCost } from './cost.ts';
 import { httpSender, type LoadBounds, type LoadProgress, runLoadPoint } from './load.ts';
-import { type BenchTokenizer, type DatasetEntry, type LengthSpec, localTokenizer, PromptSource, serverTokenizer } from './prompts.ts';
+import { type BenchTokenizer, type DatasetEntry, type LengthSpec, localTokenizer, PromptSource, serverTokenizer, type SharedPrefixSpec } from './prompts.ts';
 import type { LoadPointSpec, RequestRecord } from './types.ts';
 
 export interface BenchConfig {
@@ -26,6 +26,8 @@ export interface BenchConfig {
   output: LengthSpec;
   dataset?: DatasetEntry[];
   datasetFile?: string;
+  /** N prompt prefixes of L tokens, each reused by many requests (synthetic prompts only). */
+  sharedPrefix?: SharedPrefixSpec;
   tokenizerDir?: string;
   promptFormat: 'auto' | 'ids' | 'text';
   /** ignore_eos + min_tokens: auto sends them for synthetic prompts unless the server refuses them. */
@@ -86,6 +88,7 @@ export interface BenchResult {
     input_len: LengthSpec | null;
     output_len: LengthSpec;
     dataset: string | null;
+    shared_prefix: SharedPrefixSpec | null;
     percentiles: number[];
     timeout_s: number;
     seed: number;
@@ -194,7 +197,7 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
   if (format === 'text' && !config.dataset && tokenizer && !tokenizer.decode) notes.push('The server has /tokenize but no /detokenize: text prompts are cut at about 4 characters a token, and their lengths are approximate.');
   if (format === 'text' && !config.dataset && endpoint === 'chat') notes.push('Chat prompts: --input-len counts the message text; the chat template adds tokens (input tokens are the server\'s count).');
 
-  const source = new PromptSource({ model, endpoint, format, tokenizer, exactOutput: exact, includeUsage, seed: config.seed, input: config.input, output: config.output, dataset: config.dataset });
+  const source = new PromptSource({ model, endpoint, format, tokenizer, exactOutput: exact, includeUsage, seed: config.seed, input: config.input, output: config.output, dataset: config.dataset, sharedPrefix: config.sharedPrefix });
   const poolSize = config.bounds.requests ?? DURATION_POOL;
 
   // 4. Warm-up.
@@ -297,6 +300,7 @@ export async function prepareBench(config: BenchConfig, hooks: BenchHooks = {}):
         input_len: config.dataset ? null : config.input,
         output_len: config.output,
         dataset: config.datasetFile ?? null,
+        shared_prefix: config.dataset ? null : (config.sharedPrefix ?? null),
         percentiles: config.percentiles,
         timeout_s: config.timeoutMs / 1000,
         seed: config.seed,

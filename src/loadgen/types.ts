@@ -50,6 +50,8 @@ export interface RequestRecord {
   retries?: number;
   /** The generated text, kept only until its tokens are counted. */
   text?: string;
+  /** The server's usage.prompt_tokens_details.cached_tokens (prefix-cache hits), where it reports them. */
+  cachedTokens?: number;
   /** Chunks that carried generated text. */
   contentChunks: number;
   serverCost?: ServerCost;

@@ -54,7 +54,8 @@ export function buildCostReport(t: WindowTotals, pricing: Pricing, options: Cost
   const target = options.targetTokensPerMonth ?? (seconds > 0 ? (tokens / seconds) * monthSeconds : 0);
   const devicesNeeded = throughput === null ? null : Math.max(target > 0 ? 1 : 0, Math.ceil(target / (throughput * monthSeconds)));
 
-  const mix = { requests: t.requests, promptTokens: t.promptTokens, completionTokens: t.completionTokens };
+  const cached = t.cachedTokens ?? 0;
+  const mix = { requests: t.requests, promptTokens: t.promptTokens, cachedTokens: cached, completionTokens: t.completionTokens };
   const at = new Date(t.endMs);
   const api: ApiComparison[] = (options.apiModels ?? DEFAULT_API_MODELS).map((id) => {
     const q = quoteApi(id, mix, at);
@@ -75,7 +76,9 @@ export function buildCostReport(t: WindowTotals, pricing: Pricing, options: Cost
     usd_per_device_hour: pricing.usdPerDeviceHour,
     requests: t.requests,
     cancelled: t.cancelled,
-    tokens: { prompt: t.promptTokens, completion: t.completionTokens, total: tokens },
+    tokens: { prompt: t.promptTokens, cached_prompt: cached, completion: t.completionTokens, total: tokens },
+    /** Of the prompt tokens, the share whose keys and values came from the prefix cache (no prefill). */
+    prefix_cache: { hit_rate: t.promptTokens > 0 ? cached / t.promptTokens : null },
     device_seconds: {
       prefill: t.prefillDeviceSeconds,
       decode: t.decodeDeviceSeconds,

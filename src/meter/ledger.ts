@@ -12,6 +12,8 @@ export interface LedgerRecord {
   model: string;
   status: string;
   promptTokens: number;
+  /** Of the prompt tokens, those the prefix cache held (absent: 0). */
+  cachedTokens?: number;
   completionTokens: number;
   prefillDeviceSeconds: number;
   decodeDeviceSeconds: number;
@@ -28,6 +30,7 @@ export interface LedgerRow {
   requests: number;
   cancelled: number;
   promptTokens: number;
+  cachedTokens: number;
   completionTokens: number;
   prefillDeviceSeconds: number;
   decodeDeviceSeconds: number;
@@ -54,11 +57,14 @@ export class Ledger {
   readonly path: string;
   private readonly db: Database.Database;
   private readonly insertStmt?: Database.Statement;
+  /** The cached-tokens column, or 0 in a ledger opened read-only from before it. */
+  private readonly cached: string = 'cached_tokens';
 
   constructor(dataDir: string, options: { readonly?: boolean } = {}) {
     this.path = join(dataDir, LEDGER_FILE);
     if (options.readonly) {
       this.db = new Database(this.path, { readonly: true, fileMustExist: true });
+      if (!this.hasCachedColumn()) this.cached = '0';
       return;
     }
     mkdirSync(dataDir, { recursive: true });
@@ -84,22 +90,29 @@ export class Ledger {
       );
       CREATE INDEX IF NOT EXISTS requests_end_ms ON requests (end_ms);
     `);
+    // Ledgers written before prefix caching lack the column: their requests had no cached tokens.
+    if (!this.hasCachedColumn()) this.db.exec('ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0');
     this.insertStmt = this.db.prepare(`
-      INSERT OR IGNORE INTO requests VALUES
-        (@id, @endMs, @arrivalMs, @tenant, @model, @status, @promptTokens, @completionTokens,
-         @prefillDeviceSeconds, @decodeDeviceSeconds, @usdUsage, @usdAllocation, @devicePriceUsdPerHour)`);
+      INSERT OR IGNORE INTO requests (id, end_ms, arrival_ms, tenant, model, status, prompt_tokens, completion_tokens,
+        prefill_device_seconds, decode_device_seconds, usd_usage, usd_allocation, device_price_usd_per_hour, cached_tokens)
+      VALUES (@id, @endMs, @arrivalMs, @tenant, @model, @status, @promptTokens, @completionTokens,
+         @prefillDeviceSeconds, @decodeDeviceSeconds, @usdUsage, @usdAllocation, @devicePriceUsdPerHour, @cachedTokens)`);
+  }
+
+  private hasCachedColumn(): boolean {
+    return (this.db.prepare('PRAGMA table_info(requests)').all() as { name: string }[]).some((c) => c.name === 'cached_tokens');
   }
 
   /** Commits `record` (synchronously); true if it was new, false if its id was already there. */
   insert(record: LedgerRecord): boolean {
     if (!this.insertStmt) throw new Error('the ledger is open read-only');
-    return this.insertStmt.run({ ...record, endMs: Math.round(record.endMs), arrivalMs: Math.round(record.arrivalMs) }).changes === 1;
+    return this.insertStmt.run({ ...record, cachedTokens: record.cachedTokens ?? 0, endMs: Math.round(record.endMs), arrivalMs: Math.round(record.arrivalMs) }).changes === 1;
   }
 
   get(id: string): LedgerRecord | undefined {
     return this.db
       .prepare(
-        `SELECT id, end_ms AS endMs, arrival_ms AS arrivalMs, tenant, model, status, prompt_tokens AS promptTokens,
+        `SELECT id, end_ms AS endMs, arrival_ms AS arrivalMs, tenant, model, status, prompt_tokens AS promptTokens, ${this.cached} AS cachedTokens,
                 completion_tokens AS completionTokens, prefill_device_seconds AS prefillDeviceSeconds,
                 decode_device_seconds AS decodeDeviceSeconds, usd_usage AS usdUsage, usd_allocation AS usdAllocation,
                 device_price_usd_per_hour AS devicePriceUsdPerHour
@@ -119,7 +132,7 @@ export class Ledger {
     return this.db
       .prepare(
         `SELECT ${key} AS key, count(*) AS requests, sum(status = 'cancelled') AS cancelled,
-                sum(prompt_tokens) AS promptTokens, sum(completion_tokens) AS completionTokens,
+                sum(prompt_tokens) AS promptTokens, sum(${this.cached}) AS cachedTokens, sum(completion_tokens) AS completionTokens,
                 sum(prefill_device_seconds) AS prefillDeviceSeconds, sum(decode_device_seconds) AS decodeDeviceSeconds,
                 sum(usd_usage) AS usdUsage, sum(usd_allocation) AS usdAllocation
          FROM requests WHERE end_ms >= ? GROUP BY 1 ORDER BY 1`,

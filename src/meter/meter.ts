@@ -57,6 +57,8 @@ export interface WindowTotals {
   requests: number;
   cancelled: number;
   promptTokens: number;
+  /** Of the prompt tokens, those the prefix cache held (absent: none). */
+  cachedTokens?: number;
   completionTokens: number;
   prefillDeviceSeconds: number;
   decodeDeviceSeconds: number;
@@ -67,7 +69,7 @@ export interface WindowTotals {
   powerMeasuredSeconds?: number;
 }
 
-const FIELDS = ['wallDeviceSeconds', 'wallUsd', 'busyDeviceSeconds', 'busyUsd', 'requests', 'cancelled', 'promptTokens', 'completionTokens', 'prefillDeviceSeconds', 'decodeDeviceSeconds', 'prefillUsd', 'decodeUsd', 'energyJoules', 'powerMeasuredSeconds'] as const;
+const FIELDS = ['wallDeviceSeconds', 'wallUsd', 'busyDeviceSeconds', 'busyUsd', 'requests', 'cancelled', 'promptTokens', 'cachedTokens', 'completionTokens', 'prefillDeviceSeconds', 'decodeDeviceSeconds', 'prefillUsd', 'decodeUsd', 'energyJoules', 'powerMeasuredSeconds'] as const;
 type Field = (typeof FIELDS)[number];
 const INDEX = Object.fromEntries(FIELDS.map((f, i) => [f, i])) as Record<Field, number>;
 const N = FIELDS.length;
@@ -102,7 +104,8 @@ class SecondBuckets {
   }
 }
 
-type PerMillion = { input: number | null; output: number | null; blended: number | null };
+/** input: over all prompt tokens; input_uncached: over those computed (cached ones took no prefill). */
+type PerMillion = { input: number | null; input_uncached: number | null; output: number | null; blended: number | null };
 
 export interface UnitCosts {
   /** Busy share of wall-clock device time, 0..1. */
@@ -122,6 +125,7 @@ export function unitCosts(t: WindowTotals): UnitCosts {
   const usage = t.prefillUsd + t.decodeUsd;
   const u: PerMillion = {
     input: perMillion(t.prefillUsd, t.promptTokens),
+    input_uncached: perMillion(t.prefillUsd, t.promptTokens - (t.cachedTokens ?? 0)),
     output: perMillion(t.decodeUsd, t.completionTokens),
     blended: perMillion(usage, t.promptTokens + t.completionTokens),
   };
@@ -129,7 +133,7 @@ export function unitCosts(t: WindowTotals): UnitCosts {
     utilization,
     allocationFactor: factor,
     usd: { usage, allocation: usage * factor },
-    usdPerMillion: { usage: u, allocation: { input: scale(u.input, factor), output: scale(u.output, factor), blended: scale(u.blended, factor) } },
+    usdPerMillion: { usage: u, allocation: { input: scale(u.input, factor), input_uncached: scale(u.input_uncached, factor), output: scale(u.output, factor), blended: scale(u.blended, factor) } },
   };
 }
 
@@ -235,6 +239,7 @@ export class CostMeter implements RequestMeter {
     const now = this.clock();
     this.advance(now);
     const rate = this.usdPerDeviceHour();
+    const cached = Math.max(0, Math.min(req.cachedTokens ?? 0, req.promptTokens));
     const prefill = Math.max(0, req.prefillSeconds) * this.devicesPerStep;
     const decode = Math.max(0, req.decodeSeconds) * this.devicesPerStep;
     const prefillUsd = usdOf(prefill, rate);
@@ -245,6 +250,7 @@ export class CostMeter implements RequestMeter {
     add('requests', 1);
     if (req.status === 'cancelled') add('cancelled', 1);
     add('promptTokens', req.promptTokens);
+    add('cachedTokens', cached);
     add('completionTokens', req.completionTokens);
     add('prefillDeviceSeconds', prefill);
     add('decodeDeviceSeconds', decode);
@@ -258,7 +264,7 @@ export class CostMeter implements RequestMeter {
       usd_per_device_hour: rate,
       devices: this.devices,
       allocation_factor: factor,
-      tokens: { prompt: req.promptTokens, completion: req.completionTokens },
+      tokens: { prompt: req.promptTokens, cached_prompt: cached, completion: req.completionTokens },
       usd_per_million_tokens: {
         usage: { input: perMillion(prefillUsd, req.promptTokens), output: perMillion(decodeUsd, req.completionTokens) },
         allocation: { input: scale(perMillion(prefillUsd, req.promptTokens), factor), output: scale(perMillion(decodeUsd, req.completionTokens), factor) },
@@ -272,6 +278,7 @@ export class CostMeter implements RequestMeter {
       model: req.model,
       status: req.status,
       promptTokens: req.promptTokens,
+      cachedTokens: cached,
       completionTokens: req.completionTokens,
       prefillDeviceSeconds: prefill,
       decodeDeviceSeconds: decode,

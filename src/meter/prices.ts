@@ -59,8 +59,10 @@ export interface ApiQuote {
   /** Display name from genai-prices; absent when the model is unknown. */
   name?: string;
   input_usd_per_million: number | null;
+  /** Cached input (a prompt prefix the API has cached: its cache-read price; the input price where it has none). */
+  cached_input_usd_per_million: number | null;
   output_usd_per_million: number | null;
-  /** USD per million tokens of the mix (input and output together). */
+  /** USD per million tokens of the mix (input and output together, cached input at its own price). */
   blended_usd_per_million: number | null;
   /** What the mix's requests would have cost on this API. */
   cost_usd: number | null;
@@ -70,6 +72,8 @@ export interface ApiQuote {
 export interface TokenMix {
   requests: number;
   promptTokens: number;
+  /** Of the prompt tokens, those a prefix cache held (priced as cache reads). */
+  cachedTokens?: number;
   completionTokens: number;
 }
 
@@ -80,30 +84,36 @@ const FALLBACK_MIX = { prompt: 1000, completion: 250 };
  * Prices `mix` on an API model with genai-prices' calcPrice. Prices can be tiered by the size of a
  * single request's prompt, so the API is priced per average request (mean prompt and completion
  * tokens) and scaled by the number of requests; $/M input is that request's input price over its
- * prompt tokens, $/M output likewise. `at` picks date-dependent prices.
+ * prompt tokens, $/M output likewise. Cached prompt tokens are priced as the API prices reads of its own prompt
+ * cache, so that a mix with prefix-cache hits is compared like with like. `at` picks date-dependent prices.
  */
 export function quoteApi(id: string, mix: TokenMix, at: Date = new Date()): ApiQuote {
   const colon = id.indexOf(':');
   const provider = colon > 0 ? id.slice(0, colon) : '';
   const model = colon > 0 ? id.slice(colon + 1) : id;
-  const empty = { id, provider, model, input_usd_per_million: null, output_usd_per_million: null, blended_usd_per_million: null, cost_usd: null };
+  const empty = { id, provider, model, input_usd_per_million: null, cached_input_usd_per_million: null, output_usd_per_million: null, blended_usd_per_million: null, cost_usd: null };
   const measured = mix.requests > 0 && mix.promptTokens + mix.completionTokens > 0;
   const prompt = measured ? mix.promptTokens / mix.requests : FALLBACK_MIX.prompt;
   const completion = measured ? mix.completionTokens / mix.requests : FALLBACK_MIX.completion;
-  let price;
+  const cached = measured ? Math.min(prompt, (mix.cachedTokens ?? 0) / mix.requests) : 0;
+  const options = { ...(provider ? { providerId: provider } : {}), timestamp: at };
+  let price, allCached, withCache;
   try {
-    price = calcPrice({ input_tokens: prompt, output_tokens: completion }, model, { ...(provider ? { providerId: provider } : {}), timestamp: at });
+    price = calcPrice({ input_tokens: prompt, output_tokens: completion }, model, options);
+    allCached = calcPrice({ input_tokens: prompt, cache_read_tokens: prompt, output_tokens: 0 }, model, options);
+    withCache = cached > 0 ? calcPrice({ input_tokens: prompt, cache_read_tokens: cached, output_tokens: completion }, model, options) : price;
   } catch (err) {
     return { ...empty, error: `genai-prices: ${(err as Error).message}` };
   }
-  if (!price) return { ...empty, error: 'no price found in @pydantic/genai-prices' };
-  const perRequest = price.total_price;
+  if (!price || !withCache) return { ...empty, error: 'no price found in @pydantic/genai-prices' };
+  const perRequest = withCache.total_price;
   return {
     id,
     provider: price.provider.id,
     model: price.model.id,
     name: price.model.name,
     input_usd_per_million: prompt > 0 ? (price.input_price / prompt) * 1e6 : null,
+    cached_input_usd_per_million: prompt > 0 && allCached ? (allCached.input_price / prompt) * 1e6 : null,
     output_usd_per_million: completion > 0 ? (price.output_price / completion) * 1e6 : null,
     blended_usd_per_million: (perRequest / (prompt + completion)) * 1e6,
     cost_usd: measured ? perRequest * mix.requests : null,

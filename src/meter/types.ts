@@ -7,6 +7,8 @@ export interface FinishedRequest {
   /** 'completed' | 'cancelled' | 'error' */
   status: 'completed' | 'cancelled' | 'error';
   promptTokens: number;
+  /** Of the prompt tokens, those taken from the prefix cache (no prefill computed them). */
+  cachedTokens?: number;
   completionTokens: number;
   prefillSeconds: number;
   decodeSeconds: number;

@@ -16,6 +16,8 @@ export interface Choice {
   finish?: FinishReason;
   error?: string;
   completionTokens: number;
+  /** Prompt tokens the engine took from its prefix cache. */
+  cachedTokens: number;
   prefillSeconds: number;
   decodeSeconds: number;
 }
@@ -24,6 +26,8 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
+  /** As OpenAI reports it: prompt tokens whose keys and values were cached (not computed). */
+  prompt_tokens_details: { cached_tokens: number };
   cost?: CostReport;
 }
 
@@ -63,7 +67,7 @@ export class Generation {
     private readonly onEvent: (choice: Choice, event: RequestEvent) => void,
   ) {
     this.choices = requests.map(({ promptIndex, request }, index) => ({
-      index, promptIndex, request, text: '', tokens: [], completionTokens: 0, prefillSeconds: 0, decodeSeconds: 0,
+      index, promptIndex, request, text: '', tokens: [], completionTokens: 0, cachedTokens: 0, prefillSeconds: 0, decodeSeconds: 0,
     }));
     this.pending = this.choices.length;
     this.done = new Promise((resolve) => (this.resolve = resolve));
@@ -88,6 +92,7 @@ export class Generation {
       choice.finish = e.finish;
       choice.error = e.error;
       choice.completionTokens = e.completionTokens ?? choice.tokens.length;
+      choice.cachedTokens = e.cachedTokens ?? 0;
       choice.prefillSeconds = e.cost?.prefillSeconds ?? 0;
       choice.decodeSeconds = e.cost?.decodeSeconds ?? 0;
     }
@@ -114,10 +119,15 @@ export class Generation {
     const error = this.choices.find((c) => c.finish === 'error')?.error ?? this.internalError;
     const status = error !== undefined ? 'error' : this.cancelled || this.choices.some((c) => c.finish === 'cancelled') ? 'cancelled' : 'completed';
     const completionTokens = this.choices.reduce((a, c) => a + c.completionTokens, 0);
+    // A prompt counts once whatever n is: its cached tokens are those of the choice that computed the most of it.
+    const cachedByPrompt = new Map<number, number>();
+    for (const c of this.choices) cachedByPrompt.set(c.promptIndex, Math.min(cachedByPrompt.get(c.promptIndex) ?? Infinity, c.cachedTokens));
+    const cachedTokens = [...cachedByPrompt.values()].reduce((a, b) => a + b, 0);
     const usage: Usage = {
       prompt_tokens: this.meta.promptTokens,
       completion_tokens: completionTokens,
       total_tokens: this.meta.promptTokens + completionTokens,
+      prompt_tokens_details: { cached_tokens: cachedTokens },
     };
     const finished: FinishedRequest = {
       id: this.meta.id,
@@ -125,6 +135,7 @@ export class Generation {
       tenant: this.meta.tenant,
       status,
       promptTokens: usage.prompt_tokens,
+      cachedTokens,
       completionTokens,
       prefillSeconds: this.choices.reduce((a, c) => a + c.prefillSeconds, 0),
       decodeSeconds: this.choices.reduce((a, c) => a + c.decodeSeconds, 0),

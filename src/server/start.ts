@@ -68,7 +68,7 @@ export async function startServer(config: ServeConfig, deps: ServerDeps = {}): P
     throw explainEngineError(err);
   }
   if (engine.info.deviceNote) logger.warn(engine.info.deviceNote);
-  logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, threads: engine.info.threads, kvCacheDtype: engine.info.kvCacheDtype, limits: engine.info.limits }, 'model loaded');
+  logger.info({ model: modelName, dir: folder.dir, device: engine.info.device, runner: engine.info.runner, threads: engine.info.threads, kvCacheDtype: engine.info.kvCacheDtype, prefixCache: engine.info.prefixCache, limits: engine.info.limits }, 'model loaded');
 
   const ledger = new Ledger(config.dataDir);
   const metrics = new Metrics();

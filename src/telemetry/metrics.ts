@@ -38,6 +38,7 @@ export class Metrics {
   private readonly kvUsage = this.gauge('tally:kv_cache_usage_perc', 'KV-cache usage: 1 means full.', ['model']);
   private readonly kvBytes = this.gauge('tally:kv_cache_bytes', 'Bytes of KV-cache memory the engine holds.', ['model']);
   private readonly promptTokens = this.counter('tally:prompt_tokens_total', 'Prompt tokens of finished requests.', ['model', 'tenant']);
+  private readonly cachedPromptTokens = this.counter('tally:cached_prompt_tokens_total', 'Prompt tokens of finished requests that the prefix cache held (hit rate: over tally:prompt_tokens_total).', ['model', 'tenant']);
   private readonly generationTokens = this.counter('tally:generation_tokens_total', 'Generated tokens of finished requests.', ['model', 'tenant']);
   private readonly finished = this.counter('tally:request_success_total', 'Finished requests by how they ended.', ['model', 'tenant', 'finished_reason']);
   private readonly rejected = this.counter('tally:request_rejected_total', 'Requests refused before reaching the engine, by HTTP status.', ['model', 'tenant', 'status']);
@@ -166,6 +167,7 @@ export class Metrics {
   requestFinished(req: FinishedRequest, cost: CostReport): void {
     const labels = { model: req.model, tenant: req.tenant };
     this.promptTokens.inc(labels, req.promptTokens);
+    this.cachedPromptTokens.inc(labels, req.cachedTokens ?? 0);
     this.generationTokens.inc(labels, req.completionTokens);
     this.finished.inc({ ...labels, finished_reason: req.status });
     if (req.ttftSeconds !== undefined) this.ttft.observe(labels, req.ttftSeconds);

@@ -14,6 +14,8 @@ const COLUMNS = {
   ledger: [
     ['requests', 'requests', 'int'],
     ['tokens in', 'prompt_tokens', 'tokens'],
+    ['cached in', 'cached_prompt_tokens', 'tokens'],
+    ['hit rate', 'prefix_cache_hit_rate', 'percent'],
     ['tokens out', 'completion_tokens', 'tokens'],
     ['USD usage', 'usd.usage', 'usd'],
     ['USD alloc.', 'usd.allocation', 'usd'],
@@ -21,6 +23,8 @@ const COLUMNS = {
     ['$/M alloc.', 'usd_per_million_tokens.allocation', 'usd'],
   ],
   api: [
+    ['$/M in', 'input_usd_per_million', 'usd'],
+    ['$/M cache', 'cached_input_usd_per_million', 'usd'],
     ['$/M (mix)', 'blended_usd_per_million', 'usd'],
     ['break-even', 'break_even.tokens_per_month', 'tokens'],
   ],

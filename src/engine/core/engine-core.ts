@@ -42,6 +42,7 @@ export async function createEngineCore(
     kvCacheDtype: options.kvCacheDtype,
     kvCacheTokens: options.kvCacheTokens,
     kvCacheBytes: options.kvCacheBytes,
+    prefixCache: options.prefixCache,
   });
   // The cache's element type is known once the session is open; the byte budget holds twice the tokens in float16.
   const limits = resolveLimits(folder, options, runner.kvElementBytes);
@@ -51,7 +52,7 @@ export async function createEngineCore(
     scheduler,
     runner,
     tokenizer,
-    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, kvCacheDtype: kvCacheDtypeOf(runner), limits, eosIds, vocabSize: runner.vocabSize },
+    info: { model: folder.name, modelDir: folder.dir, device, deviceNote: note, runner: runner.kind, threads, kvCacheDtype: kvCacheDtypeOf(runner), prefixCache: runner.prefixCache !== undefined, limits, eosIds, vocabSize: runner.vocabSize },
     release: () => runner.release(),
   };
 }

@@ -15,6 +15,8 @@ interface Sequence {
   sampler: SequenceSampler;
   decoder: IncrementalDecoder;
   prefilled: number;
+  /** Prompt positions taken from the prefix cache at admission. */
+  cachedTokens: number;
   output: number[];
   pending: string;
   reserved: number;
@@ -29,7 +31,9 @@ interface Sequence {
  * over a budget of prompt chunks (chunked prefill), admits waiting requests FCFS at step
  * boundaries, and finishes sequences as they stop. KV policy: a request is admitted only when its
  * worst case (prompt + max_tokens) fits in the KV capacity left, so an admitted request never has
- * to be preempted; otherwise it waits.
+ * to be preempted; otherwise it waits. With a prefix cache (the paged runner) a request reuses the cached pages
+ * of its prompt's prefix, prefills only the rest and reserves only its own pages: a page shared by several
+ * sequences counts once, a cached page that no sequence holds counts as free.
  */
 export class Scheduler {
   private waiting: GenerationRequest[] = [];
@@ -98,35 +102,44 @@ export class Scheduler {
     }
   }
 
-  private admit(): void {
+  private admit(record: StepRecord): void {
     if (this.cancelledWaiting.size > 0) {
       const dropped = this.waiting.filter((r) => this.cancelledWaiting.has(r.id));
       this.waiting = this.waiting.filter((r) => !this.cancelledWaiting.has(r.id));
       this.cancelledWaiting.clear();
       this.emit(dropped.map((r) => ({ id: r.id, tokens: [], text: '', finish: 'cancelled' as const, promptTokens: r.promptIds.length, completionTokens: 0, cost: { prefillSeconds: 0, decodeSeconds: 0 } })));
     }
+    const cache = this.runner.prefixCache;
     while (this.waiting.length > 0 && this.running.length < this.limits.maxNumSeqs) {
       const req = this.waiting[0];
       const need = Math.min(req.promptIds.length + req.maxTokens, this.limits.maxModelLen);
-      if (this.reservedTokens + need > this.limits.kvCapacityTokens) break;
+      // Its own worst case, less the pages it would share; shared pages count once (see PrefixCache).
+      const plan = cache?.plan(req.promptIds);
+      const own = need - (plan?.sharedTokens ?? 0);
+      const inherited = cache ? cache.inheritedTokens() + plan!.revivedTokens : 0;
+      if (this.reservedTokens + inherited + own > this.limits.kvCapacityTokens) break;
       this.waiting.shift();
       const seq = this.nextSeq++;
       this.runner.open(seq);
+      const cached = cache ? cache.attach(seq, req.promptIds) : 0;
+      record.admittedPromptTokens! += req.promptIds.length;
+      record.admittedCachedTokens! += cached;
       const s: Sequence = {
         req,
         seq,
         sampler: new SequenceSampler(req.sampling, req.promptIds, this.runner.vocabSize),
         decoder: this.tokenizer.decodeStream({ context: req.promptIds }),
-        prefilled: 0,
+        prefilled: cached,
+        cachedTokens: cached,
         output: [],
         pending: '',
-        reserved: need,
+        reserved: own,
         cost: { prefillSeconds: 0, decodeSeconds: 0 },
         admittedMs: performance.now(),
         firstTokenSent: false,
         cancelled: false,
       };
-      this.reservedTokens += need;
+      this.reservedTokens += own;
       this.running.push(s);
       this.byId.set(req.id, s);
     }
@@ -147,6 +160,7 @@ export class Scheduler {
       finish,
       promptTokens: s.req.promptIds.length,
       completionTokens: s.output.length,
+      cachedTokens: s.cachedTokens,
       cost: { ...s.cost },
       ...extra,
     };
@@ -162,7 +176,11 @@ export class Scheduler {
         this.release(s);
       }
     }
-    this.admit();
+    const record: StepRecord = {
+      startMs, endMs: 0, busySeconds: 0, prefillSeconds: 0, decodeSeconds: 0, prefillTokens: 0, decodeTokens: 0,
+      admittedPromptTokens: 0, admittedCachedTokens: 0, running: 0, waiting: 0, kvUsedTokens: 0, kvCapacityTokens: this.limits.kvCapacityTokens, kvBytes: 0,
+    };
+    this.admit(record);
 
     const decoding = this.running.filter((s) => s.prefilled === s.req.promptIds.length);
     const budget = Math.max(0, this.limits.maxNumBatchedTokens - decoding.length);
@@ -177,11 +195,6 @@ export class Scheduler {
       widest = width;
       prefillRows.push({ s, n });
     }
-
-    const record: StepRecord = {
-      startMs, endMs: 0, busySeconds: 0, prefillSeconds: 0, decodeSeconds: 0,
-      prefillTokens: 0, decodeTokens: 0, running: 0, waiting: 0, kvUsedTokens: 0, kvCapacityTokens: this.limits.kvCapacityTokens, kvBytes: 0,
-    };
 
     if (decoding.length > 0) {
       const rows: ForwardRow[] = decoding.map((s) => ({ seq: s.seq, tokens: [s.output[s.output.length - 1]] }));
@@ -221,7 +234,7 @@ export class Scheduler {
     record.endMs = performance.now();
     record.running = this.running.length;
     record.waiting = this.waiting.length;
-    record.kvUsedTokens = this.running.reduce((a, s) => a + this.runner.cachedLength(s.seq), 0);
+    record.kvUsedTokens = this.runner.prefixCache?.heldTokens() ?? this.running.reduce((a, s) => a + this.runner.cachedLength(s.seq), 0);
     record.kvBytes = this.runner.kvBytes();
     if (record.busySeconds > 0 || record.running > 0) this.onStep(record);
   }

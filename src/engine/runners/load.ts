@@ -32,6 +32,8 @@ export interface RunnerOptions extends SessionOptions {
    * explicit type must match it.
    */
   kvCacheDtype?: KvCacheDtype;
+  /** Automatic prefix caching on the paged cache (default on; the other runners have no pages to share). */
+  prefixCache?: boolean;
 }
 
 /**
@@ -63,7 +65,7 @@ async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): P
     throw err;
   }
   addon.binding.threads(options.threads && options.threads > 0 ? options.threads : os.availableParallelism());
-  const runner = new PagedRunner(parts, folder.config, addon.binding, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype });
+  const runner = new PagedRunner(parts, folder.config, addon.binding, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype, prefixCache: options.prefixCache ?? true });
   return { runner, note: cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined };
 }
 

@@ -6,7 +6,7 @@ import type { KvCacheDtype } from '../protocol.ts';
 import type { AttentionBinding } from './native-attention.ts';
 import { PageTable } from './page-table.ts';
 import { graphTopLogits, topKTensor, topLogitsOf } from './graph-io.ts';
-import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
+import type { ForwardResult, ForwardRow, ModelRunner, PrefixCache, TopLogits } from './runner.ts';
 
 /**
  * Runner for Tally graphs on the CPU with attention in native code: the graph is cut at each layer's
@@ -29,6 +29,7 @@ export class PagedRunner implements ModelRunner {
   /** One arena per layer (a typed array holds at most 2^32 elements; per layer they stay well below). */
   private readonly arenas: (Float32Array | Uint16Array)[] = [];
   private readonly pages: PageTable;
+  readonly prefixCache?: PrefixCache;
   private readonly dims: Int32Array;
   private readonly rope: { cos: Float32Array; sin: Float32Array };
   private attnBuffer = new Float32Array(0);
@@ -37,7 +38,7 @@ export class PagedRunner implements ModelRunner {
     private readonly parts: ort.InferenceSession[],
     config: LlamaConfig,
     private readonly attention: AttentionBinding,
-    private readonly options: { maxSlots: number; maxModelLen: number; kvTokens: number; kvDtype: KvCacheDtype },
+    private readonly options: { maxSlots: number; maxModelLen: number; kvTokens: number; kvDtype: KvCacheDtype; prefixCache?: boolean },
   ) {
     this.vocabSize = config.vocab_size;
     this.layers = config.num_hidden_layers;
@@ -56,10 +57,22 @@ export class PagedRunner implements ModelRunner {
     const elements = totalPages * (this.pageElements / this.layers);
     if (elements > 2 ** 32 - 1) throw new Error(`a KV cache of ${tokens} tokens is more than one layer's arena can hold (2^32 elements); lower --kv-cache-gb or --kv-cache-tokens`);
     for (let l = 0; l < this.layers; l++) this.arenas.push(options.kvDtype === 'float16' ? new Uint16Array(elements) : new Float32Array(elements));
-    this.pages = new PageTable(totalPages, this.pagePositions, options.maxSlots);
+    this.pages = new PageTable(totalPages, this.pagePositions, options.maxSlots, { prefixCache: options.prefixCache, copyPage: (from, to) => this.copyPage(from, to, totalPages) });
+    if (options.prefixCache) this.prefixCache = this.pages;
     this.dims = Int32Array.of(1, this.nh, this.kvh, this.hd, totalPages);
     // The tables the whole graph's RotaryEmbedding takes (rope.cos / rope.sin), computed as the converter does.
     this.rope = ropeTables(config);
+  }
+
+  /** Copies a page's keys and values, every layer (layout: attention.c's, one block per kind and KV head). */
+  private copyPage(from: number, to: number, totalPages: number): void {
+    const span = this.pagePositions * this.hd;
+    for (const arena of this.arenas) {
+      for (let block = 0; block < 2 * this.kvh; block++) {
+        const base = block * totalPages * span;
+        arena.copyWithin(base + to * span, base + from * span, base + (from + 1) * span);
+      }
+    }
   }
 
   kvBytes(): number {
@@ -135,7 +148,7 @@ export class PagedRunner implements ModelRunner {
       }
     }
     const runSeconds = (performance.now() - started) / 1000;
-    for (const r of rows) this.pages.advance(r.seq, r.tokens.length);
+    for (const r of rows) this.pages.advance(r.seq, r.tokens.length, r.tokens);
 
     if (!full) return { top: rows.map((_, b) => topLogitsOf(out, b)), runSeconds };
     const logits = out.logits.data as Float32Array;

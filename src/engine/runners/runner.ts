@@ -12,6 +12,34 @@ export interface TopLogits {
   values: number[];
 }
 
+/** What opening a sequence on a prompt would take from a prefix cache now. */
+export interface PrefixPlan {
+  /** Positions of the prompt whose keys and values would be reused (at most its length − 1). */
+  cachedTokens: number;
+  /** Positions in the pages it would share (its own pages hold the rest, a copied page included). */
+  sharedTokens: number;
+  /** Of those, positions in pages that no sequence holds now (cached, evictable until taken). */
+  revivedTokens: number;
+}
+
+/**
+ * Automatic prefix caching over a paged KV cache (PageTable implements it). For KV admission a page counts once:
+ * while the sequence that wrote it runs, in that sequence's own worst case; after, while others hold it, in
+ * inheritedTokens(); while no one holds it, as free.
+ */
+export interface PrefixCache {
+  plan(prompt: readonly number[]): PrefixPlan;
+  /**
+   * Right after open(seq): takes the cached pages of the prompt's prefix, as plan() said, and returns the
+   * positions they hold (the sequence's cached length now; the caller runs the prompt from there).
+   */
+  attach(seq: number, prompt: readonly number[]): number;
+  /** Positions in pages that open sequences hold and none of them wrote. */
+  inheritedTokens(): number;
+  /** Positions held by open sequences, a shared page counted once. */
+  heldTokens(): number;
+}
+
 export interface ForwardResult {
   /** Last-token logits of each row, in the order given. */
   logits: Float32Array[];
@@ -37,6 +65,8 @@ export interface ModelRunner {
    * at most, topLogits. Graphs before version 8 return topLogits whatever k.
    */
   forwardTop?(rows: ForwardRow[], k?: number): Promise<{ top: TopLogits[]; runSeconds: number }>;
+  /** Present where the runner reuses cached prompt prefixes (the paged runner, unless turned off). */
+  readonly prefixCache?: PrefixCache;
   /** Bytes of KV-cache memory held now. */
   kvBytes(): number;
   /** 4 for a float32 cache, 2 for float16. */
