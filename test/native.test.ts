@@ -162,7 +162,7 @@ describe('NativeRunner', () => {
     await top.release();
   });
 
-  it('runs its pass off the event loop, and an error in the pass fails that pass only', async () => {
+  it('runs its pass off the event loop; an error in the pass fails that pass only; release waits for the pass in flight', async () => {
     const dir = randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 4, hidden_size: 256, intermediate_size: 512, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 64 });
     const folder = loadModelFolder(dir);
     const runner = (await loadRunner(folder, { ...options, threads: 1, runner: 'native', maxModelLen: 512, kvCacheTokens: 1024 })).runner;
@@ -183,7 +183,10 @@ describe('NativeRunner', () => {
     expect(runner.cachedLength(1)).toBe(0);
     expect((await runner.forward([{ seq: 1, tokens: [4, 5] }])).logits).toHaveLength(1);
     expect(runner.cachedLength(1)).toBe(2);
+    // Released while a pass runs: the pass finishes first.
+    const last = runner.forward([{ seq: 1, tokens: tokens(200, 9) }]);
     await runner.release();
+    expect((await last).logits).toHaveLength(1);
     await expect(runner.forward([{ seq: 1, tokens: [4] }])).rejects.toThrow(/released/);
   });
 

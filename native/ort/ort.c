@@ -299,9 +299,19 @@ static void session_free(Session *s) {
   if (s->deviceInfo) ort->ReleaseMemoryInfo(s->deviceInfo);
 }
 
+// Steps running on pool threads now. A worker thread that is torn down mid-step finalizes its objects while the
+// step still runs; finalizers wait for it.
+static int executingSteps;
+
+static void wait_for_steps(void) {
+  const struct timespec ms = {0, 1000000};
+  while (__atomic_load_n(&executingSteps, __ATOMIC_ACQUIRE) > 0) nanosleep(&ms, NULL);
+}
+
 static void session_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
+  wait_for_steps();
   session_free(data);
   free(data);
 }
@@ -579,6 +589,7 @@ static void stepper_free(napi_env env, Stepper *st) {
 static void stepper_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
+  wait_for_steps();
   stepper_free(NULL, data);
   free(data);
 }
@@ -754,9 +765,7 @@ static double now_seconds(void) {
   return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void step_execute(napi_env env, void *data) {
-  (void)env;
-  Stepper *st = data;
+static void step_run(Stepper *st) {
   st->error[0] = 0;
   const double started = now_seconds();
 #ifdef _OPENMP
@@ -791,6 +800,13 @@ static void step_execute(napi_env env, void *data) {
   }
   if (!st->full) for (int i = 0; i < B * st->k; i++) st->topIds[i] = (int32_t)st->topIds64[i];
   st->seconds = now_seconds() - started;
+}
+
+static void step_execute(napi_env env, void *data) {
+  (void)env;
+  __atomic_add_fetch(&executingSteps, 1, __ATOMIC_ACQ_REL);
+  step_run(data);
+  __atomic_sub_fetch(&executingSteps, 1, __ATOMIC_ACQ_REL);
 }
 
 static void step_complete(napi_env env, napi_status status, void *data) {

@@ -32,6 +32,7 @@ export class NativeRunner implements ModelRunner {
   private topIds: Int32Array;
   private readonly maxModelLen: number;
   private released = false;
+  private inflight: Promise<number> | undefined;
 
   constructor(
     private readonly binding: OrtBinding,
@@ -134,7 +135,9 @@ export class NativeRunner implements ModelRunner {
       this.topValues = new Float32Array(B * k);
       this.topIds = new Int32Array(B * k);
     }
-    const seconds = await this.binding.stepperRun(this.stepper, B, T, k, full, ids, info, table, this.logits, this.topValues, this.topIds);
+    const step = this.binding.stepperRun(this.stepper, B, T, k, full, ids, info, table, this.logits, this.topValues, this.topIds);
+    this.inflight = step;
+    const seconds = await step.finally(() => (this.inflight = undefined));
     for (const r of rows) this.pages.advance(r.seq, r.tokens.length);
     return seconds;
   }
@@ -142,6 +145,8 @@ export class NativeRunner implements ModelRunner {
   async release(): Promise<void> {
     if (this.released) return;
     this.released = true;
+    // The pass in flight (if any) finishes first: its buffers and sessions are what release frees.
+    await this.inflight?.catch(() => {});
     this.binding.release(this.stepper);
     for (const p of this.parts) this.binding.release(p);
   }
