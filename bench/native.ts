@@ -1,7 +1,9 @@
 /**
  * The native runner against the JavaScript one (issue #20), side by side in one run, through HTTP: a `tally serve`
  * child per runner (--runner native / --runner js, everything else the same), streaming greedy completions at
- * concurrency 1 and 32. Per model and concurrency: output tokens/s, TTFT p50, per-token decode time p50 (each
+ * concurrency 1 and 32, each request's max_tokens spread over 0.5-1.5× --tokens (so that, as in real traffic, requests end
+ * and arrive one by one rather than in lockstep bursts whose TTFT is the whole burst's prefill; TTFT leaves out the
+ * first wave of `concurrency` requests, sent together at the start). Per model and concurrency: output tokens/s, TTFT p50, per-token decode time p50 (each
  * request's (last token - first token) / (tokens - 1)), the server's peak RSS and its garbage-collection pause time
  * per 1,000 tokens (node --trace-gc, engine worker included). Rounds alternate the runners; the table gives medians
  * and native / js ratios.
@@ -143,18 +145,20 @@ async function measure(server: Server, concurrency: number, requests: number): P
   const gc0 = server.gcMs();
   const t0 = performance.now();
   let next = 0;
-  const results: { start: number; times: number[] }[] = [];
+  const results: { start: number; times: number[]; index: number }[] = [];
   await Promise.all(Array.from({ length: concurrency }, async () => {
     while (next < requests) {
       next++;
-      results.push(await complete(server.url, prompt, maxTokens));
+      const i = next - 1;
+      results.push({ ...(await complete(server.url, prompt, Math.max(2, Math.round(maxTokens * (0.5 + ((i * 37) % 101) / 100))))), index: i });
     }
   }));
   const seconds = (performance.now() - t0) / 1000;
   const tokens = results.reduce((a, r) => a + r.times.length, 0);
   return {
     tokensPerSecond: tokens / seconds,
-    ttftMs: median(results.map((r) => r.times[0] - r.start)),
+    // The first wave arrives at once (the load's start, not its steady state): its TTFT is the whole wave's prefill.
+    ttftMs: median(results.filter((r) => r.index >= concurrency || requests <= concurrency).map((r) => r.times[0] - r.start)),
     decodeMs: median(results.filter((r) => r.times.length > 1).map((r) => (r.times.at(-1)! - r.times[0]) / (r.times.length - 1))),
     rssMb: peakRssMb(server.pid),
     gcMsPer1k: ((server.gcMs() - gc0) / tokens) * 1000,
