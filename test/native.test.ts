@@ -200,5 +200,10 @@ describe('NativeRunner', () => {
     const engine = await createEngineCore(base, () => {}, () => {});
     expect([engine.info.runner, engine.info.device, engine.info.kvCacheDtype]).toEqual(['native', 'cpu', 'float16']);
     await engine.release();
+    // Without --runner, a library that cannot be had is a warning and the JavaScript runner serves.
+    const fallback = await createEngineCore({ ...base, ortLibrary: '/tmp/no-such/libonnxruntime.so.1' }, () => {}, () => {});
+    expect(fallback.info.runner).toBe('paged');
+    expect(fallback.info.deviceNote).toMatch(/^the native runner is unavailable \(ONNX Runtime is already loaded from .*\); using the JavaScript runner$/);
+    await fallback.release();
   });
 });

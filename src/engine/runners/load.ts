@@ -45,7 +45,7 @@ export interface RunnerOptions extends SessionOptions {
  * A Tally graph on the CPU cut at its attention, each pass run whole in native code (native/ort); undefined (with
  * why) where that path does not apply.
  */
-async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: NativeRunner; reason?: string; note?: string }> {
+async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: NativeRunner; reason?: string; note?: string; broken?: boolean }> {
   if (options.runner === 'js') return {};
   const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
   const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
@@ -56,7 +56,8 @@ async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): 
   if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return { reason: 'the native runner needs a graph converted by Tally' };
   const graphDtype = (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32';
   const opened = openOrt(options.ortLibrary);
-  if ('reason' in opened) return { reason: opened.reason };
+  // The addon or the library is missing or broken: worth a warning when the JavaScript runner takes over.
+  if ('reason' in opened) return { reason: opened.reason, broken: true };
   const { binding } = opened;
   const kvDtype = options.kvCacheDtype ?? 'float16';
   const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
@@ -128,8 +129,10 @@ export async function loadRunner(folder: ModelFolder, runnerOptions: RunnerOptio
   const native = await createNativeRunner(folder, options);
   if (native.runner) return { runner: native.runner, device: 'cpu', threads, note: native.note };
   if (options.runner === 'native') throw new EngineOptionError('runner', `native: ${native.reason}`);
+  const fallback = native.broken ? `the native runner is unavailable (${native.reason}); using the JavaScript runner` : undefined;
+  const withFallback = (note?: string) => [fallback, note].filter(Boolean).join('; ') || undefined;
   const paged = await createPagedRunner(folder, options);
-  if (paged.runner) return { runner: paged.runner, device: 'cpu', threads, note: paged.note };
+  if (paged.runner) return { runner: paged.runner, device: 'cpu', threads, note: withFallback(paged.note) };
   if (options.attention === 'native') throw new EngineOptionError('attention', `native: ${paged.reason ?? 'only on the CPU'}`);
   const loaded = await createSession(folder.onnxPath, options);
   const { session } = loaded;
@@ -157,5 +160,5 @@ export async function loadRunner(folder: ModelFolder, runnerOptions: RunnerOptio
     const why = paged.reason ?? (options.attention === 'onnx' ? 'attention is set to onnx' : 'native attention runs on the CPU only');
     throw new EngineOptionError('kvCacheDtype', `${options.kvCacheDtype}: this graph's KV cache is ${graphDtype}, and only native attention stores another type (${why})`);
   }
-  return { runner, device: loaded.device, threads, note: loaded.note };
+  return { runner, device: loaded.device, threads, note: withFallback(loaded.note) };
 }
