@@ -7,7 +7,9 @@
  * request's (last token - first token) / (tokens - 1)), the server's peak RSS and its garbage-collection pause time
  * per 1,000 tokens (node --trace-gc, engine worker included). Rounds alternate the runners; the table gives medians
  * and native / js ratios.
- *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N]
+ * Then the bare engine loop (no HTTP, no worker; bench/lib.ts), both runners in this one process, alternating:
+ * output tokens/s at c=1 and c=32, the runners' own difference without the server around them.
+ *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N] [--no-http]
  * smollm2 is SmolLM2-135M's shape with random weights (converted once into os.tmpdir()).
  */
 import { spawn, spawnSync } from 'node:child_process';
@@ -17,6 +19,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { resolveModel } from '../src/model/resolve.ts';
+import { engineLoop } from './lib.ts';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const arg = (name: string, fallback: string) => {
@@ -166,8 +169,13 @@ async function measure(server: Server, concurrency: number, requests: number): P
 }
 
 const RUNNERS = ['native', 'js'] as const;
+const overHttp = !process.argv.includes('--no-http');
 for (const model of models) {
   const dir = modelDir(model);
+  if (!overHttp) {
+    await engineTable(model, dir);
+    continue;
+  }
   const results: Record<string, Record<number, Measure[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
   for (let round = 0; round < rounds; round++) {
     for (const runner of round % 2 ? [...RUNNERS].reverse() : RUNNERS) {
@@ -189,6 +197,24 @@ for (const model of models) {
       console.log(`${String(c).padEnd(3)} ${label.padEnd(20)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${(a / b).toFixed(3).padStart(10)}`);
     }
     console.log(`${String(c).padEnd(3)} TTFT p50 / decode p50  ${(pick('native', c, 'ttftMs') / pick('native', c, 'decodeMs')).toFixed(2).padStart(9)} ${(pick('js', c, 'ttftMs') / pick('js', c, 'decodeMs')).toFixed(2).padStart(9)}`);
+  }
+  await engineTable(model, dir);
+}
+
+async function engineTable(model: string, dir: string): Promise<void> {
+  const rates: Record<string, Record<number, number[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
+  for (let round = 0; round < rounds; round++) {
+    for (const runner of round % 2 ? [...RUNNERS].reverse() : RUNNERS) {
+      for (const c of [1, 32]) {
+        const options = { modelDir: dir, device: { kind: 'cpu' as const }, maxNumSeqs: 32, maxNumBatchedTokens: 2048, kvCacheBytes: 2 ** 28, runner, threads: threads ? Number(threads) : undefined };
+        rates[runner][c].push((await engineLoop(options, () => [1, 9, 50, 120, 33, 7, 81, 200], c, c === 1 ? 2 : 64, maxTokens)).tokensPerSecond);
+      }
+    }
+  }
+  console.log(`\n${model}, engine loop without HTTP (${rounds} round${rounds > 1 ? 's' : ''}, ${maxTokens} tokens per request, medians)`);
+  for (const c of [1, 32]) {
+    const [a, b] = [median(rates.native[c]), median(rates.js[c])];
+    console.log(`c=${String(c).padEnd(3)} tokens/s  native ${a.toFixed(1).padStart(9)}  js ${b.toFixed(1).padStart(9)}  native/js ${(a / b).toFixed(3)}`);
   }
 }
 agent.destroy();
