@@ -8,7 +8,9 @@
  * per 1,000 tokens (node --trace-gc, engine worker included). Rounds alternate the runners; the table gives medians
  * and native / js ratios.
  * Then the bare engine loop (no HTTP, no worker; bench/lib.ts), both runners in this one process, alternating:
- * output tokens/s at c=1 and c=32, the runners' own difference without the server around them.
+ * output tokens/s at c=1 and c=32, the runners' own difference without the server around them. Last, decode passes
+ * of the two runners interleaved pass by pass (batch 1 and 32, after a 64-token prompt per row): the wall time of a
+ * pass as the scheduler sees it, p50, the steadiest of the three comparisons on a shared machine.
  *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N] [--no-http]
  * smollm2 is SmolLM2-135M's shape with random weights (converted once into os.tmpdir()).
  */
@@ -20,6 +22,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { resolveModel } from '../src/model/resolve.ts';
 import { engineLoop } from './lib.ts';
+import { loadRunner } from '../src/engine/runners/load.ts';
+import { loadModelFolder } from '../src/model/folder.ts';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const arg = (name: string, fallback: string) => {
@@ -201,6 +205,32 @@ for (const model of models) {
   await engineTable(model, dir);
 }
 
+async function passTable(model: string, dir: string): Promise<void> {
+  const folder = loadModelFolder(dir);
+  const options = { device: { kind: 'cpu' as const }, maxSlots: 32, maxModelLen: 1024, kvCacheTokens: 32 * 1024, threads: threads ? Number(threads) : undefined };
+  console.log(`\n${model}, decode passes interleaved native / js (p50 ms per pass, wall as the scheduler sees it)`);
+  for (const B of [1, 32]) {
+    const runners = { native: (await loadRunner(folder, { ...options, runner: 'native' })).runner, js: (await loadRunner(folder, { ...options, runner: 'js' })).runner };
+    const walls: Record<string, number[]> = { native: [], js: [] };
+    for (const r of Object.values(runners)) {
+      for (let s = 0; s < B; s++) r.open(s);
+      await r.forwardTop!(Array.from({ length: B }, (_, s) => ({ seq: s, tokens: Array.from({ length: 64 }, (_, i) => 3 + ((i * 7 + s) % 300)) })), 1);
+    }
+    const passes = B === 1 ? 200 : 60;
+    for (let i = 0; i < passes; i++) {
+      for (const [name, r] of i % 2 ? Object.entries(runners).reverse() : Object.entries(runners)) {
+        const t0 = performance.now();
+        await r.forwardTop!(Array.from({ length: B }, (_, s) => ({ seq: s, tokens: [3 + ((i + s) % 300)] })), 1);
+        walls[name].push(performance.now() - t0);
+      }
+    }
+    const [a, b] = [median(walls.native), median(walls.js)];
+    console.log(`batch ${String(B).padEnd(3)} native ${a.toFixed(3).padStart(8)}  js ${b.toFixed(3).padStart(8)}  native/js ${(a / b).toFixed(3)}`);
+    await runners.native.release();
+    await runners.js.release();
+  }
+}
+
 async function engineTable(model: string, dir: string): Promise<void> {
   const rates: Record<string, Record<number, number[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
   for (let round = 0; round < rounds; round++) {
@@ -216,5 +246,6 @@ async function engineTable(model: string, dir: string): Promise<void> {
     const [a, b] = [median(rates.native[c]), median(rates.js[c])];
     console.log(`c=${String(c).padEnd(3)} tokens/s  native ${a.toFixed(1).padStart(9)}  js ${b.toFixed(1).padStart(9)}  native/js ${(a / b).toFixed(3)}`);
   }
+  await passTable(model, dir);
 }
 agent.destroy();

@@ -18,6 +18,7 @@
 //   stepperRun(stepper, B, T, k, full, ids, rows, table, logits, topLogits, topIds) -> Promise<seconds>: runs off
 //     the event loop. ids Int32Array [B * T]; rows / table as attend() takes them (native/attention); full: the
 //     rows' logits into `logits` [B, vocab]; else their k largest into topLogits / topIds [B, k].
+//   stepperRunSync(...same) -> seconds: the same pass on the calling thread.
 //   release(session | stepper).
 //   pagePositions, kernels.
 #include <node_api.h>
@@ -827,7 +828,7 @@ static void step_complete(napi_env env, napi_status status, void *data) {
   }
 }
 
-static napi_value js_stepper_run(napi_env env, napi_callback_info info) {
+static napi_value stepper_run(napi_env env, napi_callback_info info, int sync) {
   size_t argc = 11;
   napi_value argv[11];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
@@ -873,6 +874,16 @@ static napi_value js_stepper_run(napi_env env, napi_callback_info info) {
   st->T = T;
   st->k = k;
   st->full = full;
+  if (sync) {
+    step_run(st);
+    if (st->error[0]) {
+      unbind(st);
+      return throw_error(env, st->error);
+    }
+    napi_value seconds;
+    napi_create_double(env, st->seconds, &seconds);
+    return seconds;
+  }
   for (int i = 0; i < 6; i++) napi_create_reference(env, argv[5 + i], 1, &st->argRefs[i]);
   napi_value promise, name;
   napi_create_promise(env, &st->deferred, &promise);
@@ -881,6 +892,15 @@ static napi_value js_stepper_run(napi_env env, napi_callback_info info) {
   st->busy = 1;
   napi_queue_async_work(env, st->work);
   return promise;
+}
+
+static napi_value js_stepper_run(napi_env env, napi_callback_info info) {
+  return stepper_run(env, info, 0);
+}
+
+// The same pass on the calling thread: for passes shorter than the two thread handoffs of the pool would be.
+static napi_value js_stepper_run_sync(napi_env env, napi_callback_info info) {
+  return stepper_run(env, info, 1);
 }
 
 static napi_value js_release(napi_env env, napi_callback_info info) {
@@ -914,6 +934,7 @@ NAPI_MODULE_INIT() {
   export_fn(env, exports, "sessionRun", js_session_run);
   export_fn(env, exports, "createStepper", js_create_stepper);
   export_fn(env, exports, "stepperRun", js_stepper_run);
+  export_fn(env, exports, "stepperRunSync", js_stepper_run_sync);
   export_fn(env, exports, "release", js_release);
   napi_value v;
   napi_create_int32(env, PAGE, &v);

@@ -46,6 +46,8 @@ export interface OrtBinding {
   createStepper(parts: NativeSession[], dims: Int32Array, cos: Float32Array, sin: Float32Array): NativeStepper;
   /** A whole forward pass, off the event loop; resolves with its wall time in seconds. */
   stepperRun(stepper: NativeStepper, B: number, T: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): Promise<number>;
+  /** The same pass on the calling thread; returns its wall time in seconds. */
+  stepperRunSync(stepper: NativeStepper, B: number, T: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): number;
   release(handle: NativeSession | NativeStepper): void;
   apiVersion: number;
   pagePositions: number;

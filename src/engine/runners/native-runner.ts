@@ -7,12 +7,19 @@ import { PageTable } from './page-table.ts';
 import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner.ts';
 
 /**
+ * A pass no larger than the last one, which took less than this, runs on the engine's thread: handing it to a pool
+ * thread and back costs two thread wake-ups, as much as such a pass itself on a busy machine.
+ */
+export const NATIVE_SYNC_BELOW_SECONDS = 0.001;
+
+/**
  * Runner for Tally graphs on the CPU that runs each forward pass whole in native code (native/ort): the graph cut
  * at each layer's attention (buildLlamaParts) runs as ONNX Runtime sessions driven through its C API, with inputs
  * and outputs bound to buffers allocated once, and native/attention's kernels between the parts over a paged KV
  * cache held in native memory. Per step JavaScript hands over token ids and the rows' page lists (kept here in a
  * PageTable, as PagedRunner keeps them) and gets back the top logits, or the full rows when a row samples. The
- * pass runs on a libuv pool thread, off the engine worker's event loop.
+ * pass runs on a libuv pool thread, off the engine worker's event loop, except passes of under a millisecond
+ * (NATIVE_SYNC_BELOW_SECONDS), which run on the engine's own thread.
  */
 export class NativeRunner implements ModelRunner {
   readonly kind = 'native' as const;
@@ -31,14 +38,18 @@ export class NativeRunner implements ModelRunner {
   private topValues: Float32Array;
   private topIds: Int32Array;
   private readonly maxModelLen: number;
+  private readonly syncBelowSeconds: number;
   private released = false;
   private inflight: Promise<number> | undefined;
+  /** The last pass's wall time and tokens (batch × new), which decide whether the next runs on this thread. */
+  private lastSeconds = Infinity;
+  private lastTokens = 0;
 
   constructor(
     private readonly binding: OrtBinding,
     private readonly parts: NativeSession[],
     config: LlamaConfig,
-    options: { maxSlots: number; maxModelLen: number; kvTokens: number; kvDtype: KvCacheDtype; graphDtype: KvCacheDtype; topLogits: number; threads: number },
+    options: { maxSlots: number; maxModelLen: number; kvTokens: number; kvDtype: KvCacheDtype; graphDtype: KvCacheDtype; topLogits: number; threads: number; syncBelowSeconds?: number },
   ) {
     this.vocabSize = config.vocab_size;
     this.layers = config.num_hidden_layers;
@@ -54,6 +65,7 @@ export class NativeRunner implements ModelRunner {
     const totalPages = Math.ceil(tokens / this.pagePositions) + options.maxSlots;
     this.pages = new PageTable(totalPages, this.pagePositions, options.maxSlots);
     this.maxModelLen = options.maxModelLen;
+    this.syncBelowSeconds = options.syncBelowSeconds ?? NATIVE_SYNC_BELOW_SECONDS;
     const rope = ropeTables(config);
     const dims = Int32Array.of(this.layers, config.hidden_size, config.num_attention_heads, kvh, hd, this.vocabSize, totalPages, this.kvElementBytes === 2 ? 1 : 0, options.graphDtype === 'float16' ? 1 : 0, options.threads);
     this.stepper = binding.createStepper(parts, dims, rope.cos, rope.sin);
@@ -135,9 +147,17 @@ export class NativeRunner implements ModelRunner {
       this.topValues = new Float32Array(B * k);
       this.topIds = new Int32Array(B * k);
     }
-    const step = this.binding.stepperRun(this.stepper, B, T, k, full, ids, info, table, this.logits, this.topValues, this.topIds);
-    this.inflight = step;
-    const seconds = await step.finally(() => (this.inflight = undefined));
+    const args = [this.stepper, B, T, k, full, ids, info, table, this.logits, this.topValues, this.topIds] as const;
+    let seconds: number;
+    if (this.syncBelowSeconds > 0 && this.lastSeconds < this.syncBelowSeconds && B * T <= this.lastTokens) {
+      seconds = this.binding.stepperRunSync(...args);
+    } else {
+      const step = this.binding.stepperRun(...args);
+      this.inflight = step;
+      seconds = await step.finally(() => (this.inflight = undefined));
+    }
+    this.lastSeconds = seconds;
+    this.lastTokens = B * T;
     for (const r of rows) this.pages.advance(r.seq, r.tokens.length);
     return seconds;
   }
