@@ -28,6 +28,7 @@
 #include "../attention/attention.c"
 
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <time.h>
@@ -181,7 +182,9 @@ static OrtEnv *ortEnv;
 static OrtMemoryInfo *cpuInfo;
 static char ortPath[4096];
 static char ortVersion[64];
-static char errorText[1024];
+// Engine workers are threads of one process: each has its own env, all share the library.
+static __thread char errorText[1024];
+static pthread_mutex_t loadLock = PTHREAD_MUTEX_INITIALIZER;
 
 static napi_value throw_error(napi_env env, const char *msg) {
   napi_throw_error(env, NULL, msg);
@@ -229,6 +232,8 @@ static napi_value loaded_info(napi_env env) {
   return o;
 }
 
+static napi_value load_locked(napi_env env, const char *path, uint32_t want);
+
 static napi_value js_load(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -238,6 +243,13 @@ static napi_value js_load(napi_env env, napi_callback_info info) {
   if (argc < 1 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok) return throw_error(env, "load(path) takes the library's path");
   uint32_t want = TALLY_ORT_API_VERSION;
   if (argc > 1) napi_get_value_uint32(env, argv[1], &want);
+  pthread_mutex_lock(&loadLock);
+  napi_value result = load_locked(env, path, want);
+  pthread_mutex_unlock(&loadLock);
+  return result;
+}
+
+static napi_value load_locked(napi_env env, const char *path, uint32_t want) {
   if (ort && strcmp(path, ortPath) != 0) {
     snprintf(errorText, sizeof errorText, "ONNX Runtime is already loaded from %s in this process; %s cannot be loaded beside it", ortPath, path);
     return throw_error(env, errorText);
