@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // Builds Tally's native addons with node-gyp when a C toolchain is present. It never fails: without an
 // addon Tally falls back (NVML: GPU telemetry through nvidia-smi; attention: attention inside the ONNX
-// graph on the CPU), so a missing compiler is only a note.
-//   node scripts/build-native.js [nvml|attention ...]
+// graph on the CPU; ort: the JavaScript runners), so a missing compiler is only a note.
+//   node scripts/build-native.js [nvml|attention|ort ...]
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -12,6 +12,7 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ADDONS = {
   nvml: { linuxOnly: 'NVML is read on Linux only', fallback: 'GPU telemetry will use nvidia-smi instead' },
   attention: { fallback: 'attention will run inside the ONNX graph on the CPU' },
+  ort: { linuxOnly: 'the native runner opens ONNX Runtime with dlopen on Linux only', fallback: 'the JavaScript runners will be used (--runner js)' },
 };
 
 const onPath = (cmd) => spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;

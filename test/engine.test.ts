@@ -110,8 +110,8 @@ describe('graph I/O detection', () => {
   });
   afterAll(() => tally.close());
 
-  it('Tally\'s own graph gets the paged runner (native attention) on the CPU', () => {
-    expect(tally.info.runner).toBe('paged');
+  it('Tally\'s own graph gets the native runner (native attention, the whole pass in native code) on the CPU', () => {
+    expect(tally.info.runner).toBe('native');
     expect(expectedStory).toHaveLength(120);
   });
 
@@ -342,7 +342,7 @@ describe('EngineClient (engine in a worker thread)', () => {
 
     const client = await EngineClient.start({ ...baseOptions(storiesModel()), maxNumBatchedTokens: 2048 });
     try {
-      expect(client.info.runner).toBe('paged');
+      expect(client.info.runner).toBe('native');
       const run = (req: GenerationRequest) =>
         new Promise<Outcome>((resolve) => {
           const events: RequestEvent[] = [];

@@ -41,23 +41,27 @@ const seqB = [3, 44, 19, 8, 61, 22, 5, 78, 30];
 const seqC = [11, 12];
 
 describe.each([
-  ['tally (native attention)', tiny, true, 'native'],
-  ['tally (attention in the graph)', tiny, true, 'onnx'],
-  ['hf', tiny, true, undefined],
-  ['hf without position_ids', tiny, false, undefined],
-  ['tally with qwen2 biases, untied (native attention)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'native'],
-  ['tally with qwen2 biases, untied (attention in the graph)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'onnx'],
-  ['tally with qwen3 q/k norms and head_dim 16 (native attention)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'native'],
-  ['tally with qwen3 q/k norms and head_dim 16 (attention in the graph)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'onnx'],
-  ['hf with qwen3 q/k norms', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, undefined],
-  ['tally with llama3 rope_scaling (native attention)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'native'],
-  ['tally with llama3 rope_scaling (attention in the graph)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'onnx'],
-] as const)('%s graph', (name, config, positionIds, attention) => {
+  ['tally (native runner)', tiny, true, 'native', 'native'],
+  ['tally (native attention, JavaScript runner)', tiny, true, 'native', 'js'],
+  ['tally (attention in the graph)', tiny, true, 'onnx', undefined],
+  ['hf', tiny, true, undefined, undefined],
+  ['hf without position_ids', tiny, false, undefined, undefined],
+  ['tally with qwen2 biases, untied (native runner)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'native', 'native'],
+  ['tally with qwen2 biases, untied (native attention, JavaScript runner)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'native', 'js'],
+  ['tally with qwen2 biases, untied (attention in the graph)', { ...tiny, model_type: 'qwen2', tie_word_embeddings: false }, true, 'onnx', undefined],
+  ['tally with qwen3 q/k norms and head_dim 16 (native runner)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'native', 'native'],
+  ['tally with qwen3 q/k norms and head_dim 16 (native attention, JavaScript runner)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'native', 'js'],
+  ['tally with qwen3 q/k norms and head_dim 16 (attention in the graph)', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, 'onnx', undefined],
+  ['hf with qwen3 q/k norms', { ...tiny, model_type: 'qwen3', head_dim: 16 }, true, undefined, undefined],
+  ['tally with llama3 rope_scaling (native runner)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'native', 'native'],
+  ['tally with llama3 rope_scaling (native attention, JavaScript runner)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'native', 'js'],
+  ['tally with llama3 rope_scaling (attention in the graph)', { ...tiny, rope_scaling: LLAMA3_ROPE }, true, 'onnx', undefined],
+] as const)('%s graph', (name, config, positionIds, attention, runnerChoice) => {
   it('matches a direct forward pass, batched and chunked, token by token', async () => {
     const { folder, weights } = folderFor(config as LlamaConfig, name.startsWith('hf') ? 'hf' : 'tally', positionIds);
     // The float32 cache: the reference is float32 throughout (the float16 cache is tested in paged.test.ts).
-    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160, attention, kvCacheDtype: attention === 'native' ? 'float32' : undefined });
-    expect(runner.kind).toBe(name.startsWith('hf') ? 'plain' : attention === 'native' ? 'paged' : 'slot');
+    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, maxSlots: 8, maxModelLen: 160, attention, runner: runnerChoice, kvCacheDtype: attention === 'native' ? 'float32' : undefined });
+    expect(runner.kind).toBe(name.startsWith('hf') ? 'plain' : attention === 'native' ? (runnerChoice === 'js' ? 'paged' : 'native') : 'slot');
     const refs = [seqA, seqB, seqC].map((s) => referenceLogits(config as LlamaConfig, weights, s));
     [1, 2, 3].forEach((s) => runner.open(s));
     // Prefill A in two chunks and B in one, batched; C alone; then decode all three together.
@@ -89,7 +93,7 @@ describe.each([
     const grown = runner.kvBytes();
     runner.close(5);
     out = await step([{ seq: 2, tokens: [5] }]);
-    if (runner.kind === 'paged') expect(runner.kvBytes()).toBe(grown / 2); // 3 of 6 pages were sequence 5's
+    if (runner.kind === 'paged' || runner.kind === 'native') expect(runner.kvBytes()).toBe(grown / 2); // 3 of 6 pages were sequence 5's
     else expect(runner.kvBytes()).toBeLessThan(grown / 2);
     expect(maxDiff(out[0], referenceLogits(config as LlamaConfig, weights, [...seqB, 5])[9])).toBeLessThan(1e-3);
     await runner.release();
@@ -97,18 +101,19 @@ describe.each([
 });
 
 describe.each([
-  ['whole graph', 'onnx' as const],
-  ['parts around native attention', 'native' as const],
-])('top logits of Tally graphs (%s)', (_, attention) => {
+  ['whole graph', 'onnx' as const, undefined],
+  ['parts around native attention, JavaScript runner', 'native' as const, 'js' as const],
+  ['parts around native attention, native runner', 'native' as const, 'native' as const],
+])('top logits of Tally graphs (%s)', (_, attention, runnerChoice) => {
   it('forwardTop gives each row its k largest logits (16 at most, the default), largest first, ties to the lower id, as the full rows have them', async () => {
     const { folder } = folderFor(tiny, 'tally');
     const open = async () => {
-      const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, attention, maxSlots: 4, maxModelLen: 160 });
+      const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, attention, runner: runnerChoice, maxSlots: 4, maxModelLen: 160 });
       [1, 2, 3].forEach((s) => runner.open(s));
       return runner;
     };
     const [full, top] = [await open(), await open()];
-    expect(full.kind).toBe(attention === 'native' ? 'paged' : 'slot');
+    expect(full.kind).toBe(attention === 'native' ? (runnerChoice === 'js' ? 'paged' : 'native') : 'slot');
     expect(full.topLogits).toBe(16);
     const steps: [{ seq: number; tokens: number[] }[], number | undefined][] = [
       [[{ seq: 1, tokens: seqA.slice(0, 5) }, { seq: 2, tokens: seqB }], undefined],

@@ -28,7 +28,7 @@ beforeAll(() => {
 async function runners(dir: string, kvCacheDtype: KvCacheDtype) {
   const folder = loadModelFolder(dir);
   const options = { device: { kind: 'cpu' as const }, threads: 2, maxSlots: 8, maxModelLen: 256, kvCacheBytes: 2 ** 26 };
-  const native = (await loadRunner(folder, { ...options, attention: 'native', kvCacheDtype })).runner;
+  const native = (await loadRunner(folder, { ...options, attention: 'native', runner: 'js', kvCacheDtype })).runner;
   const graph = (await loadRunner(folder, { ...options, attention: 'onnx' })).runner;
   return { native, graph, vocab: folder.config.vocab_size };
 }
@@ -94,9 +94,10 @@ describe('native attention over the paged cache', () => {
     await Promise.all([native.release(), graph.release(), fp32.release()]);
   });
 
-  it('holds whole pages per sequence, returns them on close and reuses them; refuses what it cannot hold', async () => {
+  it.each(['js', 'native'] as const)('holds whole pages per sequence, returns them on close and reuses them; refuses what it cannot hold (%s runner)', async (runnerChoice) => {
     const folder = loadModelFolder(storiesModel());
-    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, maxSlots: 2, maxModelLen: 200, attention: 'native', kvCacheTokens: 128 });
+    const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, maxSlots: 2, maxModelLen: 200, attention: 'native', runner: runnerChoice, kvCacheTokens: 128 });
+    expect(runner.kind).toBe(runnerChoice === 'js' ? 'paged' : 'native');
     expect(runner.kvElementBytes).toBe(2);
     const page = 64 * folder.config.num_hidden_layers * 2 * folder.config.num_key_value_heads * (folder.config.hidden_size / folder.config.num_attention_heads) * 2;
     runner.open(0);
@@ -192,10 +193,10 @@ describe('native attention over the paged cache', () => {
     }
   });
 
-  it('the engine takes native attention with a float16 cache on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
+  it('the engine takes the native runner (native attention) with a float16 cache on the CPU by default; --attention onnx and --kv-cache-dtype say what they need', async () => {
     const base = { modelDir: storiesModel(), device: { kind: 'cpu' as const }, maxNumSeqs: 4, maxNumBatchedTokens: 64, kvCacheBytes: 2 ** 24 };
     const byDefault = await createEngineCore(base, () => {}, () => {});
-    expect(byDefault.info.runner).toBe('paged');
+    expect(byDefault.info.runner).toBe('native');
     expect(byDefault.info.kvCacheDtype).toBe('float16');
     // stories260K is far below SMALL_MODEL_FLOPS_PER_TOKEN: one intra-op thread unless --threads says otherwise.
     expect(byDefault.info.threads).toBe(1);
@@ -214,11 +215,18 @@ describe('native attention over the paged cache', () => {
     expect((refused as EngineOptionError).option).toBe('kvCacheDtype');
     // The engine does not know flags; the configuration says the message with the flag that set the option.
     expect(explainEngineError(refused).message).toBe("--kv-cache-dtype float16: this graph's KV cache is float32, and only native attention stores another type (attention is set to onnx)");
-    const fp16Graph = await createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float16' }, () => {}, () => {});
+    // The JavaScript runners: native attention takes float32 graphs only, and a float16 graph keeps its cache type.
+    const fp16Graph = await createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float16', runner: 'js' }, () => {}, () => {});
     expect([fp16Graph.info.runner, fp16Graph.info.kvCacheDtype]).toEqual(['slot', 'float16']);
     await fp16Graph.release();
-    await expect(createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float32' }, () => {}, () => {})).rejects.toThrow(/this graph's KV cache is float16/);
-    await expect(createEngineCore({ ...base, modelDir: storiesModel('float16'), attention: 'native' }, () => {}, () => {})).rejects.toThrow(/^native: native attention runs float32 graphs/);
+    await expect(createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype: 'float32', runner: 'js' }, () => {}, () => {})).rejects.toThrow(/this graph's KV cache is float16/);
+    await expect(createEngineCore({ ...base, modelDir: storiesModel('float16'), attention: 'native', runner: 'js' }, () => {}, () => {})).rejects.toThrow(/^native: native attention runs float32 graphs/);
+    // The native runner runs a float16 graph's parts with a cache of either type.
+    for (const kvCacheDtype of ['float16', 'float32'] as const) {
+      const nativeFp16 = await createEngineCore({ ...base, modelDir: storiesModel('float16'), kvCacheDtype }, () => {}, () => {});
+      expect([nativeFp16.info.runner, nativeFp16.info.kvCacheDtype]).toEqual(['native', kvCacheDtype]);
+      await nativeFp16.release();
+    }
     // float16 elements (the default): the same --kv-cache-gb holds twice the tokens.
     const half = await createEngineCore(base, () => {}, () => {});
     const full = await createEngineCore({ ...base, kvCacheDtype: 'float32' }, () => {}, () => {});

@@ -89,6 +89,24 @@ describe('prefix caching over HTTP', () => {
     expect(again.choices[0].text).toBe((await complete(plain, story.slice(0, 260))).choices[0].text);
   });
 
+  it('the JavaScript paged runner (--runner js) shares and copies pages the same way as the native runner', async () => {
+    expect(cached.engine.info.runner).toBe('native');
+    const js = await startTestServer({ modelDir: storiesModel(), engine: { maxNumSeqs: 8, maxNumBatchedTokens: 128, runner: 'js' } });
+    try {
+      expect([js.engine.info.runner, js.engine.info.prefixCache]).toEqual(['paged', true]);
+      const whole = story.slice(0, 256);
+      await complete(js, story.slice(0, 260));
+      const r = await complete(js, whole, { max_tokens: 40 });
+      expect(r.usage.prompt_tokens_details.cached_tokens).toBe(255);
+      expect(r.choices[0].text).toBe((await complete(plain, whole, { max_tokens: 40 })).choices[0].text);
+      const again = await complete(js, story.slice(0, 260));
+      expect(again.usage.prompt_tokens_details.cached_tokens).toBe(256);
+      expect(again.choices[0].text).toBe((await complete(plain, story.slice(0, 260))).choices[0].text);
+    } finally {
+      await js.close();
+    }
+  });
+
   it('counts a prompt once with n choices, streams cached_tokens in the final usage chunk', async () => {
     const prompt = story.slice(0, 150);
     await complete(cached, prompt);

@@ -105,13 +105,16 @@ describe('stories260K against a port of llama2.c', () => {
     expect(refTok.decode(boyPrompt.at(-1)!, refBoy).startsWith(BOY_CONTINUATION)).toBe(true);
   });
 
-  it('Tally on the GGUF conversion: the same tokens for the whole story (paged cache in float16, the default, and in float32), and the README text', async () => {
+  it('Tally on the GGUF conversion: the same tokens for the whole story (native runner, paged cache in float16, the default, and in float32; the JavaScript runner too), and the README text', async () => {
     const dir = storiesModel();
     const { out, info, tokenizer } = await greedyOnEngine(dir, [[1]], 512);
-    expect([info.runner, info.kvCacheDtype]).toEqual(['paged', 'float16']);
+    expect([info.runner, info.kvCacheDtype]).toEqual(['native', 'float16']);
     const fp32 = await greedyOnEngine(dir, [[1]], 512, { kvCacheDtype: 'float32' });
-    expect(fp32.info.kvCacheDtype).toBe('float32');
+    expect([fp32.info.runner, fp32.info.kvCacheDtype]).toEqual(['native', 'float32']);
     expect(fp32.out[0].tokens).toEqual(refStory);
+    const js = await greedyOnEngine(dir, [[1]], 512, { runner: 'js' });
+    expect([js.info.runner, js.info.kvCacheDtype]).toEqual(['paged', 'float16']);
+    expect(js.out[0].tokens).toEqual(refStory);
     expect(info.eosIds).toContain(1);
     const [story] = out;
     expect(story.finish).toBe('stop');
@@ -135,16 +138,18 @@ describe('stories260K against a port of llama2.c', () => {
     expect(story.text).toBe(refStoryText);
   });
 
-  it('Tally on a float16 conversion (weights and KV cache in fp16): the same tokens for the whole story', async () => {
+  it('Tally on a float16 conversion (fp16 weights; the native runner, and attention in the graph with an fp16 KV cache): the same tokens for the whole story', async () => {
     const dir = storiesModel('float16');
     expect(fs.existsSync(path.join(dir, 'onnx', 'model_fp16.onnx'))).toBe(true);
-    const { out, info } = await greedyOnEngine(dir, [[1], boyPrompt], 512);
-    expect(info.runner).toBe('slot');
-    const [story, boy] = out;
-    expect(story.finish).toBe('stop');
-    expect(story.tokens).toEqual(refStory);
-    expect(story.text).toBe(refStoryText);
-    expect(boy.tokens.slice(0, BOY_TOKENS)).toEqual(refBoy);
+    for (const options of [{}, { attention: 'onnx' as const }]) {
+      const { out, info } = await greedyOnEngine(dir, [[1], boyPrompt], 512, options);
+      expect(info.runner).toBe(options.attention ? 'slot' : 'native');
+      const [story, boy] = out;
+      expect(story.finish).toBe('stop');
+      expect(story.tokens).toEqual(refStory);
+      expect(story.text).toBe(refStoryText);
+      expect(boy.tokens.slice(0, BOY_TOKENS)).toEqual(refBoy);
+    }
   });
 
   it('"…a little boy" continues " named Timmy. Timmy loved to play with his toys" on both conversions', async () => {

@@ -4,7 +4,7 @@
  * from the same table, and everything below the CLI receives the validated object.
  */
 import { z } from 'zod';
-import { type AttentionMode, type DeviceSpec, ENGINE_DEFAULTS, EngineOptionError, type EngineOptions, type KvCacheDtype } from '../engine/protocol.ts';
+import { type AttentionMode, type DeviceSpec, ENGINE_DEFAULTS, EngineOptionError, type EngineOptions, type KvCacheDtype, type RunnerChoice } from '../engine/protocol.ts';
 
 const GIB = 2 ** 30;
 
@@ -63,6 +63,8 @@ export const SERVE_OPTIONS = {
   kvCacheTokens: { flag: 'kv-cache-tokens', arg: 'N', schema: int(2), defaultText: 'what fits in --kv-cache-gb', help: 'KV capacity in tokens' },
   kvCacheGb: { flag: 'kv-cache-gb', arg: 'GB', schema: positive, default: ENGINE_DEFAULTS.kvCacheBytes / GIB, help: 'KV memory budget' },
   kvCacheDtype: { flag: 'kv-cache-dtype', arg: 'auto|fp16|fp32', schema: kvCacheDtype, defaultText: 'auto', help: "KV cache elements. auto: float16 with native attention on the CPU (half the memory and the bytes each step reads, as llama.cpp's server), else the graph's type; fp32 keeps float32 there" },
+  runner: { flag: 'runner', arg: 'native|js', schema: z.enum(['native', 'js']), defaultText: 'native where its addon is built', help: 'who drives a forward pass on the CPU: native code through the ONNX Runtime C API (native/ort; the whole pass off the event loop) or JavaScript through onnxruntime-node' },
+  ortLibrary: { flag: 'ort-library', arg: 'PATH', env: 'TALLY_ORT_LIBRARY', schema: z.string().min(1), defaultText: "onnxruntime-node's libonnxruntime.so.1", help: 'the ONNX Runtime shared library the native runner opens (e.g. the libonnxruntime.so of a GPU build)' },
   attention: { flag: 'attention', arg: 'native|onnx', schema: z.enum(['native', 'onnx']), defaultText: 'native when that addon is built', help: "where a Tally graph's attention runs on the CPU: native/attention over a paged cache or inside the ONNX graph" },
   noPrefixCache: { flag: 'no-prefix-cache', schema: z.boolean(), default: false, help: "don't reuse the keys and values of prompt prefixes that earlier requests computed (automatic prefix caching, on the paged cache of native attention)" },
   maxQueue: { flag: 'max-queue', arg: 'N', schema: int(0), default: 256, help: 'waiting requests before 429' },
@@ -179,6 +181,8 @@ export function engineOptionsOf(config: ServeConfig, modelDir: string, device: D
     spinWait: config.spinWait,
     attention: config.attention as AttentionMode | undefined,
     kvCacheDtype: config.kvCacheDtype,
+    runner: config.runner as RunnerChoice | undefined,
+    ortLibrary: config.ortLibrary,
     maxNumSeqs: config.maxNumSeqs,
     maxNumBatchedTokens: config.maxNumBatchedTokens,
     maxModelLen: config.maxModelLen,
@@ -204,6 +208,8 @@ const ENGINE_TO_CONFIG: Partial<Record<keyof EngineOptions, keyof Options>> = {
   spinWait: 'spinWait',
   attention: 'attention',
   kvCacheDtype: 'kvCacheDtype',
+  runner: 'runner',
+  ortLibrary: 'ortLibrary',
   maxNumSeqs: 'maxNumSeqs',
   maxNumBatchedTokens: 'maxNumBatchedTokens',
   maxModelLen: 'maxModelLen',

@@ -103,8 +103,14 @@ export interface SchedulerLimits {
 
 export type KvCacheDtype = 'float32' | 'float16';
 
-/** slot: a Tally graph with attention inside it; paged: a Tally graph cut at attention (native attention); plain: an Optimum export. */
-export type RunnerKind = 'slot' | 'paged' | 'plain';
+/**
+ * slot: a Tally graph with attention inside it; paged: a Tally graph cut at attention (native attention), driven
+ * from JavaScript; native: the same, each forward pass run whole in native code (native/ort); plain: an Optimum export.
+ */
+export type RunnerKind = 'slot' | 'paged' | 'native' | 'plain';
+
+/** Who drives a forward pass on the CPU: native code through ONNX Runtime's C API, or JavaScript through onnxruntime-node. */
+export type RunnerChoice = 'native' | 'js';
 
 export type DeviceSpec = { kind: 'cpu' } | { kind: 'cuda'; index: number } | { kind: 'auto' };
 
@@ -126,6 +132,10 @@ export interface EngineOptions {
   attention?: AttentionMode;
   /** undefined: float16 with native attention, else the graph's own type. */
   kvCacheDtype?: KvCacheDtype;
+  /** undefined: native where its addon is built and the graph allows it, else js. */
+  runner?: RunnerChoice;
+  /** The ONNX Runtime library the native runner opens; undefined: TALLY_ORT_LIBRARY, else onnxruntime-node's. */
+  ortLibrary?: string;
   maxNumSeqs: number;
   maxNumBatchedTokens: number;
   /** undefined: the model's max_position_embeddings. */

@@ -40,6 +40,8 @@ export async function createEngineCore(
     maxModelLen: checked.maxModelLen,
     attention: options.attention,
     kvCacheDtype: options.kvCacheDtype,
+    runner: options.runner,
+    ortLibrary: options.ortLibrary,
     kvCacheTokens: options.kvCacheTokens,
     kvCacheBytes: options.kvCacheBytes,
     prefixCache: options.prefixCache,

@@ -8,9 +8,12 @@ import { buildLlamaParts } from '../../model/llama-parts.ts';
 import type { LlamaConfig } from '../../model/types.ts';
 import { linearFlopsPerToken, modelShape } from '../../meter/attribution.ts';
 import { kvBytesPerToken } from '../core/limits.ts';
-import { type AttentionMode, ENGINE_DEFAULTS, EngineOptionError, type KvCacheDtype } from '../protocol.ts';
+import { type AttentionMode, ENGINE_DEFAULTS, EngineOptionError, type KvCacheDtype, type RunnerChoice } from '../protocol.ts';
 import { isPlainGraph, isTallyGraph } from './graph-io.ts';
 import { loadAttentionAddon } from './native-attention.ts';
+import { createNativeSession, type NativeSession, openOrt } from './native-ort.ts';
+import { NativeRunner } from './native-runner.ts';
+import { TOP_LOGITS } from '../../model/llama-graph.ts';
 import { baseSessionOptions, createSession, cudaProviderProblem, type SessionOptions } from './ort-session.ts';
 import { PagedRunner } from './paged-runner.ts';
 import { PlainRunner } from './plain-runner.ts';
@@ -34,6 +37,45 @@ export interface RunnerOptions extends SessionOptions {
   kvCacheDtype?: KvCacheDtype;
   /** Automatic prefix caching on the paged cache (default on; the other runners have no pages to share). */
   prefixCache?: boolean;
+  /** Who drives a pass on the CPU (default: native where the addon is built and the graph allows it). */
+  runner?: RunnerChoice;
+  /** The ONNX Runtime library the native runner opens (default: TALLY_ORT_LIBRARY, else onnxruntime-node's). */
+  ortLibrary?: string;
+}
+
+/**
+ * A Tally graph on the CPU cut at its attention, each pass run whole in native code (native/ort); undefined (with
+ * why) where that path does not apply.
+ */
+async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: NativeRunner; reason?: string; note?: string; broken?: boolean }> {
+  if (options.runner === 'js') return {};
+  const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
+  const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
+  if (!onCpu) return { reason: 'the native runner runs on the CPU only (its CUDA path is not finished)' };
+  if (options.attention === 'onnx') return { reason: 'the native runner attends in native code (--attention native)' };
+  const bytes = fs.readFileSync(folder.onnxPath);
+  const meta = readModelMetadata(bytes);
+  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return { reason: 'the native runner needs a graph converted by Tally' };
+  const graphDtype = (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32';
+  const opened = openOrt(options.ortLibrary);
+  // The addon or the library is missing or broken: worth a warning when the JavaScript runner takes over.
+  if ('reason' in opened) return { reason: opened.reason, broken: true };
+  const { binding } = opened;
+  const kvDtype = options.kvCacheDtype ?? 'float16';
+  const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
+  const threads = options.threads && options.threads > 0 ? options.threads : os.availableParallelism();
+  const parts: NativeSession[] = [];
+  try {
+    for (const spec of buildLlamaParts(folder.config, readInitializers(bytes))) {
+      parts.push(createNativeSession(binding, encodeModel(spec).model, { threads, spin: options.spinWait, externalDir: path.dirname(folder.onnxPath) }));
+    }
+    const topLogits = Math.min(TOP_LOGITS, folder.config.vocab_size);
+    const runner = new NativeRunner(binding, parts, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype, graphDtype, topLogits, threads, prefixCache: options.prefixCache ?? true });
+    return { runner, note: cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined };
+  } catch (err) {
+    for (const p of parts) binding.release(p);
+    throw err;
+  }
 }
 
 /**
@@ -86,8 +128,13 @@ export function defaultThreads(config: LlamaConfig): number {
 export async function loadRunner(folder: ModelFolder, runnerOptions: RunnerOptions): Promise<{ runner: ModelRunner; device: string; threads: number; note?: string }> {
   const threads = runnerOptions.threads && runnerOptions.threads > 0 ? runnerOptions.threads : defaultThreads(folder.config);
   const options = { ...runnerOptions, threads };
+  const native = await createNativeRunner(folder, options);
+  if (native.runner) return { runner: native.runner, device: 'cpu', threads, note: native.note };
+  if (options.runner === 'native') throw new EngineOptionError('runner', `native: ${native.reason}`);
+  const fallback = native.broken ? `the native runner is unavailable (${native.reason}); using the JavaScript runner` : undefined;
+  const withFallback = (note?: string) => [fallback, note].filter(Boolean).join('; ') || undefined;
   const paged = await createPagedRunner(folder, options);
-  if (paged.runner) return { runner: paged.runner, device: 'cpu', threads, note: paged.note };
+  if (paged.runner) return { runner: paged.runner, device: 'cpu', threads, note: withFallback(paged.note) };
   if (options.attention === 'native') throw new EngineOptionError('attention', `native: ${paged.reason ?? 'only on the CPU'}`);
   const loaded = await createSession(folder.onnxPath, options);
   const { session } = loaded;
@@ -115,5 +162,5 @@ export async function loadRunner(folder: ModelFolder, runnerOptions: RunnerOptio
     const why = paged.reason ?? (options.attention === 'onnx' ? 'attention is set to onnx' : 'native attention runs on the CPU only');
     throw new EngineOptionError('kvCacheDtype', `${options.kvCacheDtype}: this graph's KV cache is ${graphDtype}, and only native attention stores another type (${why})`);
   }
-  return { runner, device: loaded.device, threads, note: loaded.note };
+  return { runner, device: loaded.device, threads, note: withFallback(loaded.note) };
 }

@@ -1,0 +1,251 @@
+/**
+ * The native runner against the JavaScript one (issue #20), side by side in one run, through HTTP: a `tally serve`
+ * child per runner (--runner native / --runner js, everything else the same), streaming greedy completions at
+ * concurrency 1 and 32, each request's max_tokens spread over 0.5-1.5× --tokens (so that, as in real traffic, requests end
+ * and arrive one by one rather than in lockstep bursts whose TTFT is the whole burst's prefill; TTFT leaves out the
+ * first wave of `concurrency` requests, sent together at the start). Per model and concurrency: output tokens/s, TTFT p50, per-token decode time p50 (each
+ * request's (last token - first token) / (tokens - 1)), the server's peak RSS and its garbage-collection pause time
+ * per 1,000 tokens (node --trace-gc, engine worker included). Rounds alternate the runners; the table gives medians
+ * and native / js ratios.
+ * Then the bare engine loop (no HTTP, no worker; bench/lib.ts), both runners in this one process, alternating:
+ * output tokens/s at c=1 and c=32, the runners' own difference without the server around them. Last, decode passes
+ * of the two runners interleaved pass by pass (batch 1 and 32, after a 64-token prompt per row): the wall time of a
+ * pass as the scheduler sees it, p50, the steadiest of the three comparisons on a shared machine.
+ *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N] [--no-http]
+ * smollm2 is SmolLM2-135M's shape with random weights (converted once into os.tmpdir()).
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { resolveModel } from '../src/model/resolve.ts';
+import { engineLoop } from './lib.ts';
+import { loadRunner } from '../src/engine/runners/load.ts';
+import { loadModelFolder } from '../src/model/folder.ts';
+
+const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const arg = (name: string, fallback: string) => {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : fallback;
+};
+const rounds = Number(arg('rounds', '1'));
+const models = arg('models', 'stories260K,smollm2').split(',');
+const maxTokens = Number(arg('tokens', '48'));
+const threads = arg('threads', '');
+
+function modelDir(name: string): string {
+  if (name === 'stories260K') return resolveModel('stories260K').dir;
+  if (name === 'smollm2') {
+    const dir = path.join(os.tmpdir(), 'tally-bench-smollm2-135m-random');
+    if (!fs.existsSync(path.join(dir, 'config.json'))) {
+      const like = path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct');
+      const shared = fs.existsSync(like) ? like : '/work/shared/models/SmolLM2-135M-Instruct';
+      const r = spawnSync(process.execPath, [path.join(ROOT, 'bin/tally.js'), 'convert', '--random', '--like', shared, dir], { stdio: 'inherit' });
+      if (r.status !== 0) throw new Error('convert --random failed');
+    }
+    return dir;
+  }
+  return resolveModel(name).dir;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+interface Server {
+  url: string;
+  pid: number;
+  gcMs: () => number;
+  stop: () => Promise<void>;
+}
+
+async function startServer(model: string, runner: string): Promise<Server> {
+  const port = await freePort();
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-native-'));
+  const args = ['--trace-gc', path.join(ROOT, 'bin/tally.js'), 'serve', '--model', model, '--port', String(port), '--log-level', 'warn', '--data-dir', dataDir, '--runner', runner, '--max-num-seqs', '32'];
+  if (threads) args.push('--threads', threads);
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  let gc = 0;
+  let buffered = '';
+  child.stdout!.on('data', (d: Buffer) => {
+    buffered += d.toString();
+    const lines = buffered.split('\n');
+    buffered = lines.pop()!;
+    for (const line of lines) {
+      // "... Scavenge 5.1 (6.0) -> 4.2 (7.0) MB, pooled: 0 MB, 0.52 / 0.00 ms ..."
+      const m = / ([\d.]+) \/ ([\d.]+) ms/.exec(line);
+      if (m) gc += Number(m[1]);
+    }
+  });
+  const url = `http://127.0.0.1:${port}`;
+  const stop = () => new Promise<void>((resolve) => {
+    if (child.exitCode !== null) return resolve();
+    child.once('exit', () => resolve());
+    child.kill('SIGTERM');
+  });
+  for (let i = 0; i < 1200; i++) {
+    if (child.exitCode !== null) throw new Error(`tally serve --runner ${runner} exited with code ${child.exitCode}`);
+    try {
+      if ((await fetch(`${url}/health`)).ok) return { url, pid: child.pid!, gcMs: () => gc, stop };
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await stop();
+  throw new Error('tally serve did not become healthy');
+}
+
+function peakRssMb(pid: number): number {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  return Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) / 1024;
+}
+
+const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+
+/** One streamed greedy completion: when each token event arrived. */
+function complete(url: string, prompt: string, tokens: number): Promise<{ start: number; times: number[] }> {
+  return new Promise((resolve, reject) => {
+    const body = JSON.stringify({ prompt, max_tokens: tokens, temperature: 0, ignore_eos: true, stream: true });
+    const start = performance.now();
+    const times: number[] = [];
+    const req = http.request(`${url}/v1/completions`, { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      if (res.statusCode !== 200) reject(new Error(`HTTP ${res.statusCode}`));
+      let pending = '';
+      res.on('data', (d: Buffer) => {
+        const now = performance.now();
+        pending += d.toString();
+        let i;
+        while ((i = pending.indexOf('\n\n')) >= 0) {
+          const event = pending.slice(0, i);
+          pending = pending.slice(i + 2);
+          if (event.startsWith('data: {') && event.includes('"text"')) times.push(now);
+        }
+      });
+      res.on('end', () => resolve({ start, times }));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+interface Measure {
+  tokensPerSecond: number;
+  ttftMs: number;
+  decodeMs: number;
+  rssMb: number;
+  gcMsPer1k: number;
+}
+
+async function measure(server: Server, concurrency: number, requests: number): Promise<Measure> {
+  const prompt = 'Once upon a time, there was a little girl named Lily who loved to play in the park with her friends.';
+  const gc0 = server.gcMs();
+  const t0 = performance.now();
+  let next = 0;
+  const results: { start: number; times: number[]; index: number }[] = [];
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (next < requests) {
+      next++;
+      const i = next - 1;
+      results.push({ ...(await complete(server.url, prompt, Math.max(2, Math.round(maxTokens * (0.5 + ((i * 37) % 101) / 100))))), index: i });
+    }
+  }));
+  const seconds = (performance.now() - t0) / 1000;
+  const tokens = results.reduce((a, r) => a + r.times.length, 0);
+  return {
+    tokensPerSecond: tokens / seconds,
+    // The first wave arrives at once (the load's start, not its steady state): its TTFT is the whole wave's prefill.
+    ttftMs: median(results.filter((r) => r.index >= concurrency || requests <= concurrency).map((r) => r.times[0] - r.start)),
+    decodeMs: median(results.filter((r) => r.times.length > 1).map((r) => (r.times.at(-1)! - r.times[0]) / (r.times.length - 1))),
+    rssMb: peakRssMb(server.pid),
+    gcMsPer1k: ((server.gcMs() - gc0) / tokens) * 1000,
+  };
+}
+
+const RUNNERS = ['native', 'js'] as const;
+const overHttp = !process.argv.includes('--no-http');
+for (const model of models) {
+  const dir = modelDir(model);
+  if (!overHttp) {
+    await engineTable(model, dir);
+    continue;
+  }
+  const results: Record<string, Record<number, Measure[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
+  for (let round = 0; round < rounds; round++) {
+    for (const runner of round % 2 ? [...RUNNERS].reverse() : RUNNERS) {
+      const server = await startServer(dir, runner);
+      try {
+        await measure(server, 4, 4); // warm-up
+        for (const c of [1, 32]) results[runner][c].push(await measure(server, c, c === 1 ? 3 : 64));
+      } finally {
+        await server.stop();
+      }
+    }
+  }
+  const pick = (runner: string, c: number, key: keyof Measure) => median(results[runner][c].map((m) => m[key]));
+  console.log(`\n${model} (${rounds} round${rounds > 1 ? 's' : ''}, ${maxTokens} tokens per request, medians)`);
+  console.log('c   metric                 native        js   native/js');
+  for (const c of [1, 32]) {
+    for (const [key, label] of [['tokensPerSecond', 'tokens/s'], ['ttftMs', 'TTFT p50 ms'], ['decodeMs', 'decode/token p50 ms'], ['rssMb', 'peak RSS MB'], ['gcMsPer1k', 'GC ms / 1k tokens']] as const) {
+      const [a, b] = [pick('native', c, key), pick('js', c, key)];
+      console.log(`${String(c).padEnd(3)} ${label.padEnd(20)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${(a / b).toFixed(3).padStart(10)}`);
+    }
+    console.log(`${String(c).padEnd(3)} TTFT p50 / decode p50  ${(pick('native', c, 'ttftMs') / pick('native', c, 'decodeMs')).toFixed(2).padStart(9)} ${(pick('js', c, 'ttftMs') / pick('js', c, 'decodeMs')).toFixed(2).padStart(9)}`);
+  }
+  await engineTable(model, dir);
+}
+
+async function passTable(model: string, dir: string): Promise<void> {
+  const folder = loadModelFolder(dir);
+  const options = { device: { kind: 'cpu' as const }, maxSlots: 32, maxModelLen: 1024, kvCacheTokens: 32 * 1024, threads: threads ? Number(threads) : undefined };
+  console.log(`\n${model}, decode passes interleaved native / js (p50 ms per pass, wall as the scheduler sees it)`);
+  for (const B of [1, 32]) {
+    const runners = { native: (await loadRunner(folder, { ...options, runner: 'native' })).runner, js: (await loadRunner(folder, { ...options, runner: 'js' })).runner };
+    const walls: Record<string, number[]> = { native: [], js: [] };
+    for (const r of Object.values(runners)) {
+      for (let s = 0; s < B; s++) r.open(s);
+      await r.forwardTop!(Array.from({ length: B }, (_, s) => ({ seq: s, tokens: Array.from({ length: 64 }, (_, i) => 3 + ((i * 7 + s) % 300)) })), 1);
+    }
+    const passes = B === 1 ? 200 : 60;
+    for (let i = 0; i < passes; i++) {
+      for (const [name, r] of i % 2 ? Object.entries(runners).reverse() : Object.entries(runners)) {
+        const t0 = performance.now();
+        await r.forwardTop!(Array.from({ length: B }, (_, s) => ({ seq: s, tokens: [3 + ((i + s) % 300)] })), 1);
+        walls[name].push(performance.now() - t0);
+      }
+    }
+    const [a, b] = [median(walls.native), median(walls.js)];
+    console.log(`batch ${String(B).padEnd(3)} native ${a.toFixed(3).padStart(8)}  js ${b.toFixed(3).padStart(8)}  native/js ${(a / b).toFixed(3)}`);
+    await runners.native.release();
+    await runners.js.release();
+  }
+}
+
+async function engineTable(model: string, dir: string): Promise<void> {
+  const rates: Record<string, Record<number, number[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
+  for (let round = 0; round < rounds; round++) {
+    for (const runner of round % 2 ? [...RUNNERS].reverse() : RUNNERS) {
+      for (const c of [1, 32]) {
+        const options = { modelDir: dir, device: { kind: 'cpu' as const }, maxNumSeqs: 32, maxNumBatchedTokens: 2048, kvCacheBytes: 2 ** 28, runner, threads: threads ? Number(threads) : undefined };
+        rates[runner][c].push((await engineLoop(options, () => [1, 9, 50, 120, 33, 7, 81, 200], c, c === 1 ? 2 : 64, maxTokens)).tokensPerSecond);
+      }
+    }
+  }
+  console.log(`\n${model}, engine loop without HTTP (${rounds} round${rounds > 1 ? 's' : ''}, ${maxTokens} tokens per request, medians)`);
+  for (const c of [1, 32]) {
+    const [a, b] = [median(rates.native[c]), median(rates.js[c])];
+    console.log(`c=${String(c).padEnd(3)} tokens/s  native ${a.toFixed(1).padStart(9)}  js ${b.toFixed(1).padStart(9)}  native/js ${(a / b).toFixed(3)}`);
+  }
+  await passTable(model, dir);
+}
+agent.destroy();

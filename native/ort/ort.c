@@ -1,0 +1,985 @@
+// ONNX Runtime through its C API, for the native runner (src/engine/runners/native-runner.ts).
+//
+// The library is opened at run time (dlopen): onnxruntime-node's own libonnxruntime.so.1 by default, or any other
+// build (a CUDA one) named by the caller. No package ships ONNX Runtime's C headers, so the part of the API
+// used here is declared below from the public header's documented order (an ABI fact: the OrtApi table only ever
+// grows at its end).
+//
+// Exports:
+//   load(path[, apiVersion]) -> { version, apiVersion, providers }: opens the library once per process.
+//   createSession(bytes, options) -> session: options { threads, spin, externalDir, device: 'cpu' | 'cuda', deviceId }.
+//   sessionNames(session) -> { inputs, outputs }.
+//   sessionRun(session, inputs, outputs): [name, typed array, dims][] each; outputs are written where given
+//     (bound once per call through an OrtIoBinding; no copy).
+//   createStepper(sessions, dims, cos, sin) -> stepper: a whole forward pass of a Tally graph cut at its
+//     attention (buildLlamaParts), the attention of native/attention between the parts, over a paged KV cache
+//     kept here. dims: Int32Array [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf,
+//     threads].
+//   stepperRun(stepper, B, T, k, full, ids, rows, table, logits, topLogits, topIds) -> Promise<seconds>: runs off
+//     the event loop. ids Int32Array [B * T]; rows / table as attend() takes them (native/attention); full: the
+//     rows' logits into `logits` [B, vocab]; else their k largest into topLogits / topIds [B, k].
+//   stepperRunSync(...same) -> seconds: the same pass on the calling thread.
+//   release(session | stepper).
+//   pagePositions, kernels.
+#include <node_api.h>
+// attention.c is compiled in whole (its kernels and run_layer); its own module registration is not.
+#undef NAPI_MODULE
+#define NAPI_MODULE(modname, regfunc)
+#include "../attention/attention.c"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <time.h>
+
+// ---- The C API, as onnxruntime_c_api.h declares it (ORT_API_VERSION 13, ONNX Runtime 1.13; entries up to
+// ReleaseCUDAProviderOptions, index 208, are unchanged since API 11). Entries not called here are kept as slots.
+
+#define TALLY_ORT_API_VERSION 13
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtEnv OrtEnv;
+typedef struct OrtSession OrtSession;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtValue OrtValue;
+typedef struct OrtMemoryInfo OrtMemoryInfo;
+typedef struct OrtIoBinding OrtIoBinding;
+typedef struct OrtRunOptions OrtRunOptions;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtCUDAProviderOptionsV2 OrtCUDAProviderOptionsV2;
+
+enum { ELEM_FLOAT = 1, ELEM_UINT16 = 4, ELEM_INT32 = 6, ELEM_INT64 = 7, ELEM_FLOAT16 = 10 };
+enum { LOG_ERROR = 3 };
+enum { ORT_SEQUENTIAL = 0 };
+enum { ORT_ENABLE_ALL = 99 };
+enum { OrtDeviceAllocator = 0, OrtArenaAllocator = 1 };
+enum { OrtMemTypeDefault = 0 };
+
+typedef struct OrtAllocator {
+  uint32_t version;
+  void *(*Alloc)(struct OrtAllocator *self, size_t size);
+  void (*Free)(struct OrtAllocator *self, void *p);
+  const OrtMemoryInfo *(*Info)(const struct OrtAllocator *self);
+} OrtAllocator;
+
+#define SLOTS(from, to) void *slots_##from##_##to[(to) - (from) + 1]
+
+typedef struct OrtApi {
+  SLOTS(0, 1);
+  const char *(*GetErrorMessage)(const OrtStatus *status);                                                            // 2
+  OrtStatus *(*CreateEnv)(int level, const char *logid, OrtEnv **out);                                                // 3
+  SLOTS(4, 7);
+  OrtStatus *(*CreateSessionFromArray)(const OrtEnv *env, const void *data, size_t length, const OrtSessionOptions *options, OrtSession **out); // 8
+  SLOTS(9, 9);
+  OrtStatus *(*CreateSessionOptions)(OrtSessionOptions **out);                                                        // 10
+  SLOTS(11, 12);
+  OrtStatus *(*SetSessionExecutionMode)(OrtSessionOptions *options, int mode);                                        // 13
+  SLOTS(14, 21);
+  OrtStatus *(*SetSessionLogSeverityLevel)(OrtSessionOptions *options, int level);                                    // 22
+  OrtStatus *(*SetSessionGraphOptimizationLevel)(OrtSessionOptions *options, int level);                              // 23
+  OrtStatus *(*SetIntraOpNumThreads)(OrtSessionOptions *options, int n);                                              // 24
+  OrtStatus *(*SetInterOpNumThreads)(OrtSessionOptions *options, int n);                                              // 25
+  SLOTS(26, 29);
+  OrtStatus *(*SessionGetInputCount)(const OrtSession *session, size_t *out);                                         // 30
+  OrtStatus *(*SessionGetOutputCount)(const OrtSession *session, size_t *out);                                        // 31
+  SLOTS(32, 35);
+  OrtStatus *(*SessionGetInputName)(const OrtSession *session, size_t index, OrtAllocator *allocator, char **out);    // 36
+  OrtStatus *(*SessionGetOutputName)(const OrtSession *session, size_t index, OrtAllocator *allocator, char **out);   // 37
+  SLOTS(38, 48);
+  OrtStatus *(*CreateTensorWithDataAsOrtValue)(const OrtMemoryInfo *info, void *data, size_t bytes, const int64_t *shape, size_t rank, int type, OrtValue **out); // 49
+  SLOTS(50, 50);
+  OrtStatus *(*GetTensorMutableData)(OrtValue *value, void **out);                                                    // 51
+  SLOTS(52, 60);
+  OrtStatus *(*GetDimensionsCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);                               // 61
+  OrtStatus *(*GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t n);                        // 62
+  SLOTS(63, 64);
+  OrtStatus *(*GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);                        // 65
+  SLOTS(66, 67);
+  OrtStatus *(*CreateMemoryInfo)(const char *name, int type, int id, int memType, OrtMemoryInfo **out);               // 68
+  OrtStatus *(*CreateCpuMemoryInfo)(int type, int memType, OrtMemoryInfo **out);                                      // 69
+  SLOTS(70, 74);
+  OrtStatus *(*AllocatorAlloc)(OrtAllocator *allocator, size_t size, void **out);                                     // 75
+  OrtStatus *(*AllocatorFree)(OrtAllocator *allocator, void *p);                                                      // 76
+  SLOTS(77, 77);
+  OrtStatus *(*GetAllocatorWithDefaultOptions)(OrtAllocator **out);                                                   // 78
+  SLOTS(79, 91);
+  void (*ReleaseEnv)(OrtEnv *env);                                                                                    // 92
+  void (*ReleaseStatus)(OrtStatus *status);                                                                           // 93
+  void (*ReleaseMemoryInfo)(OrtMemoryInfo *info);                                                                     // 94
+  void (*ReleaseSession)(OrtSession *session);                                                                        // 95
+  void (*ReleaseValue)(OrtValue *value);                                                                              // 96
+  SLOTS(97, 98);
+  void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);                                             // 99
+  void (*ReleaseSessionOptions)(OrtSessionOptions *options);                                                          // 100
+  SLOTS(101, 124);
+  OrtStatus *(*GetAvailableProviders)(char ***out, int *length);                                                      // 125
+  OrtStatus *(*ReleaseAvailableProviders)(char **ptr, int length);                                                    // 126
+  SLOTS(127, 129);
+  OrtStatus *(*AddSessionConfigEntry)(OrtSessionOptions *options, const char *key, const char *value);                // 130
+  OrtStatus *(*CreateAllocator)(const OrtSession *session, const OrtMemoryInfo *info, OrtAllocator **out);            // 131
+  void (*ReleaseAllocator)(OrtAllocator *allocator);                                                                  // 132
+  OrtStatus *(*RunWithBinding)(OrtSession *session, const OrtRunOptions *options, const OrtIoBinding *binding);       // 133
+  OrtStatus *(*CreateIoBinding)(OrtSession *session, OrtIoBinding **out);                                             // 134
+  void (*ReleaseIoBinding)(OrtIoBinding *binding);                                                                    // 135
+  OrtStatus *(*BindInput)(OrtIoBinding *binding, const char *name, const OrtValue *value);                            // 136
+  OrtStatus *(*BindOutput)(OrtIoBinding *binding, const char *name, const OrtValue *value);                           // 137
+  OrtStatus *(*BindOutputToDevice)(OrtIoBinding *binding, const char *name, const OrtMemoryInfo *info);               // 138
+  SLOTS(139, 139);
+  OrtStatus *(*GetBoundOutputValues)(const OrtIoBinding *binding, OrtAllocator *allocator, OrtValue ***out, size_t *count); // 140
+  void (*ClearBoundInputs)(OrtIoBinding *binding);                                                                    // 141
+  void (*ClearBoundOutputs)(OrtIoBinding *binding);                                                                   // 142
+  SLOTS(143, 201);
+  OrtStatus *(*SynchronizeBoundInputs)(OrtIoBinding *binding);                                                        // 202
+  OrtStatus *(*SynchronizeBoundOutputs)(OrtIoBinding *binding);                                                       // 203
+  OrtStatus *(*SessionOptionsAppendExecutionProvider_CUDA_V2)(OrtSessionOptions *options, const OrtCUDAProviderOptionsV2 *cuda); // 204
+  OrtStatus *(*CreateCUDAProviderOptions)(OrtCUDAProviderOptionsV2 **out);                                            // 205
+  OrtStatus *(*UpdateCUDAProviderOptions)(OrtCUDAProviderOptionsV2 *cuda, const char *const *keys, const char *const *values, size_t n); // 206
+  SLOTS(207, 207);
+  void (*ReleaseCUDAProviderOptions)(OrtCUDAProviderOptionsV2 *cuda);                                                 // 208
+} OrtApi;
+
+#define AT(member, index) _Static_assert(offsetof(OrtApi, member) == (index) * sizeof(void *), #member " is entry " #index)
+AT(GetErrorMessage, 2);
+AT(CreateEnv, 3);
+AT(CreateSessionFromArray, 8);
+AT(CreateSessionOptions, 10);
+AT(SetSessionExecutionMode, 13);
+AT(SetSessionLogSeverityLevel, 22);
+AT(SetInterOpNumThreads, 25);
+AT(SessionGetInputCount, 30);
+AT(SessionGetInputName, 36);
+AT(CreateTensorWithDataAsOrtValue, 49);
+AT(GetTensorMutableData, 51);
+AT(GetDimensionsCount, 61);
+AT(GetTensorTypeAndShape, 65);
+AT(CreateMemoryInfo, 68);
+AT(AllocatorAlloc, 75);
+AT(GetAllocatorWithDefaultOptions, 78);
+AT(ReleaseEnv, 92);
+AT(ReleaseValue, 96);
+AT(ReleaseTensorTypeAndShapeInfo, 99);
+AT(ReleaseSessionOptions, 100);
+AT(GetAvailableProviders, 125);
+AT(AddSessionConfigEntry, 130);
+AT(RunWithBinding, 133);
+AT(BindInput, 136);
+AT(GetBoundOutputValues, 140);
+AT(ClearBoundOutputs, 142);
+AT(SynchronizeBoundInputs, 202);
+AT(SessionOptionsAppendExecutionProvider_CUDA_V2, 204);
+AT(ReleaseCUDAProviderOptions, 208);
+
+typedef struct OrtApiBase {
+  const OrtApi *(*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+// ---- the library ----
+
+static const OrtApi *ort;
+static OrtEnv *ortEnv;
+static OrtMemoryInfo *cpuInfo;
+static char ortPath[4096];
+static char ortVersion[64];
+// Engine workers are threads of one process: each has its own env, all share the library.
+static __thread char errorText[1024];
+static pthread_mutex_t loadLock = PTHREAD_MUTEX_INITIALIZER;
+
+static napi_value throw_error(napi_env env, const char *msg) {
+  napi_throw_error(env, NULL, msg);
+  return NULL;
+}
+
+// The status's message into `out` (and releases it); 1 when there was an error.
+static int failed(OrtStatus *status, char *out, size_t size) {
+  if (!status) return 0;
+  snprintf(out, size, "%s", ort->GetErrorMessage(status));
+  ort->ReleaseStatus(status);
+  return 1;
+}
+
+#define CHECK_THROW(env, call)                                   \
+  do {                                                           \
+    if (failed((call), errorText, sizeof errorText)) {           \
+      napi_throw_error((env), NULL, errorText);                  \
+      goto fail;                                                 \
+    }                                                            \
+  } while (0)
+
+static napi_value str(napi_env env, const char *s) {
+  napi_value v;
+  napi_create_string_utf8(env, s, NAPI_AUTO_LENGTH, &v);
+  return v;
+}
+
+static napi_value loaded_info(napi_env env) {
+  napi_value o, providers;
+  napi_create_object(env, &o);
+  napi_set_named_property(env, o, "version", str(env, ortVersion));
+  napi_set_named_property(env, o, "path", str(env, ortPath));
+  napi_value api;
+  napi_create_int32(env, TALLY_ORT_API_VERSION, &api);
+  napi_set_named_property(env, o, "apiVersion", api);
+  napi_create_array(env, &providers);
+  char **names;
+  int n;
+  if (!failed(ort->GetAvailableProviders(&names, &n), errorText, sizeof errorText)) {
+    for (int i = 0; i < n; i++) napi_set_element(env, providers, (uint32_t)i, str(env, names[i]));
+    failed(ort->ReleaseAvailableProviders(names, n), errorText, sizeof errorText);
+  }
+  napi_set_named_property(env, o, "providers", providers);
+  return o;
+}
+
+static napi_value load_locked(napi_env env, const char *path, uint32_t want);
+
+static napi_value js_load(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  char path[4096];
+  size_t len;
+  if (argc < 1 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok) return throw_error(env, "load(path) takes the library's path");
+  uint32_t want = TALLY_ORT_API_VERSION;
+  if (argc > 1) napi_get_value_uint32(env, argv[1], &want);
+  pthread_mutex_lock(&loadLock);
+  napi_value result = load_locked(env, path, want);
+  pthread_mutex_unlock(&loadLock);
+  return result;
+}
+
+static napi_value load_locked(napi_env env, const char *path, uint32_t want) {
+  if (ort && strcmp(path, ortPath) != 0) {
+    snprintf(errorText, sizeof errorText, "ONNX Runtime is already loaded from %s in this process; %s cannot be loaded beside it", ortPath, path);
+    return throw_error(env, errorText);
+  }
+  void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    snprintf(errorText, sizeof errorText, "cannot open the ONNX Runtime library %s: %s", path, dlerror());
+    return throw_error(env, errorText);
+  }
+  const OrtApiBase *(*getBase)(void) = (const OrtApiBase *(*)(void))dlsym(lib, "OrtGetApiBase");
+  if (!getBase) {
+    snprintf(errorText, sizeof errorText, "%s is not an ONNX Runtime library (it has no OrtGetApiBase)", path);
+    dlclose(lib);
+    return throw_error(env, errorText);
+  }
+  const OrtApiBase *base = getBase();
+  const char *version = base->GetVersionString();
+  const OrtApi *api = base->GetApi(want);
+  if (!api) {
+    snprintf(errorText, sizeof errorText,
+             "the ONNX Runtime library %s is version %s, which does not offer C API version %u (Tally's native runner is written against it: ONNX Runtime 1.%u or newer); use --runner js or name a newer library with --ort-library",
+             path, version, want, want);
+    dlclose(lib);
+    return throw_error(env, errorText);
+  }
+  if (ort) {
+    dlclose(lib);
+    return loaded_info(env);
+  }
+  ort = api;
+  OrtStatus *status = ort->CreateEnv(LOG_ERROR, "tally", &ortEnv);
+  if (!status) status = ort->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpuInfo);
+  if (failed(status, errorText, sizeof errorText)) {
+    ort = NULL;
+    return throw_error(env, errorText);
+  }
+  snprintf(ortPath, sizeof ortPath, "%s", path);
+  snprintf(ortVersion, sizeof ortVersion, "%s", version);
+  return loaded_info(env);
+}
+
+// ---- sessions ----
+
+#define MAGIC_SESSION 0x5e55
+#define MAGIC_STEPPER 0x57e9
+
+typedef struct {
+  int magic;
+  OrtSession *session;
+  OrtIoBinding *binding;
+  OrtMemoryInfo *deviceInfo; // CUDA: where outputs left on the device live; NULL on the CPU
+  int released;
+} Session;
+
+static void session_free(Session *s) {
+  if (s->released) return;
+  s->released = 1;
+  if (s->binding) ort->ReleaseIoBinding(s->binding);
+  if (s->session) ort->ReleaseSession(s->session);
+  if (s->deviceInfo) ort->ReleaseMemoryInfo(s->deviceInfo);
+}
+
+// Steps running on pool threads now. A worker thread that is torn down mid-step finalizes its objects while the
+// step still runs; finalizers wait for it.
+static int executingSteps;
+
+static void wait_for_steps(void) {
+  const struct timespec ms = {0, 1000000};
+  while (__atomic_load_n(&executingSteps, __ATOMIC_ACQUIRE) > 0) nanosleep(&ms, NULL);
+}
+
+static void session_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  wait_for_steps();
+  session_free(data);
+  free(data);
+}
+
+static int get_prop_int(napi_env env, napi_value o, const char *name, int fallback) {
+  napi_value v;
+  bool has;
+  int32_t n;
+  if (napi_has_named_property(env, o, name, &has) != napi_ok || !has) return fallback;
+  napi_get_named_property(env, o, name, &v);
+  return napi_get_value_int32(env, v, &n) == napi_ok ? n : fallback;
+}
+
+static int get_prop_string(napi_env env, napi_value o, const char *name, char *out, size_t size) {
+  napi_value v;
+  bool has;
+  size_t len;
+  if (napi_has_named_property(env, o, name, &has) != napi_ok || !has) return 0;
+  napi_get_named_property(env, o, name, &v);
+  return napi_get_value_string_utf8(env, v, out, size, &len) == napi_ok;
+}
+
+static napi_value js_create_session(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!ort) return throw_error(env, "load() the ONNX Runtime library first");
+  void *bytes;
+  size_t length;
+  if (argc < 2 || !typed(env, argv[0], napi_uint8_array, &bytes, &length)) return throw_error(env, "createSession(bytes: Uint8Array, options)");
+  const int threads = get_prop_int(env, argv[1], "threads", 0);
+  const int spin = get_prop_int(env, argv[1], "spin", 0);
+  const int deviceId = get_prop_int(env, argv[1], "deviceId", 0);
+  char externalDir[4096] = "", device[16] = "cpu";
+  get_prop_string(env, argv[1], "externalDir", externalDir, sizeof externalDir);
+  get_prop_string(env, argv[1], "device", device, sizeof device);
+
+  OrtSessionOptions *options = NULL;
+  OrtCUDAProviderOptionsV2 *cuda = NULL;
+  Session *s = calloc(1, sizeof *s);
+  s->magic = MAGIC_SESSION;
+  CHECK_THROW(env, ort->CreateSessionOptions(&options));
+  CHECK_THROW(env, ort->SetSessionGraphOptimizationLevel(options, ORT_ENABLE_ALL));
+  CHECK_THROW(env, ort->SetSessionExecutionMode(options, ORT_SEQUENTIAL));
+  CHECK_THROW(env, ort->SetIntraOpNumThreads(options, threads));
+  CHECK_THROW(env, ort->SetInterOpNumThreads(options, 1));
+  CHECK_THROW(env, ort->SetSessionLogSeverityLevel(options, LOG_ERROR));
+  CHECK_THROW(env, ort->AddSessionConfigEntry(options, "session.intra_op.allow_spinning", spin ? "1" : "0"));
+  if (externalDir[0]) CHECK_THROW(env, ort->AddSessionConfigEntry(options, "session.model_external_initializers_file_folder_path", externalDir));
+  if (strcmp(device, "cuda") == 0) {
+    char id[16];
+    snprintf(id, sizeof id, "%d", deviceId);
+    const char *keys[] = {"device_id"};
+    const char *values[] = {id};
+    CHECK_THROW(env, ort->CreateCUDAProviderOptions(&cuda));
+    CHECK_THROW(env, ort->UpdateCUDAProviderOptions(cuda, keys, values, 1));
+    CHECK_THROW(env, ort->SessionOptionsAppendExecutionProvider_CUDA_V2(options, cuda));
+    CHECK_THROW(env, ort->CreateMemoryInfo("Cuda", OrtDeviceAllocator, deviceId, OrtMemTypeDefault, &s->deviceInfo));
+  } else if (strcmp(device, "cpu") != 0) {
+    napi_throw_error(env, NULL, "device must be cpu or cuda");
+    goto fail;
+  }
+  CHECK_THROW(env, ort->CreateSessionFromArray(ortEnv, bytes, length, options, &s->session));
+  CHECK_THROW(env, ort->CreateIoBinding(s->session, &s->binding));
+  ort->ReleaseSessionOptions(options);
+  if (cuda) ort->ReleaseCUDAProviderOptions(cuda);
+  napi_value result;
+  napi_create_external(env, s, session_finalize, NULL, &result);
+  return result;
+fail:
+  if (options) ort->ReleaseSessionOptions(options);
+  if (cuda) ort->ReleaseCUDAProviderOptions(cuda);
+  session_free(s);
+  free(s);
+  return NULL;
+}
+
+static void *unwrap(napi_env env, napi_value v, int magic) {
+  void *p = NULL;
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_external || napi_get_value_external(env, v, &p) != napi_ok || !p || *(int *)p != magic) return NULL;
+  return p;
+}
+
+static napi_value js_session_names(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  Session *s = argc == 1 ? unwrap(env, argv[0], MAGIC_SESSION) : NULL;
+  if (!s || s->released) return throw_error(env, "sessionNames(session) takes a live session");
+  OrtAllocator *allocator;
+  napi_value result, inputs, outputs;
+  napi_create_object(env, &result);
+  napi_create_array(env, &inputs);
+  napi_create_array(env, &outputs);
+  size_t n;
+  char *name;
+  CHECK_THROW(env, ort->GetAllocatorWithDefaultOptions(&allocator));
+  CHECK_THROW(env, ort->SessionGetInputCount(s->session, &n));
+  for (size_t i = 0; i < n; i++) {
+    CHECK_THROW(env, ort->SessionGetInputName(s->session, i, allocator, &name));
+    napi_set_element(env, inputs, (uint32_t)i, str(env, name));
+    failed(ort->AllocatorFree(allocator, name), errorText, sizeof errorText);
+  }
+  CHECK_THROW(env, ort->SessionGetOutputCount(s->session, &n));
+  for (size_t i = 0; i < n; i++) {
+    CHECK_THROW(env, ort->SessionGetOutputName(s->session, i, allocator, &name));
+    napi_set_element(env, outputs, (uint32_t)i, str(env, name));
+    failed(ort->AllocatorFree(allocator, name), errorText, sizeof errorText);
+  }
+  napi_set_named_property(env, result, "inputs", inputs);
+  napi_set_named_property(env, result, "outputs", outputs);
+  return result;
+fail:
+  return NULL;
+}
+
+// An OrtValue over a typed array's memory: entry [name, array, dims].
+static int tensor_of(napi_env env, napi_value entry, char *name, size_t nameSize, OrtValue **out) {
+  napi_value nameV, arr, dimsV;
+  napi_get_element(env, entry, 0, &nameV);
+  napi_get_element(env, entry, 1, &arr);
+  napi_get_element(env, entry, 2, &dimsV);
+  size_t len;
+  if (napi_get_value_string_utf8(env, nameV, name, nameSize, &len) != napi_ok) return 0;
+  bool is;
+  if (napi_is_typedarray(env, arr, &is) != napi_ok || !is) return 0;
+  napi_typedarray_type type;
+  size_t count, offset;
+  void *data;
+  napi_value buf;
+  napi_get_typedarray_info(env, arr, &type, &count, &data, &buf, &offset);
+  int elem;
+  size_t esize;
+  switch (type) {
+    case napi_float32_array: elem = ELEM_FLOAT; esize = 4; break;
+    case napi_int32_array: elem = ELEM_INT32; esize = 4; break;
+    case napi_bigint64_array: elem = ELEM_INT64; esize = 8; break;
+    case napi_uint16_array: elem = ELEM_FLOAT16; esize = 2; break;
+    default: return 0;
+  }
+  int64_t dims[8];
+  uint32_t rank;
+  napi_get_array_length(env, dimsV, &rank);
+  if (rank > 8) return 0;
+  size_t elements = 1;
+  for (uint32_t i = 0; i < rank; i++) {
+    napi_value d;
+    napi_get_element(env, dimsV, i, &d);
+    napi_get_value_int64(env, d, &dims[i]);
+    if (dims[i] < 0) return 0;
+    elements *= (size_t)dims[i];
+  }
+  if (elements > count) return 0;
+  return !failed(ort->CreateTensorWithDataAsOrtValue(cpuInfo, data, count * esize, dims, rank, elem, out), errorText, sizeof errorText) ? 1 : -1;
+}
+
+static napi_value js_session_run(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  Session *s = argc == 3 ? unwrap(env, argv[0], MAGIC_SESSION) : NULL;
+  if (!s || s->released) return throw_error(env, "sessionRun(session, inputs, outputs) takes a live session");
+  OrtValue *values[64];
+  int nvalues = 0;
+  char name[256];
+  ort->ClearBoundInputs(s->binding);
+  ort->ClearBoundOutputs(s->binding);
+  for (int side = 0; side < 2; side++) {
+    uint32_t n;
+    napi_get_array_length(env, argv[1 + side], &n);
+    for (uint32_t i = 0; i < n && nvalues < 64; i++) {
+      napi_value entry;
+      napi_get_element(env, argv[1 + side], i, &entry);
+      const int ok = tensor_of(env, entry, name, sizeof name, &values[nvalues]);
+      if (ok <= 0) {
+        if (ok == 0) snprintf(errorText, sizeof errorText, "%s %u must be [name, Float32Array | Int32Array | BigInt64Array | Uint16Array (float16), dims] with dims within the array", side ? "output" : "input", i);
+        napi_throw_error(env, NULL, errorText);
+        goto fail;
+      }
+      nvalues++;
+      CHECK_THROW(env, side ? ort->BindOutput(s->binding, name, values[nvalues - 1]) : ort->BindInput(s->binding, name, values[nvalues - 1]));
+    }
+  }
+  CHECK_THROW(env, ort->RunWithBinding(s->session, NULL, s->binding));
+  if (s->deviceInfo) CHECK_THROW(env, ort->SynchronizeBoundOutputs(s->binding));
+fail:
+  ort->ClearBoundInputs(s->binding);
+  ort->ClearBoundOutputs(s->binding);
+  for (int i = 0; i < nvalues; i++) ort->ReleaseValue(values[i]);
+  return NULL;
+}
+
+// ---- the stepper: a whole forward pass ----
+
+typedef struct {
+  OrtValue *values[8];
+  int count;
+} Bound;
+
+typedef struct {
+  int magic;
+  int layers, H, nh, kvh, hd, V, totalPages, kvHalf, graphHalf, threads;
+  int qkvWidth;
+  Session **parts;
+  napi_ref *partRefs;
+  void **arenas;
+  float *cos, *sin;
+  size_t ropePositions;
+  // Buffers grown to the largest step so far.
+  size_t capRows, capBatch;
+  void *hidden[2], *qkv, *attnGraph;
+  float *qkv32, *attn32;
+  int64_t *ids64, *logitsIndex, *topIds64, topK;
+  // What the bindings were made for; they are made again when any of it changes.
+  int boundB, boundT, boundK, boundFull;
+  void *boundLogits, *boundTop, *boundHidden;
+  Bound *bound;
+  // One step's arguments and result.
+  int B, T, k, full;
+  const int32_t *ids, *rows, *table;
+  float *logits, *topLogits;
+  int32_t *topIds;
+  napi_ref argRefs[6];
+  napi_deferred deferred;
+  napi_async_work work;
+  int busy, released;
+  double seconds;
+  char error[1024];
+} Stepper;
+
+static void unbind(Stepper *st) {
+  if (!st->bound) return;
+  for (int p = 0; p <= st->layers; p++) {
+    ort->ClearBoundInputs(st->parts[p]->binding);
+    ort->ClearBoundOutputs(st->parts[p]->binding);
+    for (int i = 0; i < st->bound[p].count; i++) ort->ReleaseValue(st->bound[p].values[i]);
+    st->bound[p].count = 0;
+  }
+  st->boundB = -1;
+}
+
+// Frees what the stepper owns. With an env, also drops its hold on the sessions (after unbinding them); from a
+// finalizer (no env) the sessions may already be gone, so only this stepper's own values are released.
+static void stepper_free(napi_env env, Stepper *st) {
+  if (st->released) return;
+  if (env) {
+    unbind(st);
+    for (int p = 0; p <= st->layers; p++)
+      if (st->partRefs[p]) napi_delete_reference(env, st->partRefs[p]);
+  } else if (st->bound) {
+    for (int p = 0; p <= st->layers; p++)
+      for (int i = 0; i < st->bound[p].count; i++) ort->ReleaseValue(st->bound[p].values[i]);
+  }
+  st->released = 1;
+  free(st->bound);
+  if (st->arenas)
+    for (int l = 0; l < st->layers; l++) free(st->arenas[l]);
+  free(st->arenas);
+  free(st->partRefs);
+  free(st->parts);
+  free(st->cos);
+  free(st->sin);
+  free(st->hidden[0]);
+  free(st->hidden[1]);
+  free(st->qkv);
+  free(st->attnGraph);
+  free(st->qkv32);
+  free(st->attn32);
+  free(st->ids64);
+  free(st->logitsIndex);
+  free(st->topIds64);
+}
+
+static void stepper_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  wait_for_steps();
+  stepper_free(NULL, data);
+  free(data);
+}
+
+static napi_value js_create_stepper(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 4) return throw_error(env, "createStepper(sessions, dims, cos, sin) takes 4 arguments");
+  void *p;
+  size_t dimsLen, cosLen, sinLen;
+  if (!typed(env, argv[1], napi_int32_array, &p, &dimsLen) || dimsLen != 10) return throw_error(env, "dims must be an Int32Array of 10");
+  const int32_t *d = p;
+  Stepper *st = calloc(1, sizeof *st);
+  st->magic = MAGIC_STEPPER;
+  st->layers = d[0];
+  st->H = d[1];
+  st->nh = d[2];
+  st->kvh = d[3];
+  st->hd = d[4];
+  st->V = d[5];
+  st->totalPages = d[6];
+  st->kvHalf = d[7];
+  st->graphHalf = d[8];
+  st->threads = d[9] > 0 ? d[9] : 1;
+  st->boundB = -1;
+  if (st->layers <= 0 || st->H <= 0 || st->nh <= 0 || st->kvh <= 0 || st->hd <= 0 || st->hd > 1024 || st->hd % 2 != 0 || st->nh % st->kvh != 0 || st->V <= 0 || st->totalPages <= 0) {
+    free(st);
+    return throw_error(env, "bad dims");
+  }
+  st->qkvWidth = (st->nh + 2 * st->kvh) * st->hd;
+  uint32_t nparts;
+  napi_get_array_length(env, argv[0], &nparts);
+  if ((int)nparts != st->layers + 1) {
+    free(st);
+    return throw_error(env, "sessions must hold layers + 1 parts");
+  }
+  float *tables[2];
+  for (int i = 0; i < 2; i++) {
+    size_t n;
+    if (!typed(env, argv[2 + i], napi_float32_array, &p, i ? &sinLen : &cosLen)) {
+      free(st);
+      return throw_error(env, "cos and sin must be Float32Arrays");
+    }
+    n = i ? sinLen : cosLen;
+    tables[i] = malloc(n * sizeof(float));
+    memcpy(tables[i], p, n * sizeof(float));
+  }
+  st->cos = tables[0];
+  st->sin = tables[1];
+  if (cosLen != sinLen || cosLen % (st->hd / 2) != 0) {
+    free(st->cos);
+    free(st->sin);
+    free(st);
+    return throw_error(env, "cos and sin must be [positions, head_dim / 2] tables of one size");
+  }
+  st->ropePositions = cosLen / (st->hd / 2);
+  st->parts = calloc(nparts, sizeof *st->parts);
+  st->partRefs = calloc(nparts, sizeof *st->partRefs);
+  for (uint32_t i = 0; i < nparts; i++) {
+    napi_value v;
+    napi_get_element(env, argv[0], i, &v);
+    st->parts[i] = unwrap(env, v, MAGIC_SESSION);
+    if (!st->parts[i] || st->parts[i]->released || st->parts[i]->deviceInfo) {
+      for (uint32_t j = 0; j < i; j++) napi_delete_reference(env, st->partRefs[j]);
+      free(st->parts);
+      free(st->partRefs);
+      free(st->cos);
+      free(st->sin);
+      free(st);
+      return throw_error(env, "sessions must be live CPU sessions");
+    }
+    napi_create_reference(env, v, 1, &st->partRefs[i]);
+  }
+  // Each layer's arena; calloc leaves pages untouched (and so without memory) until a sequence first uses them.
+  const size_t arenaElements = (size_t)st->totalPages * 2 * st->kvh * PAGE * st->hd;
+  st->arenas = calloc((size_t)st->layers, sizeof *st->arenas);
+  for (int l = 0; l < st->layers; l++) {
+    st->arenas[l] = calloc(arenaElements, st->kvHalf ? 2 : 4);
+    if (!st->arenas[l]) {
+      stepper_free(env, st);
+      free(st);
+      return throw_error(env, "out of memory for the KV cache");
+    }
+  }
+  st->bound = calloc((size_t)st->layers + 1, sizeof *st->bound);
+  napi_value result;
+  napi_create_external(env, st, stepper_finalize, NULL, &result);
+  return result;
+}
+
+static int grow(void **buf, size_t bytes) {
+  void *p = realloc(*buf, bytes);
+  if (!p) return 0;
+  *buf = p;
+  return 1;
+}
+
+static int ensure_capacity(Stepper *st, size_t rows, size_t batch) {
+  const size_t es = st->graphHalf ? 2 : 4;
+  if (rows > st->capRows) {
+    const size_t n = rows > 2 * st->capRows ? rows : 2 * st->capRows;
+    if (!grow(&st->hidden[0], n * st->H * es) || !grow(&st->hidden[1], n * st->H * es) || !grow(&st->qkv, n * st->qkvWidth * es) ||
+        !grow((void **)&st->attn32, n * st->nh * st->hd * 4) || !grow((void **)&st->ids64, n * 8))
+      return 0;
+    if (st->graphHalf && (!grow((void **)&st->qkv32, n * st->qkvWidth * 4) || !grow(&st->attnGraph, n * st->nh * st->hd * 2))) return 0;
+    st->capRows = n;
+    unbind(st);
+  }
+  if (batch > st->capBatch) {
+    const size_t n = batch > 2 * st->capBatch ? batch : 2 * st->capBatch;
+    if (!grow((void **)&st->logitsIndex, n * 8) || !grow((void **)&st->topIds64, n * 1024 * 8)) return 0;
+    st->capBatch = n;
+    unbind(st);
+  }
+  return 1;
+}
+
+static int bind_value(Stepper *st, int part, int output, const char *name, void *data, size_t bytes, const int64_t *dims, size_t rank, int type) {
+  Bound *b = &st->bound[part];
+  OrtValue *v;
+  if (failed(ort->CreateTensorWithDataAsOrtValue(cpuInfo, data, bytes, dims, rank, type, &v), st->error, sizeof st->error)) return 0;
+  b->values[b->count++] = v;
+  OrtIoBinding *binding = st->parts[part]->binding;
+  return !failed(output ? ort->BindOutput(binding, name, v) : ort->BindInput(binding, name, v), st->error, sizeof st->error);
+}
+
+// Binds every part's inputs and outputs to this step's buffers (kept while the step's shape stays the same).
+static int bind_all(Stepper *st) {
+  const int B = st->B, T = st->T, N = B * T, L = st->layers;
+  const size_t es = st->graphHalf ? 2 : 4;
+  const int gtype = st->graphHalf ? ELEM_FLOAT16 : ELEM_FLOAT;
+  if (st->boundB == B && st->boundT == T && st->boundK == st->k && st->boundFull == st->full && st->boundLogits == (void *)st->logits &&
+      st->boundTop == (void *)st->topLogits && st->boundHidden == st->hidden[0])
+    return 1;
+  unbind(st);
+  void *attn = st->graphHalf ? st->attnGraph : (void *)st->attn32;
+  const int64_t idsDims[2] = {B, T}, hiddenDims[2] = {N, st->H}, qkvDims[2] = {N, st->qkvWidth}, attnDims[2] = {N, (int64_t)st->nh * st->hd};
+  const int64_t batchDims[1] = {B}, oneDims[1] = {1}, logitsDims[2] = {B, st->V}, topDims[2] = {B, st->k};
+  if (!bind_value(st, 0, 0, "input_ids", st->ids64, (size_t)N * 8, idsDims, 2, ELEM_INT64)) return 0;
+  for (int p = 0; p <= L; p++) {
+    if (p > 0) {
+      if (!bind_value(st, p, 0, "hidden_in", st->hidden[(p - 1) % 2], (size_t)N * st->H * es, hiddenDims, 2, gtype)) return 0;
+      if (!bind_value(st, p, 0, "attn", attn, (size_t)N * st->nh * st->hd * es, attnDims, 2, gtype)) return 0;
+    }
+    if (p < L) {
+      if (!bind_value(st, p, 1, "hidden", st->hidden[p % 2], (size_t)N * st->H * es, hiddenDims, 2, gtype)) return 0;
+      if (!bind_value(st, p, 1, "qkv", st->qkv, (size_t)N * st->qkvWidth * es, qkvDims, 2, gtype)) return 0;
+    } else {
+      if (!bind_value(st, p, 0, "logits_index", st->logitsIndex, (size_t)B * 8, batchDims, 1, ELEM_INT64)) return 0;
+      if (!bind_value(st, p, 0, "top_k", &st->topK, 8, oneDims, 1, ELEM_INT64)) return 0;
+      if (st->full) {
+        if (!bind_value(st, p, 1, "logits", st->logits, (size_t)B * st->V * 4, logitsDims, 2, ELEM_FLOAT)) return 0;
+      } else {
+        if (!bind_value(st, p, 1, "top_logits", st->topLogits, (size_t)B * st->k * 4, topDims, 2, ELEM_FLOAT)) return 0;
+        if (!bind_value(st, p, 1, "top_ids", st->topIds64, (size_t)B * st->k * 8, topDims, 2, ELEM_INT64)) return 0;
+      }
+    }
+  }
+  st->boundB = B;
+  st->boundT = T;
+  st->boundK = st->k;
+  st->boundFull = st->full;
+  st->boundLogits = st->logits;
+  st->boundTop = st->topLogits;
+  st->boundHidden = st->hidden[0];
+  return 1;
+}
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void step_run(Stepper *st) {
+  st->error[0] = 0;
+  const double started = now_seconds();
+#ifdef _OPENMP
+  omp_set_num_threads(st->threads);
+#endif
+  const int B = st->B, T = st->T, N = B * T;
+  for (int i = 0; i < N; i++) st->ids64[i] = st->ids[i];
+  for (int b = 0; b < B; b++) st->logitsIndex[b] = (int64_t)b * T + st->rows[3 * b] - 1;
+  st->topK = st->k;
+  if (!bind_all(st)) return;
+  if (failed(ort->RunWithBinding(st->parts[0]->session, NULL, st->parts[0]->binding), st->error, sizeof st->error)) return;
+  Job j = {0};
+  j.half = st->kvHalf;
+  j.qkv = st->graphHalf ? st->qkv32 : st->qkv;
+  j.cos = st->cos;
+  j.sin = st->sin;
+  j.out = st->attn32;
+  j.rows = st->rows;
+  j.pages = st->table;
+  j.B = B;
+  j.T = T;
+  j.nh = st->nh;
+  j.kvh = st->kvh;
+  j.hd = st->hd;
+  j.totalPages = st->totalPages;
+  for (int l = 0; l < st->layers; l++) {
+    if (st->graphHalf) kernels.h2f(st->qkv, st->qkv32, N * st->qkvWidth);
+    j.arena = st->arenas[l];
+    run_layer(&j);
+    if (st->graphHalf) kernels.f2h(st->attn32, st->attnGraph, N * st->nh * st->hd);
+    if (failed(ort->RunWithBinding(st->parts[l + 1]->session, NULL, st->parts[l + 1]->binding), st->error, sizeof st->error)) return;
+  }
+  if (!st->full) for (int i = 0; i < B * st->k; i++) st->topIds[i] = (int32_t)st->topIds64[i];
+  st->seconds = now_seconds() - started;
+}
+
+static void step_execute(napi_env env, void *data) {
+  (void)env;
+  __atomic_add_fetch(&executingSteps, 1, __ATOMIC_ACQ_REL);
+  step_run(data);
+  __atomic_sub_fetch(&executingSteps, 1, __ATOMIC_ACQ_REL);
+}
+
+static void step_complete(napi_env env, napi_status status, void *data) {
+  Stepper *st = data;
+  for (int i = 0; i < 6; i++) napi_delete_reference(env, st->argRefs[i]);
+  napi_delete_async_work(env, st->work);
+  st->busy = 0;
+  if (status != napi_ok || st->error[0]) {
+    napi_value msg, err;
+    napi_create_string_utf8(env, status != napi_ok ? "the step was cancelled" : st->error, NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, st->deferred, err);
+    unbind(st);
+  } else {
+    napi_value seconds;
+    napi_create_double(env, st->seconds, &seconds);
+    napi_resolve_deferred(env, st->deferred, seconds);
+  }
+}
+
+static napi_value stepper_run(napi_env env, napi_callback_info info, int sync) {
+  size_t argc = 11;
+  napi_value argv[11];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  Stepper *st = argc == 11 ? unwrap(env, argv[0], MAGIC_STEPPER) : NULL;
+  if (!st || st->released) return throw_error(env, "stepperRun(stepper, B, T, k, full, ids, rows, table, logits, topLogits, topIds) takes a live stepper");
+  if (st->busy) return throw_error(env, "the stepper is already running a step");
+  int32_t B, T, k;
+  bool full;
+  napi_get_value_int32(env, argv[1], &B);
+  napi_get_value_int32(env, argv[2], &T);
+  napi_get_value_int32(env, argv[3], &k);
+  napi_get_value_bool(env, argv[4], &full);
+  void *p;
+  size_t idsLen, rowsLen, tableLen, logitsLen, topLen, topIdsLen;
+  if (!typed(env, argv[5], napi_int32_array, &p, &idsLen)) return throw_error(env, "ids must be an Int32Array");
+  st->ids = p;
+  if (!typed(env, argv[6], napi_int32_array, &p, &rowsLen)) return throw_error(env, "rows must be an Int32Array");
+  st->rows = p;
+  if (!typed(env, argv[7], napi_int32_array, &p, &tableLen)) return throw_error(env, "table must be an Int32Array");
+  st->table = p;
+  if (!typed(env, argv[8], napi_float32_array, &p, &logitsLen)) return throw_error(env, "logits must be a Float32Array");
+  st->logits = p;
+  if (!typed(env, argv[9], napi_float32_array, &p, &topLen)) return throw_error(env, "topLogits must be a Float32Array");
+  st->topLogits = p;
+  if (!typed(env, argv[10], napi_int32_array, &p, &topIdsLen)) return throw_error(env, "topIds must be an Int32Array");
+  st->topIds = p;
+  if (B < 1 || T < 1 || k < 1 || k > 1024 || k > st->V) return throw_error(env, "bad B, T or k");
+  if ((size_t)B * T > idsLen || (size_t)B * 3 > rowsLen) return throw_error(env, "ids must hold B * T tokens and rows B * 3 entries");
+  if (full ? (size_t)B * st->V > logitsLen : ((size_t)B * k > topLen || (size_t)B * k > topIdsLen)) return throw_error(env, "the output arrays are too short for this step");
+  for (int b = 0; b < B; b++) {
+    const int n = st->rows[3 * b], len = st->rows[3 * b + 1], start = st->rows[3 * b + 2];
+    if (n < 1 || n > T || len < 0 || start < 0) return throw_error(env, "bad row");
+    if ((size_t)len + n > st->ropePositions) return throw_error(env, "a row's positions run past the rotary tables");
+    const size_t needed = (size_t)(len + n + PAGE - 1) / PAGE;
+    if ((size_t)start + needed > tableLen) return throw_error(env, "a row's page list is shorter than its positions");
+    for (size_t i = 0; i < needed; i++) {
+      const int32_t page = st->table[start + i];
+      if (page < 0 || page >= st->totalPages) return throw_error(env, "a page lies outside the KV cache");
+    }
+  }
+  if (!ensure_capacity(st, (size_t)B * T, (size_t)B)) return throw_error(env, "out of memory for a step's buffers");
+  st->B = B;
+  st->T = T;
+  st->k = k;
+  st->full = full;
+  if (sync) {
+    step_run(st);
+    if (st->error[0]) {
+      unbind(st);
+      return throw_error(env, st->error);
+    }
+    napi_value seconds;
+    napi_create_double(env, st->seconds, &seconds);
+    return seconds;
+  }
+  for (int i = 0; i < 6; i++) napi_create_reference(env, argv[5 + i], 1, &st->argRefs[i]);
+  napi_value promise, name;
+  napi_create_promise(env, &st->deferred, &promise);
+  napi_create_string_utf8(env, "tally.step", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, step_execute, step_complete, st, &st->work);
+  st->busy = 1;
+  napi_queue_async_work(env, st->work);
+  return promise;
+}
+
+static napi_value js_stepper_run(napi_env env, napi_callback_info info) {
+  return stepper_run(env, info, 0);
+}
+
+// The same pass on the calling thread: for passes shorter than the two thread handoffs of the pool would be.
+static napi_value js_stepper_run_sync(napi_env env, napi_callback_info info) {
+  return stepper_run(env, info, 1);
+}
+
+static napi_value js_release(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 1) return throw_error(env, "release(session | stepper)");
+  Stepper *st = unwrap(env, argv[0], MAGIC_STEPPER);
+  if (st) {
+    if (st->busy) return throw_error(env, "the stepper is running a step");
+    stepper_free(env, st);
+    return NULL;
+  }
+  Session *s = unwrap(env, argv[0], MAGIC_SESSION);
+  if (!s) return throw_error(env, "release(session | stepper)");
+  session_free(s);
+  return NULL;
+}
+
+// stepperCopyPage(stepper, from, to): page `to` takes page `from`'s keys and values in every layer (the prefix
+// cache's private copy of a shared last page). Laid out as attention.c lays out an arena: per layer, one block of
+// totalPages pages per kind (K, V) and KV head.
+static napi_value js_stepper_copy_page(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  Stepper *st = argc == 3 ? unwrap(env, argv[0], MAGIC_STEPPER) : NULL;
+  if (!st || st->released) return throw_error(env, "stepperCopyPage(stepper, from, to) takes a live stepper");
+  if (st->busy) return throw_error(env, "the stepper is running a step");
+  int32_t from, to;
+  napi_get_value_int32(env, argv[1], &from);
+  napi_get_value_int32(env, argv[2], &to);
+  if (from < 0 || to < 0 || from >= st->totalPages || to >= st->totalPages) return throw_error(env, "a page lies outside the KV cache");
+  const size_t es = st->kvHalf ? 2 : 4;
+  const size_t span = (size_t)PAGE * st->hd * es;
+  for (int l = 0; l < st->layers; l++) {
+    char *arena = st->arenas[l];
+    for (int block = 0; block < 2 * st->kvh; block++) {
+      char *base = arena + (size_t)block * st->totalPages * span;
+      memmove(base + (size_t)to * span, base + (size_t)from * span, span);
+    }
+  }
+  return NULL;
+}
+
+static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
+  napi_value fn;
+  napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn);
+  napi_set_named_property(env, exports, name, fn);
+}
+
+NAPI_MODULE_INIT() {
+  choose_kernels();
+  export_fn(env, exports, "load", js_load);
+  export_fn(env, exports, "createSession", js_create_session);
+  export_fn(env, exports, "sessionNames", js_session_names);
+  export_fn(env, exports, "sessionRun", js_session_run);
+  export_fn(env, exports, "createStepper", js_create_stepper);
+  export_fn(env, exports, "stepperRun", js_stepper_run);
+  export_fn(env, exports, "stepperRunSync", js_stepper_run_sync);
+  export_fn(env, exports, "stepperCopyPage", js_stepper_copy_page);
+  export_fn(env, exports, "release", js_release);
+  napi_value v;
+  napi_create_int32(env, PAGE, &v);
+  napi_set_named_property(env, exports, "pagePositions", v);
+  napi_create_int32(env, TALLY_ORT_API_VERSION, &v);
+  napi_set_named_property(env, exports, "apiVersion", v);
+  napi_set_named_property(env, exports, "kernels", str(env, kernel_name));
+  return exports;
+}

@@ -1,0 +1,94 @@
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ortBinaryDir } from './ort-session.ts';
+
+/** Where scripts/build-native.js leaves the addon. */
+export const ORT_ADDON_PATH = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../native/ort/build/Release/ort.node');
+
+/** The ONNX Runtime library the native runner opens unless --ort-library / TALLY_ORT_LIBRARY names another. */
+export function defaultOrtLibrary(): string {
+  return path.join(ortBinaryDir(), 'libonnxruntime.so.1');
+}
+
+export type NativeSession = { readonly __nativeSession: unique symbol };
+export type NativeStepper = { readonly __nativeStepper: unique symbol };
+export type TensorArray = Float32Array | Int32Array | BigInt64Array | Uint16Array;
+
+export interface LoadedOrt {
+  /** The library's own version string, e.g. 1.30.0. */
+  version: string;
+  path: string;
+  /** The C API version asked for. */
+  apiVersion: number;
+  /** Execution providers built into the library (CPUExecutionProvider, CUDAExecutionProvider, ...). */
+  providers: string[];
+}
+
+export interface SessionCreateOptions {
+  threads?: number;
+  spin?: boolean;
+  /** Folder of the external data files the graph's initializers name. */
+  externalDir?: string;
+  device?: 'cpu' | 'cuda';
+  deviceId?: number;
+}
+
+/** The addon's exports (native/ort/ort.c). */
+export interface OrtBinding {
+  load(library: string, apiVersion?: number): LoadedOrt;
+  createSession(model: Uint8Array, options: { threads?: number; spin?: number; externalDir?: string; device?: string; deviceId?: number }): NativeSession;
+  sessionNames(session: NativeSession): { inputs: string[]; outputs: string[] };
+  /** Runs once with inputs and outputs bound to the arrays given ([name, array, dims]); outputs are written in place. */
+  sessionRun(session: NativeSession, inputs: [string, TensorArray, number[]][], outputs: [string, TensorArray, number[]][]): void;
+  /** dims: [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf, threads]. */
+  createStepper(parts: NativeSession[], dims: Int32Array, cos: Float32Array, sin: Float32Array): NativeStepper;
+  /** A whole forward pass, off the event loop; resolves with its wall time in seconds. */
+  stepperRun(stepper: NativeStepper, B: number, T: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): Promise<number>;
+  /** The same pass on the calling thread; returns its wall time in seconds. */
+  /** Page `to` takes page `from`'s keys and values in every layer (no step may be running). */
+  stepperCopyPage(stepper: NativeStepper, from: number, to: number): void;
+  stepperRunSync(stepper: NativeStepper, B: number, T: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): number;
+  release(handle: NativeSession | NativeStepper): void;
+  apiVersion: number;
+  pagePositions: number;
+  kernels: string;
+}
+
+let addon: { binding: OrtBinding } | { reason: string } | undefined;
+
+/** The addon, or why it cannot be used (not built, or built for another Node). */
+export function loadOrtAddon(): { binding: OrtBinding } | { reason: string } {
+  if (addon) return addon;
+  if (!fs.existsSync(ORT_ADDON_PATH)) {
+    return (addon = { reason: `the native runner's addon is not built (${path.relative(process.cwd(), ORT_ADDON_PATH)} is missing; run \`node scripts/build-native.js ort\`)` });
+  }
+  // OpenMP reads this when it loads: threads that spin after each layer would take cores from ONNX Runtime.
+  process.env.OMP_WAIT_POLICY ??= 'PASSIVE';
+  try {
+    addon = { binding: createRequire(import.meta.url)(ORT_ADDON_PATH) as OrtBinding };
+  } catch (err) {
+    addon = { reason: `the native runner's addon failed to load: ${(err as Error).message.split('\n')[0]}` };
+  }
+  return addon;
+}
+
+/**
+ * The addon with ONNX Runtime opened: `library`, else TALLY_ORT_LIBRARY, else onnxruntime-node's own. One library
+ * per process: asking for another once one is open is an error.
+ */
+export function openOrt(library?: string): { binding: OrtBinding; ort: LoadedOrt } | { reason: string } {
+  const loaded = loadOrtAddon();
+  if ('reason' in loaded) return loaded;
+  const file = path.resolve(library || process.env.TALLY_ORT_LIBRARY || defaultOrtLibrary());
+  try {
+    return { binding: loaded.binding, ort: loaded.binding.load(file) };
+  } catch (err) {
+    return { reason: (err as Error).message };
+  }
+}
+
+export function createNativeSession(binding: OrtBinding, model: Uint8Array, options: SessionCreateOptions): NativeSession {
+  return binding.createSession(model, { ...options, spin: options.spin ? 1 : 0 });
+}
