@@ -216,9 +216,9 @@ describe('GGUF reader', () => {
     writeFileSync(bad, hugeArray);
     expect(() => readGguf(bad)).toThrow(/array of 1099511627776 items at offset \d+ exceeds it/);
     const q4 = Buffer.from(good);
-    q4.writeUInt32LE(2, good.indexOf('w', good.indexOf('toks') + 20) + 1 + 4 + 16); // tensor type -> Q4_0
+    q4.writeUInt32LE(6, good.indexOf('w', good.indexOf('toks') + 20) + 1 + 4 + 16); // tensor type -> Q5_0
     writeFileSync(bad, q4);
-    expect(() => readGguf(bad).tensorData('w')).toThrow(/ggml type 2/);
+    expect(() => readGguf(bad).tensorData('w')).toThrow(/ggml type 6/);
     expect(() => readGguf(p).tensorData('nope')).toThrow(/no tensor named nope/);
   });
 

@@ -1,5 +1,8 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { f32ToF16, halfTable } from './half.ts';
+import { GGML_BLOCK as BLOCK, GgmlType, dequantize, ggmlTypeName } from './ggml-quants.ts';
+
+export { GgmlType } from './ggml-quants.ts';
 import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type WeightMap } from './types.ts';
 
 /** GGUF metadata value types. */
@@ -19,21 +22,6 @@ export enum GgufValueType {
   FLOAT64 = 12,
 }
 
-/** The ggml tensor types this reader dequantises (ggml's numbering). */
-export enum GgmlType {
-  F32 = 0,
-  F16 = 1,
-  Q8_0 = 8,
-  BF16 = 30,
-}
-
-const BLOCK: Record<number, { elems: number; bytes: number }> = {
-  [GgmlType.F32]: { elems: 1, bytes: 4 },
-  [GgmlType.F16]: { elems: 1, bytes: 2 },
-  [GgmlType.BF16]: { elems: 1, bytes: 2 },
-  [GgmlType.Q8_0]: { elems: 32, bytes: 34 },
-};
-
 export interface GgufTensorInfo {
   name: string;
   /** Row-major, outermost first (the reverse of GGUF's ne[]). */
@@ -52,6 +40,8 @@ export interface GgufFile {
   tensors: GgufTensorInfo[];
   /** F32 data is a view into the file's buffer when aligned; other types are decoded into a new array. */
   tensorData(name: string): Float32Array;
+  /** A tensor's stored bytes (its blocks, for quantised types). */
+  tensorBytes(tensor: GgufTensorInfo | string): Uint8Array;
 }
 
 const GGUF_MAGIC = 0x46554747; // "GGUF" little-endian
@@ -151,6 +141,11 @@ export function parseGguf(buf: Buffer, label = 'GGUF'): GgufFile {
     return { name, shape: [...ne].reverse(), type, offset, nbytes };
   });
   const byName = new Map(tensors.map((t) => [t.name, t]));
+  const tensorBytes = (t: GgufTensorInfo | string): Uint8Array => {
+    const info = typeof t === 'string' ? byName.get(t) ?? fail(`no tensor named ${t}`) : t;
+    if (info.nbytes === undefined) return fail(`tensor ${info.name} has ggml ${ggmlTypeName(info.type)}, which this reader can't decode`);
+    return buf.subarray(info.offset, info.offset + info.nbytes);
+  };
 
   return {
     version,
@@ -172,18 +167,12 @@ export function parseGguf(buf: Buffer, label = 'GGUF'): GgufFile {
           for (let i = 0; i < n; i++) out[i] = h[i] << 16;
           return new Float32Array(out.buffer);
         }
-        case GgmlType.Q8_0: {
-          const table = halfTable(), out = new Float32Array(n);
-          for (let b = 0, o = t.offset; b < n; b += 32, o += 34) {
-            const d = table[buf.readUInt16LE(o)];
-            for (let j = 0; j < 32; j++) out[b + j] = d * buf.readInt8(o + 2 + j);
-          }
-          return out;
-        }
         default:
-          return fail(`tensor ${name} has ggml type ${t.type}, which this reader can't decode (F32, F16, BF16, Q8_0 only)`);
+          if (t.nbytes === undefined) return fail(`tensor ${name} has ggml ${ggmlTypeName(t.type)}, which this reader can't decode (F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)`);
+          return dequantize(t.type, tensorBytes(t), n);
       }
     },
+    tensorBytes,
   };
 }
 
