@@ -244,6 +244,7 @@ describe('GGUF reader', () => {
       'qwen2.attention.head_count': u32(heads), 'qwen2.attention.head_count_kv': u32(kvHeads),
       'qwen2.context_length': u32(32), 'qwen2.attention.layer_norm_rms_epsilon': { type: GgufValueType.FLOAT32, value: 1e-6 },
       'qwen2.rope.freq_base': { type: GgufValueType.FLOAT32, value: 1e6 },
+      'tokenizer.ggml.model': { type: GgufValueType.STRING, value: 'llama' },
       'tokenizer.ggml.tokens': { type: GgufValueType.ARRAY, itemType: GgufValueType.STRING, value: ['a', 'b', 'c', 'd', 'e'] },
       'tokenizer.ggml.bos_token_id': u32(3), 'tokenizer.ggml.eos_token_id': u32(4),
     };

@@ -74,13 +74,16 @@ function llama2cGenerationConfig(config: LlamaConfig): Record<string, unknown> {
 
 export function convertCheckpoint(input: string, outDir: string, options: ConvertOptions = {}): void {
   const ckpt = readCheckpoint(input, options);
-  const config = { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' };
-  const { tokenizerJson, tokenizerConfig } = buildTokenizerFiles(ckpt.vocab);
+  const tok = ckpt.tokenizer;
+  const config = tok
+    ? { ...ckpt.config, bos_token_id: tok.bosId, eos_token_id: tok.eosIds[0], torch_dtype: options.dtype ?? 'float32' }
+    : { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' };
+  const { tokenizerJson, tokenizerConfig } = tok ?? buildTokenizerFiles(ckpt.vocab);
   const tokConfig: Record<string, unknown> = { ...tokenizerConfig, model_max_length: config.max_position_embeddings };
   if (options.chatTemplate) tokConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');
   writeModelFolder(outDir, {
     config,
-    generationConfig: llama2cGenerationConfig(config),
+    generationConfig: tok ? { bos_token_id: tok.bosId, eos_token_id: tok.eosIds.length === 1 ? tok.eosIds[0] : tok.eosIds, do_sample: false } : llama2cGenerationConfig(config),
     tokenizerJson,
     tokenizerConfig: tokConfig,
     graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype }),

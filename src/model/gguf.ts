@@ -3,7 +3,8 @@ import { f32ToF16, halfTable } from './half.ts';
 import { GGML_BLOCK as BLOCK, GgmlType, dequantize, ggmlTypeName } from './ggml-quants.ts';
 
 export { GgmlType } from './ggml-quants.ts';
-import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type WeightMap } from './types.ts';
+import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type TokenizerFiles, type WeightMap } from './types.ts';
+import { ggufByteLevelTokenizer } from './gguf-tokenizer.ts';
 
 /** GGUF metadata value types. */
 export enum GgufValueType {
@@ -405,7 +406,13 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     if (typeof v !== 'number') throw new Error(`${path}: missing ${arch}.${key}`);
     return v;
   };
-  const vocab = ggufVocab(g.metadata);
+  const tokenizerModel = g.metadata.get('tokenizer.ggml.model');
+  let tokenizer: TokenizerFiles | undefined;
+  if (tokenizerModel === 'gpt2') tokenizer = ggufByteLevelTokenizer(g.metadata, path);
+  else if (tokenizerModel !== 'llama') throw new Error(`${path}: unsupported tokenizer.ggml.model ${JSON.stringify(tokenizerModel)} (llama: SentencePiece, gpt2: byte-level BPE)`);
+  const vocab: SpVocab = tokenizer
+    ? { pieces: (g.metadata.get('tokenizer.ggml.tokens') as string[]).map((piece) => ({ piece, score: 0, type: PieceType.Normal })), bosId: tokenizer.bosId ?? -1, eosId: tokenizer.eosIds[0] ?? -1, unkId: -1, addDummyPrefix: false }
+    : ggufVocab(g.metadata);
   const hidden = num('embedding_length'), heads = num('attention.head_count');
   const kvHeads = num('attention.head_count_kv', heads);
   const headDim = num('attention.key_length', hidden / heads);
@@ -425,8 +432,8 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     rope_theta: num('rope.freq_base', 10000),
     tie_word_embeddings: !names.has('output.weight'),
     ...(names.has('blk.0.attn_q.bias') && { attention_bias: true }),
-    bos_token_id: vocab.bosId,
-    eos_token_id: vocab.eosId,
+    bos_token_id: tokenizer ? tokenizer.bosId : vocab.bosId,
+    eos_token_id: tokenizer ? tokenizer.eosIds[0] : vocab.eosId,
   };
 
   const expected = hfWeightShapes(config);
@@ -444,5 +451,5 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     weights.set(name, { shape, data });
   }
   for (const name of expected.keys()) if (!weights.has(name)) throw new Error(`${path}: missing tensor for ${name}`);
-  return { config, weights, vocab };
+  return { config, weights, vocab, ...(tokenizer && { tokenizer }) };
 }

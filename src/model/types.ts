@@ -63,9 +63,20 @@ export interface Tensor32 {
 }
 export type WeightMap = Map<string, Tensor32>;
 
+/** A checkpoint's tokenizer as Hugging Face files, where it is not a SentencePiece vocabulary. */
+export interface TokenizerFiles {
+  tokenizerJson: object;
+  tokenizerConfig: Record<string, unknown>;
+  bosId: number | undefined;
+  /** End-of-generation ids for generation_config.json. */
+  eosIds: number[];
+}
+
 /** What every checkpoint reader returns. */
 export interface Checkpoint {
   config: LlamaConfig;
   weights: WeightMap;
+  /** For a checkpoint with `tokenizer`, its ids only (bos, eos, unk) matter. */
   vocab: SpVocab;
+  tokenizer?: TokenizerFiles;
 }
