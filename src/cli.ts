@@ -4,8 +4,8 @@ const USAGE = `tally — OpenAI-compatible inference on ONNX Runtime, with the c
 
 Usage:
   tally serve   [--model NAME|DIR|FILE] [--port 8000] [--host 127.0.0.1] [--device cpu|cuda[:N]|auto] ...
-  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf] [--dtype fp32|fp16]
-  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE] [--dtype fp32|fp16]
+  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf] [--dtype fp32|fp16] [--quant int8|int4|none]
+  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE] [--dtype fp32|fp16] [--quant int8|int4]
   tally bench   --url URL --model NAME [--concurrency 1,8,32 | --rate 1,2,4] ...
   tally keys    add NAME [--rpm N] [--tpm N] [--budget-usd X] | list | revoke NAME  [--file FILE]
   tally cost    [--data-dir DIR] [--by tenant|model|day] [--since 24h|2026-11-01] [--format table|json]
@@ -157,13 +157,17 @@ async function serve(argv: string[]): Promise<void> {
 
 const CONVERT_HELP = `tally convert — write a model folder in the onnx-community layout
 
-  tally convert CHECKPOINT OUT_DIR      GGUF (F32, F16, BF16, Q8_0) or llama2.c checkpoint (Llama family)
+  tally convert CHECKPOINT OUT_DIR      GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) or llama2.c checkpoint (Llama family)
     --tokenizer FILE                    llama2.c checkpoints: tokenizer.model or tokenizer.bin (default: beside it)
     --chat-template FILE                a Jinja chat template to store in tokenizer_config.json
     --format tally|hf                   tally (default): KV cache in slots, only new positions returned;
                                         hf: the onnx-community interface (past_key_values / present)
     --dtype fp32|fp16                   weights, activations and KV cache (default fp32); fp16 is for CUDA
                                         (attention scores, softmax and logits stay fp32)
+    --quant int8|int4|none              linear layers as ONNX Runtime MatMulNBits blocks (embeddings and norms stay
+                                        --dtype; the output head 8-bit). Default: a quantised GGUF keeps its
+                                        precision (Q4_0/Q8_0 blocks as they are); none widens it to --dtype
+    --block-size N                      quantisation block (16-256, default 64; GGUF blocks stay 32)
   tally convert --random --like DIR OUT_DIR
                                         random weights of DIR's config.json architecture with DIR's tokenizer
     --seed N                            default 0
@@ -181,6 +185,8 @@ async function convert(argv: string[]): Promise<void> {
       like: { type: 'string' },
       seed: { type: 'string' },
       set: { type: 'string', multiple: true },
+      quant: { type: 'string' },
+      'block-size': { type: 'string' },
     },
     CONVERT_HELP,
   );
@@ -189,6 +195,9 @@ async function convert(argv: string[]): Promise<void> {
   const dtypes: Record<string, 'float32' | 'float16'> = { fp32: 'float32', float32: 'float32', fp16: 'float16', float16: 'float16' };
   const dtype = dtypes[values.dtype ?? 'fp32'];
   if (!dtype) throw new Error('--dtype must be fp32 or fp16');
+  const quant = values.quant as 'int8' | 'int4' | 'none' | undefined;
+  if (quant !== undefined && !['int8', 'int4', 'none'].includes(quant)) throw new Error('--quant must be int8, int4 or none');
+  const quantBlockSize = number(values['block-size'], '--block-size');
   const { convertCheckpoint, convertRandomLike } = await import('./model/convert.ts');
   const started = Date.now();
   if (values.random) {
@@ -200,10 +209,10 @@ async function convert(argv: string[]): Promise<void> {
       const raw = kv.slice(at + 1);
       overrides[kv.slice(0, at)] = raw === 'true' ? true : raw === 'false' ? false : Number.isFinite(Number(raw)) ? Number(raw) : raw;
     }
-    convertRandomLike(values.like, positionals[0], { seed: number(values.seed, '--seed') ?? 0, overrides, chatTemplate: values['chat-template'], interface: format, dtype });
+    convertRandomLike(values.like, positionals[0], { seed: number(values.seed, '--seed') ?? 0, overrides, chatTemplate: values['chat-template'], interface: format, dtype, quant, quantBlockSize });
   } else {
     if (positionals.length !== 2) throw new Error('usage: tally convert CHECKPOINT OUT_DIR');
-    convertCheckpoint(positionals[0], positionals[1], { tokenizer: values.tokenizer, chatTemplate: values['chat-template'], interface: format, dtype });
+    convertCheckpoint(positionals[0], positionals[1], { tokenizer: values.tokenizer, chatTemplate: values['chat-template'], interface: format, dtype, quant, quantBlockSize });
   }
   console.log(`wrote ${positionals[positionals.length - 1]} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
 }

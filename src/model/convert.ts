@@ -5,10 +5,12 @@ import { ggufToCheckpoint } from './gguf.ts';
 import { readLlama2c } from './llama2c.ts';
 import { parseLlama2cTokenizer } from './llama2c-tokenizer.ts';
 import { parseSentencePieceModel } from './sentencepiece.ts';
-import { buildLlamaGraph, type GraphInterface, type ModelDtype } from './llama-graph.ts';
+import { buildLlamaGraph, targetBits, type GraphInterface, type ModelDtype, type QuantOptions } from './llama-graph.ts';
+import { GgmlType } from './ggml-quants.ts';
+import { QUANT_ACCURACY_LEVEL, QUANT_BLOCK_SIZES } from './quant.ts';
 import { writeModelFolder } from './folder.ts';
 import { randomWeights } from './random.ts';
-import type { Checkpoint, LlamaConfig, SpVocab } from './types.ts';
+import type { Checkpoint, LlamaConfig, SpVocab, WeightMap } from './types.ts';
 
 export interface ConvertOptions {
   /** Tokenizer for llama2.c checkpoints: tokenizer.model (SentencePiece) or tokenizer.bin (llama2.c). */
@@ -17,6 +19,13 @@ export interface ConvertOptions {
   chatTemplate?: string;
   interface?: GraphInterface;
   dtype?: ModelDtype;
+  /**
+   * Linear layers as MatMulNBits blocks of 8 or 4 bits; 'none' widens a quantised GGUF to dtype. Default: a
+   * quantised GGUF keeps its precision (its Q4_0 / Q8_0 blocks as they are), anything else stays dtype.
+   */
+  quant?: QuantChoice;
+  /** Block size for weights quantised here (default DEFAULT_QUANT_BLOCK). */
+  quantBlockSize?: number;
 }
 
 function readVocab(file: string, vocabSize: number): SpVocab {
@@ -75,9 +84,10 @@ function llama2cGenerationConfig(config: LlamaConfig): Record<string, unknown> {
 export function convertCheckpoint(input: string, outDir: string, options: ConvertOptions = {}): void {
   const ckpt = readCheckpoint(input, options);
   const tok = ckpt.tokenizer;
-  const config = tok
+  const quant = quantOptions(options.quant, options.quantBlockSize, ckpt.weights);
+  const config = withPrecision(tok
     ? { ...ckpt.config, bos_token_id: tok.bosId, eos_token_id: tok.eosIds[0], torch_dtype: options.dtype ?? 'float32' }
-    : { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' };
+    : { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' }, quant);
   const { tokenizerJson, tokenizerConfig } = tok ?? buildTokenizerFiles(ckpt.vocab);
   const tokConfig: Record<string, unknown> = { ...tokenizerConfig, model_max_length: config.max_position_embeddings };
   if (options.chatTemplate) tokConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');
@@ -86,8 +96,40 @@ export function convertCheckpoint(input: string, outDir: string, options: Conver
     generationConfig: tok ? { bos_token_id: tok.bosId, eos_token_id: tok.eosIds.length === 1 ? tok.eosIds[0] : tok.eosIds, do_sample: false } : llama2cGenerationConfig(config),
     tokenizerJson,
     tokenizerConfig: tokConfig,
-    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype }),
+    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype, quant }),
   });
+}
+
+export type QuantChoice = 'int8' | 'int4' | 'none';
+
+/**
+ * ONNX Runtime's int8-compute CPU kernels (accuracy_level 4) ran a SmolLM2-sized MatMulNBits faster at 64 than
+ * at 32 or 16, int8 and int4 alike; narrow rows get smaller blocks (rowBlockSize).
+ */
+export const DEFAULT_QUANT_BLOCK = 64;
+
+function quantOptions(choice: QuantChoice | undefined, blockSize = DEFAULT_QUANT_BLOCK, weights?: WeightMap): QuantOptions | undefined {
+  if (choice === 'none') return undefined;
+  if (!QUANT_BLOCK_SIZES.includes(blockSize)) throw new Error(`--block-size must be one of ${QUANT_BLOCK_SIZES.join(', ')} (got ${blockSize})`);
+  if (choice) return { bits: choice === 'int8' ? 8 : 4, blockSize, keep: false };
+  // A quantised GGUF: each weight keeps its precision; weights stored as floats there (F16 fallbacks) take
+  // the bits that most of its linear weights have.
+  const linear = [...(weights?.entries() ?? [])].filter(([name, t]) => t.shape.length === 2 && name !== 'model.embed_tokens.weight');
+  const quantised = linear.filter(([, t]) => t.ggml && t.ggml.type !== GgmlType.F16 && t.ggml.type !== GgmlType.BF16);
+  if (quantised.length === 0) return undefined;
+  let four = 0, all = 0;
+  for (const [, t] of quantised) {
+    all += t.data.length;
+    if (targetBits(t, { bits: 8, blockSize, keep: true }) === 4) four += t.data.length;
+  }
+  return { bits: four * 2 > all ? 4 : 8, blockSize, keep: true };
+}
+
+/** config.json's `tally.precision` (fp32, fp16, int8, int4): what /v1/models and /v1/cost report. */
+function withPrecision(config: LlamaConfig, quant: QuantOptions | undefined): LlamaConfig {
+  const precision = quant ? `int${quant.bits}` : config.torch_dtype === 'float16' ? 'fp16' : 'fp32';
+  const tally = { precision, ...(quant && { quantization: { method: 'MatMulNBits', bits: quant.bits, block_size: quant.blockSize, accuracy_level: QUANT_ACCURACY_LEVEL } }) };
+  return { ...config, tally };
 }
 
 export interface RandomOptions {
@@ -97,6 +139,8 @@ export interface RandomOptions {
   chatTemplate?: string;
   interface?: GraphInterface;
   dtype?: ModelDtype;
+  quant?: QuantChoice;
+  quantBlockSize?: number;
 }
 
 /** A random-weight model with the architecture, tokenizer and chat template of a published model folder. */
@@ -106,7 +150,8 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
   if (!fs.existsSync(path.join(likeDir, 'tokenizer.json'))) throw new Error(`${likeDir} has no tokenizer.json`);
   const published = read('config.json') as LlamaConfig;
   const defaults = { rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, num_key_value_heads: published.num_attention_heads };
-  const config: LlamaConfig = Object.assign(defaults, published, options.overrides, { torch_dtype: options.dtype ?? 'float32' });
+  const quant = quantOptions(options.quant, options.quantBlockSize);
+  const config: LlamaConfig = withPrecision(Object.assign(defaults, published, options.overrides, { torch_dtype: options.dtype ?? 'float32' }), quant);
   const supported = ['llama', 'qwen2', 'mistral'];
   if (!supported.includes(config.model_type)) throw new Error(`model_type ${config.model_type} is not a Llama-family decoder (${supported.join(', ')})`);
   const tokenizerConfig = fs.existsSync(path.join(likeDir, 'tokenizer_config.json')) ? read('tokenizer_config.json') : {};
@@ -117,6 +162,6 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
     generationConfig,
     tokenizerJson: read('tokenizer.json'),
     tokenizerConfig,
-    graph: buildLlamaGraph(config, randomWeights(config, options.seed), { interface: options.interface ?? 'tally', dtype: options.dtype }),
+    graph: buildLlamaGraph(config, randomWeights(config, options.seed), { interface: options.interface ?? 'tally', dtype: options.dtype, quant }),
   });
 }

@@ -5,6 +5,7 @@ import { GGML_BLOCK as BLOCK, GgmlType, dequantize, ggmlTypeName } from './ggml-
 export { GgmlType } from './ggml-quants.ts';
 import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type TokenizerFiles, type WeightMap } from './types.ts';
 import { ggufByteLevelTokenizer } from './gguf-tokenizer.ts';
+import { nbitsFromGgml, permuteRows } from './quant.ts';
 
 /** GGUF metadata value types. */
 export enum GgufValueType {
@@ -315,6 +316,14 @@ function encode(type: GgmlType, x: Float32Array): Buffer {
  * Reorders q/k projection rows (or biases, cols = 1) per head from the interleaved-pairs RoPE layout
  * (llama2.c, Meta, GGUF llama) to HF's rotate-half layout.
  */
+export function qkRowOrder(nHeads: number, headDim: number): number[] {
+  const order: number[] = [], half = headDim / 2;
+  for (let h = 0; h < nHeads; h++) {
+    for (let j = 0; j < headDim; j++) order.push(h * headDim + (j < half ? 2 * j : 2 * (j - half) + 1));
+  }
+  return order;
+}
+
 export function unpermuteQk(data: Float32Array, nHeads: number, headDim: number, cols: number): Float32Array {
   if (data.length !== nHeads * headDim * cols) throw new Error(`unpermuteQk: ${data.length} values is not ${nHeads}x${headDim}x${cols}`);
   const out = new Float32Array(data.length), half = headDim / 2;
@@ -445,10 +454,14 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     if (!shape) throw new Error(`${path}: unexpected tensor ${t.name}`);
     if (shape.join() !== t.shape.join()) throw new Error(`${path}: ${t.name} is [${t.shape}], expected [${shape}]`);
     let data = g.tensorData(t.name);
+    let nbits = shape.length === 2 && (t.type === GgmlType.Q4_0 || t.type === GgmlType.Q8_0) ? nbitsFromGgml(t.type, g.tensorBytes(t), shape[0], shape[1]) : undefined;
     // GGUF qwen2 keeps HF's rotate-half order (llama.cpp runs it with NEOX RoPE); llama is interleaved.
     const qk = arch === 'llama' && /\.(q|k)_proj\./.exec(name)?.[1];
-    if (qk) data = unpermuteQk(data, qk === 'q' ? heads : kvHeads, headDim, shape.length === 2 ? shape[1] : 1);
-    weights.set(name, { shape, data });
+    if (qk) {
+      data = unpermuteQk(data, qk === 'q' ? heads : kvHeads, headDim, shape.length === 2 ? shape[1] : 1);
+      if (nbits) nbits = permuteRows(nbits, qkRowOrder(qk === 'q' ? heads : kvHeads, headDim));
+    }
+    weights.set(name, { shape, data, ...(t.type !== GgmlType.F32 && { ggml: { type: t.type, ...(nbits && { nbits }) } }) });
   }
   for (const name of expected.keys()) if (!weights.has(name)) throw new Error(`${path}: missing tensor for ${name}`);
   return { config, weights, vocab, ...(tokenizer && { tokenizer }) };
