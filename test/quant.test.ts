@@ -18,7 +18,13 @@ import { encodeModel, readInitializers, readModelMetadata } from '../src/model/o
 import { dequantizeNBits, nbitsAttributes, nbitsFromGgml, quantizeNBits, rowBlockSize } from '../src/model/quant.ts';
 import type { Checkpoint } from '../src/model/types.ts';
 import { Llama2cTransformer, generateGreedy } from './helpers/llama2c-reference.ts';
-import { SHARED_MODELS } from './helpers/models.ts';
+import { SHARED_MODELS, storiesModel } from './helpers/models.ts';
+import { startTestServer } from './helpers/server.ts';
+import express from 'express';
+import type { AddressInfo } from 'node:net';
+import { CostMeter } from '../src/meter/meter.ts';
+import { costRouter } from '../src/meter/cost-report.ts';
+import { precisionOf } from '../src/model/quant.ts';
 
 const STORIES = path.join(SHARED_MODELS, 'stories260K');
 const QREF = path.join(SHARED_MODELS, 'quant-reference');
@@ -221,5 +227,33 @@ describe('quantised model folders on the engine', () => {
     convertCheckpoint(path.join(QREF, 'stories260K-Q4_0.gguf'), widened, { quant: 'none' });
     expect(JSON.parse(fs.readFileSync(path.join(widened, 'config.json'), 'utf8')).tally.precision).toBe('fp32');
     expect(readInitializers(fs.readFileSync(path.join(widened, 'onnx', 'model.onnx'))).has('model.layers.0.mlp.gate_up.weight_t')).toBe(true);
+  });
+
+  it('/v1/models and /v1/cost say the precision', async () => {
+    const dir = path.join(tmp, 'served-int4');
+    convertCheckpoint(path.join(STORIES, 'stories260K.gguf'), dir, { quant: 'int4' });
+    for (const [modelDir, precision] of [[dir, 'int4'], [storiesModel(), 'fp32'], [storiesModel('float16'), 'fp16']] as const) {
+      const server = await startTestServer({ modelDir });
+      try {
+        const list = await (await fetch(`${server.url}/v1/models`)).json();
+        expect(list.data[0].precision).toBe(precision);
+        expect((await (await fetch(`${server.url}/v1/models/${server.modelName}`)).json()).precision).toBe(precision);
+      } finally {
+        await server.close();
+      }
+    }
+    // A folder from before the tally block: torch_dtype says it.
+    expect([precisionOf({ torch_dtype: 'float16' }), precisionOf({}), precisionOf({ tally: { precision: 'int8' } })]).toEqual(['fp16', 'fp32', 'int8']);
+
+    const app = express();
+    app.use(costRouter(new CostMeter({ devicePriceUsdPerHour: 1, model: 'm' }), { apiModels: [], model: { id: 'm', precision: 'int4' } }));
+    const server = app.listen(0, '127.0.0.1');
+    await new Promise((r) => server.once('listening', r));
+    try {
+      const body = await (await fetch(`http://127.0.0.1:${(server.address() as AddressInfo).port}/v1/cost?window=1m`)).json();
+      expect(body.model).toEqual({ id: 'm', precision: 'int4' });
+    } finally {
+      server.close();
+    }
   });
 });

@@ -27,6 +27,8 @@ export interface CostReportOptions {
   targetTokensPerMonth?: number;
   /** The latest device telemetry sample (utilization, memory, power), shown as is. */
   telemetry?: () => unknown;
+  /** The model served and its weights' precision (fp32, fp16, int8, int4). */
+  model?: { id: string; precision: string };
 }
 
 export interface ApiComparison extends ApiQuote {
@@ -147,7 +149,8 @@ export function costRouter(meter: CostMeter, options: CostReportOptions = {}): R
     }
     const pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
     const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
-    res.json({ ...buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }), ...perDevice });
+    const model = options.model ? { model: options.model } : {};
+    res.json({ ...model, ...buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }), ...perDevice });
   });
   return router;
 }

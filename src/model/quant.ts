@@ -239,3 +239,10 @@ export function permuteRows(q: NBitsWeight, order: number[]): NBitsWeight {
   if (q.zeroPoints) throw new Error('permuteRows: weights with zero points are not row-permuted here');
   return { ...q, packed, scales };
 }
+
+/** A model folder's precision from its config.json: `tally.precision` where Tally wrote it, else torch_dtype. */
+export function precisionOf(config: { torch_dtype?: unknown; tally?: unknown }): Precision {
+  const written = (config.tally as { precision?: unknown } | undefined)?.precision;
+  if (written === 'fp32' || written === 'fp16' || written === 'int8' || written === 'int4') return written;
+  return config.torch_dtype === 'float16' ? 'fp16' : 'fp32';
+}

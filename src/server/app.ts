@@ -15,6 +15,7 @@ import { TokenText } from './logprobs.ts';
 import { makeSchemas } from './schemas.ts';
 import { checkCapacity } from './serve.ts';
 import { TenantLimiter } from './tenant-limits.ts';
+import { precisionOf } from '../model/quant.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
 
 export type { ServerContext, ServerLimits } from './context.ts';
@@ -154,6 +155,7 @@ export function createApp(ctx: ServerContext): Express {
     owned_by: 'tally',
     root: ctx.modelName,
     max_model_len: ctx.engine.info.limits.maxModelLen,
+    precision: precisionOf(ctx.folder.config),
   });
   app.get('/v1/models', (_req, res) => {
     res.json({ object: 'list', data: [model()] });

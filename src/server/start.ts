@@ -19,6 +19,7 @@ import { Metrics, metricsHandler } from '../telemetry/metrics.ts';
 import { DeviceTelemetry } from '../telemetry/device.ts';
 import { createApp } from './app.ts';
 import { KeyStore, loadApiKeys } from './api-keys.ts';
+import { precisionOf } from '../model/quant.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 
 export interface ServeOptions {
@@ -159,7 +160,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     },
     mount: (express) => {
       express.get('/metrics', metricsHandler(metrics));
-      express.use(costRouter(meter, { telemetry: () => telemetry.latest() }));
+      express.use(costRouter(meter, { telemetry: () => telemetry.latest(), model: { id: modelName, precision: precisionOf(folder.config) } }));
       express.use(dashboardRouter({ meter, metrics, ledger, telemetry: () => telemetry.latest() }));
     },
   });
