@@ -183,9 +183,11 @@ describe('quantised model folders on the engine', () => {
       const dataBytes = fs.statSync(path.join(dir, 'onnx', 'model.onnx_data')).size;
       expect(dataBytes).toBeLessThan(quant === 'int8' ? 0.55 * 1.06e6 : 0.45 * 1.06e6);
 
-      const paged = await greedy(dir, 39);
+      const paged = await greedy(dir, 39, { kvCacheDtype: 'float32' });
       const inGraph = await greedy(dir, 39, { attention: 'onnx' });
       expect(paged.info.runner).toBe('paged');
+      const pagedF16 = await greedy(dir, 39);
+      expect([pagedF16.info.runner, pagedF16.info.kvCacheDtype, pagedF16.tokens.length]).toEqual(['paged', 'float16', 39]);
       expect(inGraph.info.runner).toBe('tally');
       expect(paged.tokens).toHaveLength(39);
       expect(inGraph.tokens).toEqual(paged.tokens);

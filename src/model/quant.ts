@@ -117,36 +117,36 @@ function bestAsymmetric(w: Float32Array, start: number, end: number, qmax: numbe
   }
   if (hi === lo) return [0, 0];
   let bestScale = 0, bestZp = 0, bestErr = Infinity;
-  const tryPair = (scale: number, zp: number): void => {
+  const errorOf = (scale: number, zp: number): number => {
     const inv = 1 / scale;
-    let err = 0, xq = 0, qq = 0;
+    let err = 0;
     for (let i = start; i < end; i++) {
-      const q = Math.min(qmax, Math.max(0, Math.round(w[i] * inv) + zp)) - zp;
-      const d = q * scale - w[i];
+      const q = Math.round(w[i] * inv) + zp;
+      const d = ((q < 0 ? 0 : q > qmax ? qmax : q) - zp) * scale - w[i];
       err += d * d;
-      xq += w[i] * q;
-      qq += q * q;
     }
-    if (err < bestErr) [bestErr, bestScale, bestZp] = [err, scale, zp];
-    // The scale that fits these codes best; kept if it does better.
-    const fit = qq > 0 ? Math.fround(xq / qq) : 0;
-    if (fit > 0 && fit !== scale) {
-      let err2 = 0;
-      const inv2 = 1 / fit;
-      for (let i = start; i < end; i++) {
-        const d = (Math.min(qmax, Math.max(0, Math.round(w[i] * inv2) + zp)) - zp) * fit - w[i];
-        err2 += d * d;
-      }
-      if (err2 < bestErr) [bestErr, bestScale, bestZp] = [err2, fit, zp];
-    }
+    return err;
   };
   for (let a = 0; a < grid; a++) {
     for (let b = 0; b < grid; b++) {
       const l = lo * (1 - 0.05 * a), h = hi * (1 - 0.05 * b);
       const scale = Math.fround((h - l) / qmax);
-      if (scale > 0) tryPair(scale, Math.min(qmax, Math.max(0, Math.round(-l / scale))));
+      if (!(scale > 0)) continue;
+      const zp = Math.min(qmax, Math.max(0, Math.round(-l / scale)));
+      const err = errorOf(scale, zp);
+      if (err < bestErr) [bestErr, bestScale, bestZp] = [err, scale, zp];
     }
   }
+  // The scale that fits the best pair's codes by least squares, kept if it does better.
+  const inv = 1 / bestScale;
+  let xq = 0, qq = 0;
+  for (let i = start; i < end; i++) {
+    const q = Math.min(qmax, Math.max(0, Math.round(w[i] * inv) + bestZp)) - bestZp;
+    xq += w[i] * q;
+    qq += q * q;
+  }
+  const fit = qq > 0 ? Math.fround(xq / qq) : 0;
+  if (fit > 0 && errorOf(fit, bestZp) < bestErr) bestScale = fit;
   return [bestScale, bestZp];
 }
 
