@@ -53,7 +53,7 @@ async function smolLM2(): Promise<void> {
   try {
     const rates = new Map<string, number[]>();
     const body = (model: string, maxTokens: number) => (i: number) => ({ model, prompt: prompt(i), max_tokens: maxTokens, ignore_eos: true, temperature: 0 });
-    for (const [i, v] of variants.entries()) await streamLoad(servers[i].url, body(v, 16), 2, 2); // warm-up
+    for (const [i, v] of variants.entries()) await streamLoad(servers[i].url, body(v, 16), 32, 32); // warm-up: first runs at each batch shape
     for (let r = 0; r < rounds; r++) {
       for (const c of [1, 32]) {
         for (const [i, v] of variants.entries()) {
