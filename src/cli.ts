@@ -164,8 +164,8 @@ const CONVERT_HELP = `tally convert — write a model folder in the onnx-communi
                                         hf: the onnx-community interface (past_key_values / present)
     --dtype fp32|fp16                   weights, activations and KV cache (default fp32); fp16 is for CUDA
                                         (attention scores, softmax and logits stay fp32)
-    --quant int8|int4|none              linear layers as ONNX Runtime MatMulNBits blocks (embeddings and norms stay
-                                        --dtype; the output head 8-bit). Default: a quantised GGUF keeps its
+    --quant int8|int4|none              linear layers as ONNX Runtime MatMulNBits blocks (the output head and the
+                                        embedding 8-bit, norms --dtype). Default: a quantised GGUF keeps its
                                         precision (Q4_0/Q8_0 blocks as they are); none widens it to --dtype
     --block-size N                      quantisation block (16-256, default 64; GGUF blocks stay 32)
   tally convert --random --like DIR OUT_DIR

@@ -78,6 +78,21 @@ export class GraphBuilder {
     return { b, scales, zp, k: q.k };
   }
 
+  /** An embedding table [V, H] as GatherBlockQuantized takes it: data [V, H × bits / 8], scales and zero points [V, ·]. */
+  embeddingWeight(base: string, q: NBitsWeight): QuantLinear {
+    const blocks = q.scales.length / q.n;
+    const b: TensorSpec = { name: `${base}.weight_q`, type: DataType.UINT8, dims: [q.n, q.packed.length / q.n], raw: q.packed };
+    const scales: TensorSpec = { name: `${base}.weight_scales`, type: this.dtype, dims: [q.n, blocks], raw: rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(q.scales) : q.scales) };
+    const zp: TensorSpec = { name: `${base}.weight_zp`, type: DataType.UINT8, dims: [q.n, q.zeroPoints!.length / q.n], raw: q.zeroPoints! };
+    return { b, scales, zp, k: q.k };
+  }
+
+  /** The rows of a block-quantised embedding table (embeddingWeight) for ids, dequantised. */
+  gatherNBits(ids: string, w: QuantLinear): string {
+    const blocks = w.scales.dims[1], blockSize = w.k / blocks, bits = (w.b.dims[1] * 8) / w.k;
+    return this.op1('GatherBlockQuantized', [this.tensor(w.b), ids, this.tensor(w.scales), this.tensor(w.zp!)], { gather_axis: 0, quantize_axis: 1, block_size: blockSize, bits }, 'com.microsoft');
+  }
+
   /** x [.., K] times a block-quantised [N, K] weight, as ONNX Runtime's MatMulNBits. */
   matMulNBits(x: string, w: QuantLinear): string {
     const { bits, blockSize } = nbitsAttributes(w.k, w.b.dims);
@@ -192,7 +207,7 @@ export interface BuildOptions {
   positionIds?: boolean;
   /** Weights, activations and KV cache (default float32). */
   dtype?: ModelDtype;
-  /** Linear layers (and the output head) as MatMulNBits blocks; embeddings and norms stay in dtype. */
+  /** Linear layers (and the output head) as MatMulNBits blocks, the embedding table as 8-bit blocks; norms stay in dtype. */
   quant?: QuantOptions;
 }
 
@@ -314,8 +329,20 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
     return g.op1('MatMul', [x, g.weight(`${base}.weight_t`, w, [inDim, outs.reduce((a, b) => a + b, 0)])]);
   };
 
-  const embed = g.weight('model.embed_tokens.weight', req(weights, 'model.embed_tokens.weight'), [V, H]);
-  let hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
+  const lmHead = weights.get('lm_head.weight');
+  const headBits = options.quant?.headBits ?? 8;
+  // With the head quantised apart (or untied), the table serves only lookups: 8-bit blocks, a quarter the bytes.
+  const embedBlock = options.quant && rowBlockSize(H, options.quant.blockSize);
+  const quantEmbed = options.quant && (headBits !== 'float' || lmHead) && H % embedBlock! === 0;
+  let embed = '';
+  let hidden: string;
+  if (quantEmbed) {
+    const q = quantizeNBits(req(weights, 'model.embed_tokens.weight'), V, H, 8, embedBlock!);
+    hidden = g.op1('Reshape', [g.gatherNBits('input_ids', g.embeddingWeight('model.embed_tokens', q)), g.ints([-1, H])]);
+  } else {
+    embed = g.weight('model.embed_tokens.weight', req(weights, 'model.embed_tokens.weight'), [V, H]);
+    hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
+  }
 
   const shape = (...parts: (string | number[])[]) => g.op1('Concat', parts.map((x) => (typeof x === 'string' ? x : g.ints(x))), { axis: 0 });
   const qShape = shape(batchDim, newDim, [nh, hd]);
@@ -394,8 +421,6 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightMap, options
   }
 
   const finalNorm = g.weight('model.norm.weight', req(weights, 'model.norm.weight'), [H]);
-  const lmHead = weights.get('lm_head.weight');
-  const headBits = options.quant?.headBits ?? 8;
   const headWeight: string | QuantLinear = options.quant && headBits !== 'float'
     ? g.nbitsWeight('lm_head', quantizeLinear([lmHead ?? tensorOf('model.embed_tokens.weight')], H, { ...options.quant, bits: headBits! }))
     : lmHead ? g.weight('lm_head.weight', lmHead.data, [V, H]) : embed;

@@ -20,7 +20,7 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
     if (!t) throw new Error(`the graph has no initializer ${name}`);
     return t;
   };
-  const dt = get('model.embed_tokens.weight').type;
+  const dt = get('model.norm.weight').type;
   if (dt !== DataType.FLOAT && dt !== DataType.FLOAT16) throw new Error(`unsupported weight type ${dt}`);
   const H = config.hidden_size;
   const L = config.num_hidden_layers;
@@ -42,7 +42,9 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
     let hidden: string;
     if (part === 0) {
       g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
-      g.op1('Reshape', [g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']), g.ints([-1, H])]);
+      const quantEmbed = quantLinearOf(tensors, 'model.embed_tokens', H);
+      const rows = quantEmbed ? g.gatherNBits('input_ids', quantEmbed) : g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']);
+      g.op1('Reshape', [rows, g.ints([-1, H])]);
       hidden = g.nameLast('hidden');
     } else {
       g.inputs.push({ name: 'hidden_in', type: dt, dims: ['rows', H] });
