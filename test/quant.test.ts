@@ -253,7 +253,7 @@ describe('quantised model folders on the engine', () => {
     expect([precisionOf({ torch_dtype: 'float16' }), precisionOf({}), precisionOf({ tally: { precision: 'int8' } })]).toEqual(['fp16', 'fp32', 'int8']);
 
     const app = express();
-    app.use(costRouter(new CostMeter({ devicePriceUsdPerHour: 1, model: 'm' }), { apiModels: [], model: { id: 'm', precision: 'int4' } }));
+    app.use(costRouter(new CostMeter({ devicePriceUsdPerHour: 1, model: 'm', precision: 'int4' }), { apiModels: [] }));
     const server = app.listen(0, '127.0.0.1');
     await new Promise((r) => server.once('listening', r));
     try {

@@ -7,7 +7,7 @@
  * /metrics serves, and `ledger` groups the ledger's rows by tenant and by model. Every figure the page
  * shows is a field of this object, formatted by public/format.js; the page computes nothing.
  */
-import { buildCostReport, type CostWindowReport, type Pricing } from '../meter/cost-report.ts';
+import { buildCostReport, modelOf, type CostWindowReport, type Pricing } from '../meter/cost-report.ts';
 import type { Ledger, LedgerRow } from '../meter/ledger.ts';
 import type { CostMeter } from '../meter/meter.ts';
 import type { Metrics } from '../telemetry/metrics.ts';
@@ -247,7 +247,7 @@ export class SnapshotSource {
     const pricing: Pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
     // As costRouter builds GET /v1/cost's body.
     const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
-    const cost = { ...buildCostReport(meter.window(meter.allocationWindowMs, now), pricing, { apiModels: this.sources.apiModels, telemetry: this.sources.telemetry }), ...perDevice };
+    const cost = { ...modelOf(meter), ...buildCostReport(meter.window(meter.allocationWindowMs, now), pricing, { apiModels: this.sources.apiModels, telemetry: this.sources.telemetry }), ...perDevice };
     const recent = buildCostReport(meter.window(RECENT_WINDOW_MS, now), pricing, { apiModels: [] });
     return {
       object: 'dashboard_snapshot',

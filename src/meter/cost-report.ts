@@ -27,8 +27,6 @@ export interface CostReportOptions {
   targetTokensPerMonth?: number;
   /** The latest device telemetry sample (utilization, memory, power), shown as is. */
   telemetry?: () => unknown;
-  /** The model served and its weights' precision (fp32, fp16, int8, int4). */
-  model?: { id: string; precision: string };
 }
 
 export interface ApiComparison extends ApiQuote {
@@ -126,6 +124,11 @@ function badRequest(res: Response, message: string, param: string, code: string)
   res.status(400).json({ error: { message, type: 'invalid_request_error', param, code } });
 }
 
+/** The report's `model` (id and precision) where the meter knows the precision. */
+export function modelOf(meter: CostMeter): { model?: { id: string; precision: string } } {
+  return meter.precision ? { model: { id: meter.model, precision: meter.precision } } : {};
+}
+
 /** GET /v1/cost?window=15m[&models=provider:model,...][&target_tokens_per_month=N] */
 export function costRouter(meter: CostMeter, options: CostReportOptions = {}): Router {
   const router = Router();
@@ -149,8 +152,7 @@ export function costRouter(meter: CostMeter, options: CostReportOptions = {}): R
     }
     const pricing = { devices: meter.devices, devicePriceUsdPerHour: meter.devicePriceUsdPerHour, usdPerDeviceHour: meter.usdPerDeviceHour() };
     const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
-    const model = options.model ? { model: options.model } : {};
-    res.json({ ...model, ...buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }), ...perDevice });
+    res.json({ ...modelOf(meter), ...buildCostReport(meter.window(windowMs), pricing, { apiModels, targetTokensPerMonth: target, telemetry: options.telemetry }), ...perDevice });
   });
   return router;
 }

@@ -124,7 +124,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
 
   const ledger = new Ledger(options.dataDir);
   const metrics = new Metrics();
-  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName });
+  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: options.powerPrice, ledger, metrics, model: modelName, precision: precisionOf(folder.config) });
   const telemetry = new DeviceTelemetry({ engineDevice: engine.info.device });
   if (options.meter !== false) telemetry.onPower((watts) => meter.observePower(watts));
   const firstSample = await telemetry.start();
@@ -160,7 +160,7 @@ export async function startServer(options: ServeOptions, logger: Logger = pino({
     },
     mount: (express) => {
       express.get('/metrics', metricsHandler(metrics));
-      express.use(costRouter(meter, { telemetry: () => telemetry.latest(), model: { id: modelName, precision: precisionOf(folder.config) } }));
+      express.use(costRouter(meter, { telemetry: () => telemetry.latest() }));
       express.use(dashboardRouter({ meter, metrics, ledger, telemetry: () => telemetry.latest() }));
     },
   });
