@@ -72,7 +72,11 @@ async function smolLM2(): Promise<void> {
         console.log(`SmolLM2-135M ${v} c=${c}: ${median(x).toFixed(1)} tok/s (rounds ${x.map((y) => y.toFixed(1)).join(', ')}); / fp32 c=${c}: median ${median(ratios).toFixed(2)} (rounds ${ratios.map((y) => y.toFixed(2)).join(', ')})`);
       }
     }
-    console.log('bars: int8 c=1 >= 1.7x fp32 c=1; int4 c=1 >= 2.2x; c=32 no slower than fp32');
+    const ratio = (v: string, c: number) => median(rates.get(`${v} c=${c}`)!.map((y, i) => y / rates.get(`fp32 c=${c}`)![i]));
+    for (const [v, c, bar] of [['int8', 1, 1.7], ['int4', 1, 2.2], ['int8', 32, 1], ['int4', 32, 1]] as const) {
+      const r = ratio(v, c);
+      console.log(`bar: ${v} c=${c} / fp32 c=${c} = ${r.toFixed(2)} (>= ${bar}): ${r >= bar ? 'met' : 'NOT met'}`);
+    }
     for (const [i, v] of variants.entries()) {
       const cost = await (await fetch(`${servers[i].url}/v1/cost?window=1h&models=openai:gpt-5`)).json();
       const models = await (await fetch(`${servers[i].url}/v1/models`)).json();
