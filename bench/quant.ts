@@ -2,7 +2,8 @@
  * Quantised weights (issue #19): random-weight models of SmolLM2-135M's shape as fp32, int8 and int4
  * (MatMulNBits) served over HTTP side by side, single stream (c=1) and c=32, and TinyLlama-1.1B's shape as int4
  * at c=1 and c=8 with the server's peak RSS. Only ratios measured in this one run are compared.
- *   node --import tsx bench/quant.ts [--rounds N] [--no-tinyllama]
+ * --engine-loop: instead, the bare engine loop (no HTTP) at c=32, fp32/int8/int4 alternating.
+ *   node --import tsx bench/quant.ts [--rounds N] [--no-tinyllama] [--engine-loop]
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -12,6 +13,7 @@ import { modelsDir } from '../src/model/resolve.ts';
 import { convertRandomLike, type QuantChoice } from '../src/model/convert.ts';
 import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
 import { isModelFolder } from '../src/model/folder.ts';
+import { engineLoop } from './lib.ts';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const SHARED = path.resolve(ROOT, '../shared/models');
@@ -104,5 +106,25 @@ async function tinyLlama(): Promise<void> {
   }
 }
 
-await smolLM2();
-if (!process.argv.includes('--no-tinyllama')) await tinyLlama();
+async function engineLoopC32(): Promise<void> {
+  const variants = ['fp32', 'int8', 'int4'] as const;
+  const dirs = variants.map((v) => randomModel('SmolLM2-135M-Instruct', v === 'fp32' ? undefined : v));
+  const rates = variants.map(() => [] as number[]);
+  for (let r = 0; r < rounds; r++) {
+    for (const [i, dir] of dirs.entries()) {
+      const res = await engineLoop({ modelDir: dir, device: { kind: 'cpu' }, maxNumSeqs: 64, maxNumBatchedTokens: 2048, kvCacheBytes: 2 ** 30 }, prompt, 32, 32, 32);
+      rates[i].push(res.tokensPerSecond);
+    }
+  }
+  for (const [i, v] of variants.entries()) {
+    const ratios = rates[i].map((y, r) => y / rates[0][r]);
+    console.log(`SmolLM2-135M engine loop c=32 ${v}: ${median(rates[i]).toFixed(1)} tok/s (rounds ${rates[i].map((y) => y.toFixed(1)).join(', ')}); / fp32: median ${median(ratios).toFixed(2)} (rounds ${ratios.map((y) => y.toFixed(2)).join(', ')})`);
+  }
+}
+
+if (process.argv.includes('--engine-loop')) {
+  await engineLoopC32();
+} else {
+  await smolLM2();
+  if (!process.argv.includes('--no-tinyllama')) await tinyLlama();
+}
