@@ -229,6 +229,7 @@ describe('quantised model folders on the engine', () => {
     expect(kmInits.get('model.layers.0.mlp.down_proj.weight_q')!.dims).toEqual([256, 12, 32]); // Q4_K: 4 bits
     expect(kmInits.get('model.layers.1.mlp.down_proj.weight_q')!.dims).toEqual([256, 12, 64]); // Q6_K: 8 bits
     expect(kmInits.get('model.layers.1.self_attn.qkv.weight_q')!.dims).toEqual([512, 4, 64]); // q, k Q4_K + v Q6_K: 8 bits
+    expect((await greedy(km, 4)).tokens).toHaveLength(4);
 
     const widened = path.join(tmp, 'q4_0-fp32');
     convertCheckpoint(path.join(QREF, 'stories260K-Q4_0.gguf'), widened, { quant: 'none' });
