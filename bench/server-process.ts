@@ -17,7 +17,7 @@ function freePort(): Promise<number> {
 
 /** `tally serve` in a child process (so the load generator does not share its event loop). */
 /** `root`: the checkout whose bin/tally.js runs (default this one). */
-export async function startServerProcess(model: string, extra: string[] = [], root = ROOT): Promise<{ url: string; dataDir: string; stop: () => Promise<void> }> {
+export async function startServerProcess(model: string, extra: string[] = [], root = ROOT): Promise<{ url: string; dataDir: string; pid: number; stop: () => Promise<void> }> {
   const port = await freePort();
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-'));
   const args = [path.join(root, 'bin/tally.js'), 'serve', '--model', model, '--port', String(port), '--log-level', 'warn', '--data-dir', dataDir, ...extra];
@@ -31,7 +31,7 @@ export async function startServerProcess(model: string, extra: string[] = [], ro
   for (let i = 0; i < 1200; i++) {
     if (child.exitCode !== null) throw new Error(`tally serve exited with code ${child.exitCode}`);
     try {
-      if ((await fetch(`${url}/health`)).ok) return { url, dataDir, stop };
+      if ((await fetch(`${url}/health`)).ok) return { url, dataDir, pid: child.pid!, stop };
     } catch {}
     await new Promise((r) => setTimeout(r, 100));
   }

@@ -216,9 +216,9 @@ describe('GGUF reader', () => {
     writeFileSync(bad, hugeArray);
     expect(() => readGguf(bad)).toThrow(/array of 1099511627776 items at offset \d+ exceeds it/);
     const q4 = Buffer.from(good);
-    q4.writeUInt32LE(2, good.indexOf('w', good.indexOf('toks') + 20) + 1 + 4 + 16); // tensor type -> Q4_0
+    q4.writeUInt32LE(6, good.indexOf('w', good.indexOf('toks') + 20) + 1 + 4 + 16); // tensor type -> Q5_0
     writeFileSync(bad, q4);
-    expect(() => readGguf(bad).tensorData('w')).toThrow(/ggml type 2/);
+    expect(() => readGguf(bad).tensorData('w')).toThrow(/ggml type 6/);
     expect(() => readGguf(p).tensorData('nope')).toThrow(/no tensor named nope/);
   });
 
@@ -244,6 +244,7 @@ describe('GGUF reader', () => {
       'qwen2.attention.head_count': u32(heads), 'qwen2.attention.head_count_kv': u32(kvHeads),
       'qwen2.context_length': u32(32), 'qwen2.attention.layer_norm_rms_epsilon': { type: GgufValueType.FLOAT32, value: 1e-6 },
       'qwen2.rope.freq_base': { type: GgufValueType.FLOAT32, value: 1e6 },
+      'tokenizer.ggml.model': { type: GgufValueType.STRING, value: 'llama' },
       'tokenizer.ggml.tokens': { type: GgufValueType.ARRAY, itemType: GgufValueType.STRING, value: ['a', 'b', 'c', 'd', 'e'] },
       'tokenizer.ggml.bos_token_id': u32(3), 'tokenizer.ggml.eos_token_id': u32(4),
     };

@@ -3,8 +3,8 @@ const USAGE = `tally — OpenAI-compatible inference on ONNX Runtime, with the c
 
 Usage:
   tally serve   [--model NAME|DIR|FILE|ORG/NAME] [--port 8000] [--host 127.0.0.1] [--device cpu|cuda[:N]|auto] ...
-  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf] [--dtype fp32|fp16]
-  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE] [--dtype fp32|fp16]
+  tally convert CHECKPOINT OUT_DIR [--tokenizer FILE] [--chat-template FILE] [--format tally|hf] [--dtype fp32|fp16] [--quant int8|int4|none]
+  tally convert --random --like DIR OUT_DIR [--seed N] [--set key=value ...] [--chat-template FILE] [--dtype fp32|fp16] [--quant int8|int4]
   tally bench   --url URL --model NAME [--concurrency 1,8,32 | --rate 1,2,4] ...
   tally pull    ORG/NAME[@REVISION] [--file NAME]
   tally keys    add NAME [--rpm N] [--tpm N] [--budget-usd X] | list | revoke NAME  [--file FILE]

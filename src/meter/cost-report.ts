@@ -118,8 +118,13 @@ export function buildCostReport(t: WindowTotals, pricing: Pricing, options: Cost
 
 export type CostWindowReport = ReturnType<typeof buildCostReport>;
 
-/** GET /v1/cost's body for the meter's last `windowMs`: the window's report at the meter's prices, and per-device busy time. */
+/** GET /v1/cost's body for the meter's last `windowMs`: the model, the window's report at the meter's prices, and per-device busy time. */
 export function meterCostReport(meter: CostMeter, windowMs: number, options: CostReportOptions = {}, now?: number) {
   const perDevice = meter.busyByDevice.size > 0 ? { per_device_busy_seconds_since_start: Object.fromEntries(meter.busyByDevice) } : {};
-  return { ...buildCostReport(meter.window(windowMs, now), meter.pricing(), options), ...perDevice };
+  return { ...modelOf(meter), ...buildCostReport(meter.window(windowMs, now), meter.pricing(), options), ...perDevice };
+}
+
+/** The report's `model` (id and precision) where the meter knows the precision. */
+export function modelOf(meter: CostMeter): { model?: { id: string; precision: string } } {
+  return meter.precision ? { model: { id: meter.model, precision: meter.precision } } : {};
 }

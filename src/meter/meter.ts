@@ -42,6 +42,8 @@ export interface CostMeterOptions {
   startMs?: number;
   /** The model label of engine-wide metrics. */
   model?: string;
+  /** The model's weights' precision (fp32, fp16, int8, int4), for reports. */
+  precision?: string;
   /** Trailing window for a response's allocation factor and the live gauges (default 15 min). */
   allocationWindowMs?: number;
 }
@@ -157,6 +159,7 @@ export class CostMeter implements RequestMeter {
   readonly powerPriceUsdPerKwh?: number;
   readonly startMs: number;
   readonly model: string;
+  readonly precision?: string;
   readonly allocationWindowMs: number;
   private readonly clock: () => number;
   private readonly ledger?: Ledger;
@@ -179,6 +182,7 @@ export class CostMeter implements RequestMeter {
     this.startMs = options.startMs ?? this.clock();
     this.lastMs = this.startMs;
     this.model = options.model ?? 'default';
+    this.precision = options.precision;
     this.allocationWindowMs = options.allocationWindowMs ?? 15 * 60_000;
     this.ledger = options.ledger;
     this.metrics = options.metrics;

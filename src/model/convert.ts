@@ -6,10 +6,13 @@ import { readLlama2c } from './llama2c.ts';
 import { parseLlama2cTokenizer } from './llama2c-tokenizer.ts';
 import { parseSentencePieceModel } from './sentencepiece.ts';
 import { buildLlamaGraph, type GraphInterface, type ModelDtype } from './llama-graph.ts';
+import { type QuantChoice, quantOptions, withPrecision } from './precision.ts';
 import { writeModelFolder } from './folder.ts';
 import { randomWeights } from './random.ts';
 import { convertHfCheckpoint, isHfCheckpointDir } from './hf-checkpoint.ts';
 import type { Checkpoint, LlamaConfig, SpVocab } from './types.ts';
+
+export { DEFAULT_QUANT_BLOCK, type QuantChoice } from './precision.ts';
 
 export interface ConvertOptions {
   /** Tokenizer for llama2.c checkpoints: tokenizer.model (SentencePiece) or tokenizer.bin (llama2.c). */
@@ -18,6 +21,13 @@ export interface ConvertOptions {
   chatTemplate?: string;
   interface?: GraphInterface;
   dtype?: ModelDtype;
+  /**
+   * Linear layers as MatMulNBits blocks of 8 or 4 bits; 'none' widens a quantised GGUF to dtype. Default: a
+   * quantised GGUF keeps its precision (its Q4_0 / Q8_0 blocks as they are), anything else stays dtype.
+   */
+  quant?: QuantChoice;
+  /** Block size for weights quantised here (default DEFAULT_QUANT_BLOCK). */
+  quantBlockSize?: number;
 }
 
 function readVocab(file: string, vocabSize: number): SpVocab {
@@ -79,16 +89,20 @@ export function convertCheckpoint(input: string, outDir: string, options: Conver
     return convertHfCheckpoint(input, outDir, options);
   }
   const ckpt = readCheckpoint(input, options);
-  const config = { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' };
-  const { tokenizerJson, tokenizerConfig } = buildTokenizerFiles(ckpt.vocab);
+  const tok = ckpt.tokenizer;
+  const quant = quantOptions(options.quant, options.quantBlockSize, ckpt.weights);
+  const config = withPrecision(tok
+    ? { ...ckpt.config, bos_token_id: tok.bosId, eos_token_id: tok.eosIds[0], torch_dtype: options.dtype ?? 'float32' }
+    : { ...ckpt.config, bos_token_id: ckpt.vocab.bosId, eos_token_id: ckpt.vocab.eosId, torch_dtype: options.dtype ?? 'float32' }, quant);
+  const { tokenizerJson, tokenizerConfig } = tok ?? buildTokenizerFiles(ckpt.vocab);
   const tokConfig: Record<string, unknown> = { ...tokenizerConfig, model_max_length: config.max_position_embeddings };
   if (options.chatTemplate) tokConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');
   writeModelFolder(outDir, {
     config,
-    generationConfig: llama2cGenerationConfig(config),
+    generationConfig: tok ? { bos_token_id: tok.bosId, eos_token_id: tok.eosIds.length === 1 ? tok.eosIds[0] : tok.eosIds, do_sample: false } : llama2cGenerationConfig(config),
     tokenizerJson,
     tokenizerConfig: tokConfig,
-    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype }),
+    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype, quant }),
   });
 }
 
@@ -99,6 +113,8 @@ export interface RandomOptions {
   chatTemplate?: string;
   interface?: GraphInterface;
   dtype?: ModelDtype;
+  quant?: QuantChoice;
+  quantBlockSize?: number;
 }
 
 /** A random-weight model with the architecture, tokenizer and chat template of a published model folder. */
@@ -108,7 +124,8 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
   if (!fs.existsSync(path.join(likeDir, 'tokenizer.json'))) throw new Error(`${likeDir} has no tokenizer.json`);
   const published = read('config.json') as LlamaConfig;
   const defaults = { rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, num_key_value_heads: published.num_attention_heads };
-  const config: LlamaConfig = Object.assign(defaults, published, options.overrides, { torch_dtype: options.dtype ?? 'float32' });
+  const quant = quantOptions(options.quant, options.quantBlockSize);
+  const config: LlamaConfig = withPrecision(Object.assign(defaults, published, options.overrides, { torch_dtype: options.dtype ?? 'float32' }), quant);
   const supported = ['llama', 'qwen2', 'mistral', 'qwen3'];
   if (!supported.includes(config.model_type)) throw new Error(`model_type ${config.model_type} is not a Llama-family decoder (${supported.join(', ')})`);
   const tokenizerConfig = fs.existsSync(path.join(likeDir, 'tokenizer_config.json')) ? read('tokenizer_config.json') : {};
@@ -119,6 +136,6 @@ export function convertRandomLike(likeDir: string, outDir: string, options: Rand
     generationConfig,
     tokenizerJson: read('tokenizer.json'),
     tokenizerConfig,
-    graph: buildLlamaGraph(config, randomWeights(config, options.seed), { interface: options.interface ?? 'tally', dtype: options.dtype }),
+    graph: buildLlamaGraph(config, randomWeights(config, options.seed), { interface: options.interface ?? 'tally', dtype: options.dtype, quant }),
   });
 }

@@ -1,6 +1,11 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { f32ToF16, halfTable } from './half.ts';
-import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type WeightMap } from './types.ts';
+import { GGML_BLOCK as BLOCK, GgmlType, dequantize, ggmlTypeName } from './ggml-quants.ts';
+
+export { GgmlType } from './ggml-quants.ts';
+import { PieceType, type Checkpoint, type LlamaConfig, type SpVocab, type TokenizerFiles, type WeightMap } from './types.ts';
+import { ggufByteLevelTokenizer } from './gguf-tokenizer.ts';
+import { nbitsFromGgml, permuteRows } from './quant.ts';
 
 /** GGUF metadata value types. */
 export enum GgufValueType {
@@ -18,21 +23,6 @@ export enum GgufValueType {
   INT64 = 11,
   FLOAT64 = 12,
 }
-
-/** The ggml tensor types this reader dequantises (ggml's numbering). */
-export enum GgmlType {
-  F32 = 0,
-  F16 = 1,
-  Q8_0 = 8,
-  BF16 = 30,
-}
-
-const BLOCK: Record<number, { elems: number; bytes: number }> = {
-  [GgmlType.F32]: { elems: 1, bytes: 4 },
-  [GgmlType.F16]: { elems: 1, bytes: 2 },
-  [GgmlType.BF16]: { elems: 1, bytes: 2 },
-  [GgmlType.Q8_0]: { elems: 32, bytes: 34 },
-};
 
 export interface GgufTensorInfo {
   name: string;
@@ -52,6 +42,8 @@ export interface GgufFile {
   tensors: GgufTensorInfo[];
   /** F32 data is a view into the file's buffer when aligned; other types are decoded into a new array. */
   tensorData(name: string): Float32Array;
+  /** A tensor's stored bytes (its blocks, for quantised types). */
+  tensorBytes(tensor: GgufTensorInfo | string): Uint8Array;
 }
 
 const GGUF_MAGIC = 0x46554747; // "GGUF" little-endian
@@ -151,6 +143,11 @@ export function parseGguf(buf: Buffer, label = 'GGUF'): GgufFile {
     return { name, shape: [...ne].reverse(), type, offset, nbytes };
   });
   const byName = new Map(tensors.map((t) => [t.name, t]));
+  const tensorBytes = (t: GgufTensorInfo | string): Uint8Array => {
+    const info = typeof t === 'string' ? byName.get(t) ?? fail(`no tensor named ${t}`) : t;
+    if (info.nbytes === undefined) return fail(`tensor ${info.name} has ggml ${ggmlTypeName(info.type)}, which this reader can't decode`);
+    return buf.subarray(info.offset, info.offset + info.nbytes);
+  };
 
   return {
     version,
@@ -172,18 +169,12 @@ export function parseGguf(buf: Buffer, label = 'GGUF'): GgufFile {
           for (let i = 0; i < n; i++) out[i] = h[i] << 16;
           return new Float32Array(out.buffer);
         }
-        case GgmlType.Q8_0: {
-          const table = halfTable(), out = new Float32Array(n);
-          for (let b = 0, o = t.offset; b < n; b += 32, o += 34) {
-            const d = table[buf.readUInt16LE(o)];
-            for (let j = 0; j < 32; j++) out[b + j] = d * buf.readInt8(o + 2 + j);
-          }
-          return out;
-        }
         default:
-          return fail(`tensor ${name} has ggml type ${t.type}, which this reader can't decode (F32, F16, BF16, Q8_0 only)`);
+          if (t.nbytes === undefined) return fail(`tensor ${name} has ggml ${ggmlTypeName(t.type)}, which this reader can't decode (F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)`);
+          return dequantize(t.type, tensorBytes(t), n);
       }
     },
+    tensorBytes,
   };
 }
 
@@ -325,6 +316,14 @@ function encode(type: GgmlType, x: Float32Array): Buffer {
  * Reorders q/k projection rows (or biases, cols = 1) per head from the interleaved-pairs RoPE layout
  * (llama2.c, Meta, GGUF llama) to HF's rotate-half layout.
  */
+export function qkRowOrder(nHeads: number, headDim: number): number[] {
+  const order: number[] = [], half = headDim / 2;
+  for (let h = 0; h < nHeads; h++) {
+    for (let j = 0; j < headDim; j++) order.push(h * headDim + (j < half ? 2 * j : 2 * (j - half) + 1));
+  }
+  return order;
+}
+
 export function unpermuteQk(data: Float32Array, nHeads: number, headDim: number, cols: number): Float32Array {
   if (data.length !== nHeads * headDim * cols) throw new Error(`unpermuteQk: ${data.length} values is not ${nHeads}x${headDim}x${cols}`);
   const out = new Float32Array(data.length), half = headDim / 2;
@@ -416,7 +415,13 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     if (typeof v !== 'number') throw new Error(`${path}: missing ${arch}.${key}`);
     return v;
   };
-  const vocab = ggufVocab(g.metadata);
+  const tokenizerModel = g.metadata.get('tokenizer.ggml.model');
+  let tokenizer: TokenizerFiles | undefined;
+  if (tokenizerModel === 'gpt2') tokenizer = ggufByteLevelTokenizer(g.metadata, path);
+  else if (tokenizerModel !== 'llama') throw new Error(`${path}: unsupported tokenizer.ggml.model ${JSON.stringify(tokenizerModel)} (llama: SentencePiece, gpt2: byte-level BPE)`);
+  const vocab: SpVocab = tokenizer
+    ? { pieces: (g.metadata.get('tokenizer.ggml.tokens') as string[]).map((piece) => ({ piece, score: 0, type: PieceType.Normal })), bosId: tokenizer.bosId ?? -1, eosId: tokenizer.eosIds[0] ?? -1, unkId: -1, addDummyPrefix: false }
+    : ggufVocab(g.metadata);
   const hidden = num('embedding_length'), heads = num('attention.head_count');
   const kvHeads = num('attention.head_count_kv', heads);
   const headDim = num('attention.key_length', hidden / heads);
@@ -436,8 +441,8 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     rope_theta: num('rope.freq_base', 10000),
     tie_word_embeddings: !names.has('output.weight'),
     ...(names.has('blk.0.attn_q.bias') && { attention_bias: true }),
-    bos_token_id: vocab.bosId,
-    eos_token_id: vocab.eosId,
+    bos_token_id: tokenizer ? tokenizer.bosId : vocab.bosId,
+    eos_token_id: tokenizer ? tokenizer.eosIds[0] : vocab.eosId,
   };
 
   const expected = hfWeightShapes(config);
@@ -449,11 +454,15 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     if (!shape) throw new Error(`${path}: unexpected tensor ${t.name}`);
     if (shape.join() !== t.shape.join()) throw new Error(`${path}: ${t.name} is [${t.shape}], expected [${shape}]`);
     let data = g.tensorData(t.name);
+    let nbits = shape.length === 2 && (t.type === GgmlType.Q4_0 || t.type === GgmlType.Q8_0) ? nbitsFromGgml(t.type, g.tensorBytes(t), shape[0], shape[1]) : undefined;
     // GGUF qwen2 keeps HF's rotate-half order (llama.cpp runs it with NEOX RoPE); llama is interleaved.
     const qk = arch === 'llama' && /\.(q|k)_proj\./.exec(name)?.[1];
-    if (qk) data = unpermuteQk(data, qk === 'q' ? heads : kvHeads, headDim, shape.length === 2 ? shape[1] : 1);
-    weights.set(name, { shape, data });
+    if (qk) {
+      data = unpermuteQk(data, qk === 'q' ? heads : kvHeads, headDim, shape.length === 2 ? shape[1] : 1);
+      if (nbits) nbits = permuteRows(nbits, qkRowOrder(qk === 'q' ? heads : kvHeads, headDim));
+    }
+    weights.set(name, { shape, data, ...(t.type !== GgmlType.F32 && { ggml: { type: t.type, ...(nbits && { nbits }) } }) });
   }
   for (const name of expected.keys()) if (!weights.has(name)) throw new Error(`${path}: missing tensor for ${name}`);
-  return { config, weights, vocab };
+  return { config, weights, vocab, ...(tokenizer && { tokenizer }) };
 }

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { writeModelFolder } from './folder.ts';
 import { hfWeightShapes } from './gguf.ts';
 import { buildLlamaGraph, type GraphInterface, type ModelDtype } from './llama-graph.ts';
+import { type QuantChoice, quantOptions, withPrecision } from './precision.ts';
 import { readSafetensorsHeader, readTensorF32, type SafetensorsFile } from './safetensors.ts';
 import type { LlamaConfig, Tensor32, WeightSource } from './types.ts';
 
@@ -153,12 +154,16 @@ export interface HfConvertOptions {
   chatTemplate?: string;
   interface?: GraphInterface;
   dtype?: ModelDtype;
+  /** Linear layers as MatMulNBits blocks of 8 or 4 bits (default: the checkpoint's own dtype). */
+  quant?: QuantChoice;
+  quantBlockSize?: number;
 }
 
 /** A checkpoint folder → a Tally model folder, reading one tensor at a time from the safetensors files. */
 export function convertHfCheckpoint(dir: string, outDir: string, options: HfConvertOptions = {}): void {
   const ckpt = readHfCheckpoint(dir);
-  const config: LlamaConfig = { ...ckpt.config, torch_dtype: options.dtype ?? 'float32' };
+  const quant = quantOptions(options.quant, options.quantBlockSize);
+  const config: LlamaConfig = withPrecision({ ...ckpt.config, torch_dtype: options.dtype ?? 'float32' }, quant);
   const tokenizerConfig = { ...ckpt.tokenizerConfig };
   if (options.chatTemplate) tokenizerConfig.chat_template = fs.readFileSync(options.chatTemplate, 'utf8');
   writeModelFolder(outDir, {
@@ -166,6 +171,6 @@ export function convertHfCheckpoint(dir: string, outDir: string, options: HfConv
     generationConfig: ckpt.generationConfig,
     tokenizerJson: ckpt.tokenizerJson,
     tokenizerConfig,
-    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype }),
+    graph: buildLlamaGraph(config, ckpt.weights, { interface: options.interface ?? 'tally', dtype: options.dtype, quant }),
   });
 }

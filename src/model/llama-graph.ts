@@ -1,6 +1,8 @@
 import { float32ToFloat16 } from './half.ts';
 import { DataType, type AttributeValue, type ModelSpec, type NodeSpec, type TensorSpec, type ValueInfo, rawBytes } from './onnx-proto.ts';
-import { type LlamaConfig, type WeightSource, headDim, hasQkvBias } from './types.ts';
+import { type LlamaConfig, type Tensor32, type WeightSource, headDim, hasQkvBias } from './types.ts';
+import { GgmlType } from './ggml-quants.ts';
+import { QUANT_ACCURACY_LEVEL, nbitsAttributes, rowBlockSize, quantizeNBits, stackNBits, type NBitsWeight } from './quant.ts';
 
 /**
  * Two graph interfaces:
@@ -16,6 +18,22 @@ export const TALLY_GRAPH_VERSION = '8';
 
 /** The most of a row's largest logits that runners ask Tally's graphs for (greedy rows need nothing else). */
 export const TOP_LOGITS = 16;
+
+/** A linear layer's MatMulNBits initializers; k: its input width. */
+export interface QuantLinear {
+  b: TensorSpec;
+  scales: TensorSpec;
+  zp?: TensorSpec;
+  k: number;
+}
+
+/** The MatMulNBits initializers of `${base}` among a graph's, if it has them. */
+export function quantLinearOf(tensors: Map<string, TensorSpec>, base: string, k: number): QuantLinear | undefined {
+  const b = tensors.get(`${base}.weight_q`);
+  const scales = tensors.get(`${base}.weight_scales`);
+  if (!b || !scales) return undefined;
+  return { b, scales, zp: tensors.get(`${base}.weight_zp`), k };
+}
 
 export class GraphBuilder {
   nodes: NodeSpec[] = [];
@@ -51,6 +69,37 @@ export class GraphBuilder {
     return spec.name;
   }
 
+  /** A block-quantised weight's initializers, named `${base}.weight_q`, `.weight_scales`, `.weight_zp`. */
+  nbitsWeight(base: string, q: NBitsWeight): QuantLinear {
+    const blocks = q.scales.length / q.n;
+    const b: TensorSpec = { name: `${base}.weight_q`, type: DataType.UINT8, dims: [q.n, blocks, q.packed.length / (q.n * blocks)], raw: q.packed };
+    const scales: TensorSpec = { name: `${base}.weight_scales`, type: this.dtype, dims: [q.n, blocks], raw: rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(q.scales) : q.scales) };
+    const zp: TensorSpec | undefined = q.zeroPoints && { name: `${base}.weight_zp`, type: DataType.UINT8, dims: [q.zeroPoints.length], raw: q.zeroPoints };
+    return { b, scales, zp, k: q.k };
+  }
+
+  /** An embedding table [V, H] as GatherBlockQuantized takes it: data [V, H × bits / 8], scales and zero points [V, ·]. */
+  embeddingWeight(base: string, q: NBitsWeight): QuantLinear {
+    const blocks = q.scales.length / q.n;
+    const b: TensorSpec = { name: `${base}.weight_q`, type: DataType.UINT8, dims: [q.n, q.packed.length / q.n], raw: q.packed };
+    const scales: TensorSpec = { name: `${base}.weight_scales`, type: this.dtype, dims: [q.n, blocks], raw: rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(q.scales) : q.scales) };
+    const zp: TensorSpec = { name: `${base}.weight_zp`, type: DataType.UINT8, dims: [q.n, q.zeroPoints!.length / q.n], raw: q.zeroPoints! };
+    return { b, scales, zp, k: q.k };
+  }
+
+  /** The rows of a block-quantised embedding table (embeddingWeight) for ids, dequantised. */
+  gatherNBits(ids: string, w: QuantLinear): string {
+    const blocks = w.scales.dims[1], blockSize = w.k / blocks, bits = (w.b.dims[1] * 8) / w.k;
+    return this.op1('GatherBlockQuantized', [this.tensor(w.b), ids, this.tensor(w.scales), this.tensor(w.zp!)], { gather_axis: 0, quantize_axis: 1, block_size: blockSize, bits }, 'com.microsoft');
+  }
+
+  /** x [.., K] times a block-quantised [N, K] weight, as ONNX Runtime's MatMulNBits. */
+  matMulNBits(x: string, w: QuantLinear): string {
+    const { bits, blockSize } = nbitsAttributes(w.k, w.b.dims);
+    const inputs = [x, this.tensor(w.b), this.tensor(w.scales), ...(w.zp ? [this.tensor(w.zp)] : [])];
+    return this.op1('MatMulNBits', inputs, { K: w.k, N: w.b.dims[0], bits, block_size: blockSize, accuracy_level: QUANT_ACCURACY_LEVEL }, 'com.microsoft');
+  }
+
   /** A weight in the graph's dtype; given as a function, its values are made only when the model is written. */
   weight(name: string, data: Float32Array | (() => Float32Array), dims: number[]): string {
     const bytes = (d: Float32Array) => rawBytes(this.dtype === DataType.FLOAT16 ? float32ToFloat16(d) : d);
@@ -70,8 +119,8 @@ export class GraphBuilder {
    * vocab floats per step). A row's plain greedy token needs top_k 1, one more per token it may not be: ONNX
    * Runtime's TopK costs grow with k, so callers ask for no more than they need.
    */
-  logitsOutputs(normed: string, headWeight: string, vocab: number): void {
-    this.toFloat32(this.op1('Gemm', [normed, headWeight], { transB: 1 }));
+  logitsOutputs(normed: string, head: string | QuantLinear, vocab: number): void {
+    this.toFloat32(typeof head === 'string' ? this.op1('Gemm', [normed, head], { transB: 1 }) : this.matMulNBits(normed, head));
     this.nameLast('logits');
     this.outputs.push({ name: 'logits', type: DataType.FLOAT, dims: ['batch', vocab] });
     this.inputs.push({ name: 'top_k', type: DataType.INT64, dims: [1] });
@@ -186,6 +235,39 @@ export interface BuildOptions {
   positionIds?: boolean;
   /** Weights, activations and KV cache (default float32). */
   dtype?: ModelDtype;
+  /** Linear layers (and the output head) as MatMulNBits blocks, the embedding table as 8-bit blocks; norms stay in dtype. */
+  quant?: QuantOptions;
+}
+
+export interface QuantOptions {
+  /** Bits for weights that are not already quantised, or all weights when `keep` is false (GGUF Q4_0 / Q8_0 blocks of those bits are kept as they are either way). */
+  bits: 4 | 8;
+  blockSize: number;
+  /**
+   * Weights from a quantised GGUF keep their precision: Q4_0 and Q8_0 blocks as they are, Q4_K as 4 bits,
+   * Q5_K and Q6_K as 8 bits (re-quantised); a fused layer takes the most bits of its parts.
+   */
+  keep: boolean;
+  /** The output head's bits when not `bits` (default: 8, as llama.cpp keeps Q4 models' output at 6–8 bits); 'float' keeps it in dtype. */
+  headBits?: 4 | 8 | 'float';
+}
+
+/** The bits a weight becomes under `quant`. */
+export function targetBits(t: Tensor32, quant: QuantOptions): 4 | 8 {
+  if (!quant.keep || !t.ggml) return quant.bits;
+  switch (t.ggml.type) {
+    case GgmlType.Q4_0: case GgmlType.Q4_K: return 4;
+    case GgmlType.Q5_K: case GgmlType.Q6_K: case GgmlType.Q8_0: return 8;
+    default: return quant.bits;
+  }
+}
+
+/** HF [out, in] weights stacked along out as one block-quantised [sum(out), in] weight. */
+export function quantizeLinear(parts: Tensor32[], inDim: number, quant: QuantOptions): NBitsWeight {
+  const bits = Math.max(...parts.map((p) => targetBits(p, quant))) as 4 | 8;
+  const kept = parts.map((p) => (p.ggml?.nbits?.bits === bits ? p.ggml.nbits : undefined));
+  if (kept.every((q) => q !== undefined)) return stackNBits(kept as NBitsWeight[]);
+  return stackNBits(parts.map((p) => quantizeNBits(p.data, p.shape[0], inDim, bits, rowBlockSize(inDim, quant.blockSize))));
 }
 
 export type ModelDtype = 'float32' | 'float16';
@@ -265,9 +347,31 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, opti
     g.op1('RotaryEmbedding', [x, positions, cosTable, sinTable], { interleaved: 0, num_heads: heads }, 'com.microsoft');
   const rmsNorm = (x: string, weight: string): string =>
     g.op1('SimplifiedLayerNormalization', [x, weight], { axis: -1, epsilon: { float: eps }, stash_type: 1 });
+  const tensorOf = (name: string): Tensor32 => weights.get(name) ?? (req(weights, name) as never);
+  /**
+   * x times HF [out, in] weights stacked along out: MatMulNBits, or MatMul on [in, sum(outs)] (`${base}.weight_t`)
+   * whose values are read from the checkpoint only when the model is written.
+   */
+  const linear = (x: string, base: string, names: string[], inDim: number, outs: number[]): string => {
+    if (options.quant) return g.matMulNBits(x, g.nbitsWeight(base, quantizeLinear(names.map(tensorOf), inDim, options.quant)));
+    const w = () => (names.length === 1 ? transpose(req(weights, names[0]), outs[0], inDim) : fusedLinear(names.map((n) => req(weights, n)), outs, inDim));
+    return g.op1('MatMul', [x, g.weight(`${base}.weight_t`, w, [inDim, outs.reduce((a, b) => a + b, 0)])]);
+  };
 
-  const embed = g.weight('model.embed_tokens.weight', () => req(weights, 'model.embed_tokens.weight'), [V, H]);
-  let hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
+  const hasLmHead = weights.has('lm_head.weight');
+  const headBits = options.quant?.headBits ?? 8;
+  // With the head quantised apart (or untied), the table serves only lookups: 8-bit blocks, a quarter the bytes.
+  const embedBlock = options.quant && rowBlockSize(H, options.quant.blockSize);
+  const quantEmbed = options.quant && (headBits !== 'float' || hasLmHead) && H % embedBlock! === 0;
+  let embed = '';
+  let hidden: string;
+  if (quantEmbed) {
+    const q = quantizeNBits(req(weights, 'model.embed_tokens.weight'), V, H, 8, embedBlock!);
+    hidden = g.op1('Reshape', [g.gatherNBits('input_ids', g.embeddingWeight('model.embed_tokens', q)), g.ints([-1, H])]);
+  } else {
+    embed = g.weight('model.embed_tokens.weight', () => req(weights, 'model.embed_tokens.weight'), [V, H]);
+    hidden = g.op1('Reshape', [g.op1('Gather', [embed, 'input_ids']), g.ints([-1, H])]); // [N, H]
+  }
 
   const shape = (...parts: (string | number[])[]) => g.op1('Concat', parts.map((x) => (typeof x === 'string' ? x : g.ints(x))), { axis: 0 });
   const qShape = shape(batchDim, newDim, [nh, hd]);
@@ -287,8 +391,7 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, opti
     const lw = (n: string) => req(weights, `${p}.${n}`);
     const normed = rmsNorm(hidden, g.weight(`${p}.input_layernorm.weight`, () => lw('input_layernorm.weight'), [H]));
     const qkvOut = [nh * hd, kvh * hd, kvh * hd];
-    const wqkv = () => fusedLinear([lw('self_attn.q_proj.weight'), lw('self_attn.k_proj.weight'), lw('self_attn.v_proj.weight')], qkvOut, H);
-    let qkv = g.op1('MatMul', [normed, g.weight(`${p}.self_attn.qkv.weight_t`, wqkv, [H, qkvOut[0] + qkvOut[1] + qkvOut[2]])]);
+    let qkv = linear(normed, `${p}.self_attn.qkv`, ['q', 'k', 'v'].map((x) => `${p}.self_attn.${x}_proj.weight`), H, qkvOut);
     if (qkvBias) {
       const total = qkvOut[0] + qkvOut[1] + qkvOut[2];
       const bias = () => {
@@ -348,20 +451,19 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, opti
       g.outputs.push({ name: `present.${l}.key`, type: dt, dims: ['batch', kvh, 'total', hd] });
       g.outputs.push({ name: `present.${l}.value`, type: dt, dims: ['batch', kvh, 'total', hd] });
     }
-    const wo = () => transpose(lw('self_attn.o_proj.weight'), H, nh * hd);
-    hidden = g.op1('Add', [hidden, g.op1('MatMul', [attnFlat, g.weight(`${p}.self_attn.o_proj.weight_t`, wo, [nh * hd, H])])]);
+    hidden = g.op1('Add', [hidden, linear(attnFlat, `${p}.self_attn.o_proj`, [`${p}.self_attn.o_proj.weight`], nh * hd, [H])]);
 
     const normed2 = rmsNorm(hidden, g.weight(`${p}.post_attention_layernorm.weight`, () => lw('post_attention_layernorm.weight'), [H]));
-    const wgu = () => fusedLinear([lw('mlp.gate_proj.weight'), lw('mlp.up_proj.weight')], [ffn, ffn], H);
-    const gu = g.op1('MatMul', [normed2, g.weight(`${p}.mlp.gate_up.weight_t`, wgu, [H, 2 * ffn])]);
+    const gu = linear(normed2, `${p}.mlp.gate_up`, [`${p}.mlp.gate_proj.weight`, `${p}.mlp.up_proj.weight`], H, [ffn, ffn]);
     const [gate, up] = g.op('Split', [gu, g.ints([ffn, ffn])], { axis: -1 }, 2);
     const act = g.op1('Mul', [g.op1('Mul', [gate, g.op1('Sigmoid', [gate])]), up]);
-    const wd = () => transpose(lw('mlp.down_proj.weight'), H, ffn);
-    hidden = g.op1('Add', [hidden, g.op1('MatMul', [act, g.weight(`${p}.mlp.down_proj.weight_t`, wd, [ffn, H])])]);
+    hidden = g.op1('Add', [hidden, linear(act, `${p}.mlp.down_proj`, [`${p}.mlp.down_proj.weight`], ffn, [H])]);
   }
 
   const finalNorm = g.weight('model.norm.weight', () => req(weights, 'model.norm.weight'), [H]);
-  const headWeight = weights.has('lm_head.weight') ? g.weight('lm_head.weight', () => req(weights, 'lm_head.weight'), [V, H]) : embed;
+  const headWeight: string | QuantLinear = options.quant && headBits !== 'float'
+    ? g.nbitsWeight('lm_head', quantizeLinear([tensorOf(hasLmHead ? 'lm_head.weight' : 'model.embed_tokens.weight')], H, { ...options.quant, bits: headBits! }))
+    : hasLmHead ? g.weight('lm_head.weight', () => req(weights, 'lm_head.weight'), [V, H]) : embed;
   if (tally) {
     const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 }); // [B, H]
     g.logitsOutputs(rmsNorm(picked, finalNorm), headWeight, V);
@@ -369,7 +471,8 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, opti
     g.nameLast('new_kv');
     g.outputs.push({ name: 'new_kv', type: dt, dims: [2 * L, 'batch', kvh, 'new', hd] });
   } else {
-    const logits2d = g.toFloat32(g.op1('Gemm', [rmsNorm(hidden, finalNorm), headWeight], { transB: 1 }));
+    const normedAll = rmsNorm(hidden, finalNorm);
+    const logits2d = g.toFloat32(typeof headWeight === 'string' ? g.op1('Gemm', [normedAll, headWeight], { transB: 1 }) : g.matMulNBits(normedAll, headWeight));
     g.op1('Reshape', [logits2d, g.op1('Concat', [batchDim, newDim, g.ints([V])], { axis: 0 })]);
     g.nameLast('logits');
     g.outputs.unshift({ name: 'logits', type: DataType.FLOAT, dims: ['batch', 'new', V] });
@@ -382,6 +485,8 @@ export function buildLlamaGraph(config: LlamaConfig, weights: WeightSource, opti
     outputs: g.outputs,
     initializers: g.initializers,
     opsets: [{ domain: '', version: 17 }, { domain: 'com.microsoft', version: 1 }],
-    metadata: tally ? { 'tally.graph': options.interface, 'tally.graph_version': TALLY_GRAPH_VERSION, 'tally.dtype': options.dtype ?? 'float32' } : {},
+    metadata: tally
+      ? { 'tally.graph': options.interface, 'tally.graph_version': TALLY_GRAPH_VERSION, 'tally.dtype': options.dtype ?? 'float32', ...(options.quant && { 'tally.quant': `int${options.quant.bits}` }) }
+      : {},
   };
 }

@@ -1,5 +1,5 @@
 import { DataType, type ModelSpec, type TensorSpec } from './onnx-proto.ts';
-import { GraphBuilder, TALLY_GRAPH_VERSION, headNorm } from './llama-graph.ts';
+import { GraphBuilder, TALLY_GRAPH_VERSION, headNorm, quantLinearOf } from './llama-graph.ts';
 import { type LlamaConfig, headDim } from './types.ts';
 
 /**
@@ -20,7 +20,7 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
     if (!t) throw new Error(`the graph has no initializer ${name}`);
     return t;
   };
-  const dt = get('model.embed_tokens.weight').type;
+  const dt = get('model.norm.weight').type;
   if (dt !== DataType.FLOAT && dt !== DataType.FLOAT16) throw new Error(`unsupported weight type ${dt}`);
   const H = config.hidden_size;
   const L = config.num_hidden_layers;
@@ -33,27 +33,33 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
 
   for (let part = 0; part <= L; part++) {
     const g = new GraphBuilder(dt);
+    const linear = (x: string, base: string, k: number): string => {
+      const q = quantLinearOf(tensors, base, k);
+      return q ? g.matMulNBits(x, q) : g.op1('MatMul', [x, g.tensor(get(`${base}.weight_t`))]);
+    };
     const rmsNorm = (x: string, weight: string): string =>
       g.op1('SimplifiedLayerNormalization', [x, g.tensor(get(weight))], { axis: -1, epsilon: { float: config.rms_norm_eps }, stash_type: 1 });
     let hidden: string;
     if (part === 0) {
       g.inputs.push({ name: 'input_ids', type: DataType.INT64, dims: ['batch', 'new'] });
-      g.op1('Reshape', [g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']), g.ints([-1, H])]);
+      const quantEmbed = quantLinearOf(tensors, 'model.embed_tokens', H);
+      const rows = quantEmbed ? g.gatherNBits('input_ids', quantEmbed) : g.op1('Gather', [g.tensor(get('model.embed_tokens.weight')), 'input_ids']);
+      g.op1('Reshape', [rows, g.ints([-1, H])]);
       hidden = g.nameLast('hidden');
     } else {
       g.inputs.push({ name: 'hidden_in', type: dt, dims: ['rows', H] });
       g.inputs.push({ name: 'attn', type: dt, dims: ['rows', nh * hd] });
       const p = `model.layers.${part - 1}`;
-      hidden = g.op1('Add', ['hidden_in', g.op1('MatMul', ['attn', g.tensor(get(`${p}.self_attn.o_proj.weight_t`))])]);
-      const gu = g.op1('MatMul', [rmsNorm(hidden, `${p}.post_attention_layernorm.weight`), g.tensor(get(`${p}.mlp.gate_up.weight_t`))]);
+      hidden = g.op1('Add', ['hidden_in', linear('attn', `${p}.self_attn.o_proj`, nh * hd)]);
+      const gu = linear(rmsNorm(hidden, `${p}.post_attention_layernorm.weight`), `${p}.mlp.gate_up`, H);
       const [gate, up] = g.op('Split', [gu, g.ints([ffn, ffn])], { axis: -1 }, 2);
       const act = g.op1('Mul', [g.op1('Mul', [gate, g.op1('Sigmoid', [gate])]), up]);
-      hidden = g.op1('Add', [hidden, g.op1('MatMul', [act, g.tensor(get(`${p}.mlp.down_proj.weight_t`))])]);
+      hidden = g.op1('Add', [hidden, linear(act, `${p}.mlp.down_proj`, ffn)]);
       if (part < L) hidden = g.nameLast('hidden');
     }
     if (part < L) {
       const p = `model.layers.${part}`;
-      const qkv = g.op1('MatMul', [rmsNorm(hidden, `${p}.input_layernorm.weight`), g.tensor(get(`${p}.self_attn.qkv.weight_t`))]);
+      const qkv = linear(rmsNorm(hidden, `${p}.input_layernorm.weight`), `${p}.self_attn.qkv`, H);
       const bias = tensors.get(`${p}.self_attn.qkv.bias`);
       if (bias) g.op1('Add', [qkv, g.tensor(bias)]);
       const qNorm = tensors.get(`${p}.self_attn.q_norm.weight`);
@@ -68,8 +74,9 @@ export function buildLlamaParts(config: LlamaConfig, tensors: Map<string, Tensor
     } else {
       g.inputs.push({ name: 'logits_index', type: DataType.INT64, dims: ['batch'] });
       const picked = g.op1('Gather', [hidden, 'logits_index'], { axis: 0 });
-      const head = tensors.get('lm_head.weight') ?? get('model.embed_tokens.weight');
-      g.logitsOutputs(rmsNorm(picked, 'model.norm.weight'), g.tensor(head), V);
+      const quantHead = quantLinearOf(tensors, 'lm_head', H);
+      const head = quantHead ?? g.tensor(tensors.get('lm_head.weight') ?? get('model.embed_tokens.weight'));
+      g.logitsOutputs(rmsNorm(picked, 'model.norm.weight'), head, V);
     }
     parts.push({
       graphName: `${config.model_type}-tally-part${part}`,

@@ -1,3 +1,5 @@
+import type { NBitsWeight } from './quant.ts';
+
 /** The subset of a Hugging Face `config.json` that a Llama-family decoder needs. */
 export interface LlamaConfig {
   model_type: string;
@@ -60,6 +62,8 @@ export interface SpVocab {
 export interface Tensor32 {
   shape: number[];
   data: Float32Array;
+  /** A GGUF tensor's own type, and for Q4_0 / Q8_0 its blocks as MatMulNBits takes them (kept, not re-quantised). */
+  ggml?: { type: number; nbits?: NBitsWeight };
 }
 export type WeightMap = Map<string, Tensor32>;
 
@@ -69,9 +73,20 @@ export interface WeightSource {
   has(name: string): boolean;
 }
 
+/** A checkpoint's tokenizer as Hugging Face files, where it is not a SentencePiece vocabulary. */
+export interface TokenizerFiles {
+  tokenizerJson: object;
+  tokenizerConfig: Record<string, unknown>;
+  bosId: number | undefined;
+  /** End-of-generation ids for generation_config.json. */
+  eosIds: number[];
+}
+
 /** What every checkpoint reader returns. */
 export interface Checkpoint {
   config: LlamaConfig;
   weights: WeightMap;
+  /** For a checkpoint with `tokenizer`, its ids only (bos, eos, unk) matter. */
   vocab: SpVocab;
+  tokenizer?: TokenizerFiles;
 }

@@ -16,6 +16,7 @@ import { TokenText } from './logprobs.ts';
 import { makeSchemas } from './schemas.ts';
 import { checkCapacity } from './respond.ts';
 import { TenantLimiter } from './tenant-limits.ts';
+import { precisionOf } from '../model/quant.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
 
 export { ServerLifecycle, type ServerContext, type ServerLimits } from './context.ts';
@@ -150,6 +151,7 @@ export function createApp(context: ServerContext): Express {
     owned_by: 'tally',
     root: ctx.modelName,
     max_model_len: ctx.engine.info.limits.maxModelLen,
+    precision: precisionOf(ctx.folder.config),
   });
   app.get('/v1/models', (_req, res) => {
     res.json({ object: 'list', data: [model()] });

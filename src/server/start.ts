@@ -23,6 +23,7 @@ import { createApp, ServerLifecycle } from './app.ts';
 import { KeyStore, loadApiKeys } from './api-keys.ts';
 import { costRouter } from './cost-routes.ts';
 import { createLogger } from './logger.ts';
+import { precisionOf } from '../model/quant.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 
 /** What a server is started with besides its configuration. */
@@ -72,7 +73,7 @@ export async function startServer(config: ServeConfig, deps: ServerDeps = {}): P
 
   const ledger = new Ledger(config.dataDir);
   const metrics = new Metrics();
-  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: config.powerPrice, ledger, metrics, model: modelName });
+  const meter = new CostMeter({ devicePriceUsdPerHour: price.usdPerHour, devices: devices.length, devicesPerStep: 1, powerPriceUsdPerKwh: config.powerPrice, ledger, metrics, model: modelName, precision: precisionOf(folder.config) });
   const telemetry = new DeviceTelemetry({ engineDevice: engine.info.device });
   const metering = !config.noMeter;
   if (metering) telemetry.onPower((watts) => meter.observePower(watts));
