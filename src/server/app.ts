@@ -2,6 +2,7 @@
  * The OpenAI-compatible HTTP API: routes, body parsing, authentication, request logs and the error
  * handler that turns every failure into OpenAI's error body.
  */
+import { parserForTemplate } from './tool-calls.ts';
 import { randomUUID } from 'node:crypto';
 import express, { type Express, type NextFunction, type Request, type Response } from 'express';
 import { KeyStore } from './api-keys.ts';
@@ -109,10 +110,12 @@ export function createApp(context: ServerContext): Express {
   limits.maxLogprobs = Math.min(limits.maxLogprobs, API_LIMIT_DEFAULTS.maxLogprobs);
   const ctx = { ...context, limits: { ...limits, maxPromptChars: limits.maxPromptChars ?? defaultMaxPromptChars(context) } };
   const keys = ctx.keys ?? new KeyStore(ctx.apiKeys);
+  const chatTemplate = loadChatTemplate(ctx);
   const state: ServerState = {
     ctx,
     schemas: makeSchemas(ctx.limits),
-    chatTemplate: loadChatTemplate(ctx),
+    chatTemplate,
+    toolCallParser: ctx.toolCallParser ?? parserForTemplate(chatTemplate?.source),
     tokenText: new TokenText(ctx.tokenizer),
     created: Math.floor(Date.now() / 1000),
     lifecycle: ctx.lifecycle ?? new ServerLifecycle(),
