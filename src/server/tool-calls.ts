@@ -91,6 +91,7 @@ export interface ToolCallDelta {
 
 export const newCallId = (): string => `call_${randomBytes(12).toString('hex')}`;
 
+const PYTHON_TAG = '<|python_tag|>';
 const HEAD = /^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)/;
 /** Past this many characters of a call's head without its name and arguments key, it is not a call. */
 const MAX_HEAD = 1024;
@@ -110,6 +111,8 @@ export class ToolCallParser {
   /** Depth of the call object's braces after its arguments ended. */
   private tailDepth = 0;
   private failedHead = false;
+  /** Text between the opening marker and the call's '{', given back if it is not a call. */
+  private pendingBefore = '';
 
   constructor(private readonly parser: ToolCallParserName) {}
 
@@ -150,6 +153,17 @@ export class ToolCallParser {
     return { content, deltas };
   }
 
+  /** What was held back since an opening marker was not a call after all: content. */
+  private notACall(): string {
+    this.failedHead = true;
+    this.mode = 'content';
+    this.atStart = false;
+    const out = (this.format.start ?? '') + this.pendingBefore + this.buf;
+    this.buf = '';
+    this.pendingBefore = '';
+    return out;
+  }
+
   /** One move of the state machine over `buf`; returns content to send. */
   private advance(deltas: ToolCallDelta[], final: boolean): string {
     const f = this.format;
@@ -162,7 +176,7 @@ export class ToolCallParser {
             return out;
           }
           const trimmed = this.buf.replace(/^\s+/, '').replace(/^<\|python_tag\|>/, '');
-          if (trimmed === '') return '';
+          if (trimmed === '' || (!final && PYTHON_TAG.startsWith(trimmed))) return '';
           this.atStart = false;
           if (trimmed.startsWith('{')) {
             this.mode = 'head';
@@ -190,9 +204,11 @@ export class ToolCallParser {
         // Between calls: separators, closing and opening markers; a call opens at '{'.
         const at = this.buf.indexOf('{');
         if (at < 0) {
-          this.buf = '';
+          if (this.sawCalls) this.buf = '';
+          else if (final || this.buf.length > MAX_HEAD) return this.notACall();
           return '';
         }
+        if (!this.sawCalls) this.pendingBefore = this.buf.slice(0, at);
         this.buf = this.buf.slice(at);
         this.mode = 'head';
         return '';
@@ -201,15 +217,7 @@ export class ToolCallParser {
         const m = HEAD.exec(this.buf);
         if (!m) {
           if (this.buf.length > MAX_HEAD || final) {
-            if (!this.sawCalls) {
-              // Not a call after all: it was content.
-              this.failedHead = true;
-              this.mode = 'content';
-              this.atStart = false;
-              const out = (f.start ?? '') + this.buf;
-              this.buf = '';
-              return out;
-            }
+            if (!this.sawCalls) return this.notACall();
             this.buf = '';
             this.mode = 'wait';
           }
