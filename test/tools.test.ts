@@ -47,6 +47,7 @@ describe('tool-call parsers', () => {
     ['hermes', 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "search", "arguments": {"query": "a {b} \\"c\\""}}\n</tool_call>', 'Let me check.', [['get_weather', { city: 'Paris', unit: 'celsius' }], ['search', { query: 'a {b} "c"' }]]],
     ['llama3_json', '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "fahrenheit", "days": 3}}', null, [['get_weather', { city: 'Oslo', unit: 'fahrenheit', days: 3 }]]],
     ['llama3_json', '<|python_tag|>{"name": "search", "parameters": {"query": "x"}}; {"name": "search", "parameters": {"query": "y"}}', null, [['search', { query: 'x' }], ['search', { query: 'y' }]]],
+    ['mistral', ' [{"name": "search", "arguments": {"query": "bare"}}]', null, [['search', { query: 'bare' }]]],
     ['mistral', 'Sure [TOOL_CALLS][{"name": "search", "arguments": {"query": "ü"}}, {"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}]', 'Sure', [['search', { query: 'ü' }], ['get_weather', { city: 'Rome', unit: 'celsius' }]]],
   ];
   for (const [parser, text, content, calls] of cases) {
@@ -67,6 +68,8 @@ describe('tool-call parsers', () => {
       ['hermes', 'I use <tool in a sentence and <tool_call> nothing like a call'],
       ['llama3_json', '{"answer": 42}'],
       ['hermes', 'plain text'],
+      ['mistral', '[1, 2] is a list'],
+      ['mistral', '[{"a": 1}] is not a call'],
       ['hermes', '<tool_call>\n{"name": "cut", "arguments": {"a": "unfinished'],
     ] as [ToolCallParserName, string][]) {
       expect(parseToolCalls(parser, text)).toEqual({ content: text, calls: [] });

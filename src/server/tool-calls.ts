@@ -113,6 +113,8 @@ export class ToolCallParser {
   private failedHead = false;
   /** Text between the opening marker and the call's '{', given back if it is not a call. */
   private pendingBefore = '';
+  /** The marker that opened the calls ('' for a bare JSON opening). */
+  private opener = '';
 
   constructor(private readonly parser: ToolCallParserName) {}
 
@@ -158,7 +160,7 @@ export class ToolCallParser {
     this.failedHead = true;
     this.mode = 'content';
     this.atStart = false;
-    const out = (this.format.start ?? '') + this.pendingBefore + this.buf;
+    const out = this.opener + this.pendingBefore + this.buf;
     this.buf = '';
     this.pendingBefore = '';
     return out;
@@ -187,10 +189,23 @@ export class ToolCallParser {
           this.buf = '';
           return out;
         }
+        if (this.parser === 'mistral' && this.atStart && !this.failedHead) {
+          // [TOOL_CALLS] is a special token in Mistral's tokenizers, dropped from the text: a call list may open the output bare.
+          const trimmed = this.buf.trimStart();
+          if (trimmed === '' || (trimmed === '[' && !final)) return '';
+          this.atStart = false;
+          if (trimmed.startsWith('[{')) {
+            this.buf = trimmed.slice(1);
+            this.pendingBefore = '[';
+            this.mode = 'wait';
+            return '';
+          }
+        }
         const at = this.buf.indexOf(f.start);
         if (at >= 0) {
           const out = this.buf.slice(0, at);
           this.buf = this.buf.slice(at + f.start.length);
+          this.opener = f.start;
           this.mode = 'wait';
           return out;
         }
@@ -208,7 +223,7 @@ export class ToolCallParser {
           else if (final || this.buf.length > MAX_HEAD) return this.notACall();
           return '';
         }
-        if (!this.sawCalls) this.pendingBefore = this.buf.slice(0, at);
+        if (!this.sawCalls) this.pendingBefore += this.buf.slice(0, at);
         this.buf = this.buf.slice(at);
         this.mode = 'head';
         return '';
