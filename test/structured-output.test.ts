@@ -95,6 +95,24 @@ describe('the grammar automaton', () => {
     });
   }
 
+  it('inside strings, the shortcut mask is the trie walk\'s, budget tight or not', () => {
+    for (const model of ['SmolLM2-135M-Instruct', 'TinyLlama-1.1B-Chat-v1.0']) {
+      const tokenizer = TextTokenizer.load(path.join(SHARED_MODELS, model));
+      const table = TokenTable.of(tokenizer, tokenizer.vocabSize);
+      const schema = { type: 'object', properties: { s: { type: 'string', minLength: 2 }, t: { type: 'string' } }, required: ['s', 't'] };
+      const g = new CompiledGrammar(responseFormatConstraint({ type: 'json_schema', json_schema: { schema } })!, table);
+      for (const prefix of ['{"s": "', '{"s": "é', '{"s":"ab", "t": "x y']) {
+        for (const budget of [3, 9, 10, 11, 12, 14, 1000]) {
+          const m = new GrammarMatcher(g, tokenizer.eosIds);
+          expect(m.acceptText(prefix)).toBe(true);
+          m.budget = budget;
+          const walked = m.walkMask();
+          expect(Buffer.from(m.mask()).equals(Buffer.from(walked)), `${model} ${prefix} ${budget}`).toBe(true);
+        }
+      }
+    }
+  });
+
   it('takes exactly the valid prefixes', () => {
     const tokenizer = TextTokenizer.load(path.join(SHARED_MODELS, 'SmolLM2-135M-Instruct'));
     const table = TokenTable.of(tokenizer, tokenizer.vocabSize);

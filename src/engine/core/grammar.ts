@@ -238,6 +238,46 @@ export class TokenTable {
   readonly nodeCount: number;
 
   private static readonly cache = new WeakMap<TextTokenizer, TokenTable>();
+  private stringSets?: { safe: Uint8Array; safeMask: Uint8Array; chars: Uint16Array; quoted: Int32Array };
+
+  /**
+   * Inside a JSON string, between characters: `safe` marks the tokens that stay inside it (no quote, backslash or
+   * control byte, UTF-8 that goes on from a character boundary), as 1 + the bytes of a character they leave
+   * pending (safeMask: 1), and `chars` the characters they complete; `quoted` lists those with a quote or backslash, which
+   * must be stepped through one by one. Every other token is refused there.
+   */
+  get stringTokens(): { safe: Uint8Array; safeMask: Uint8Array; chars: Uint16Array; quoted: Int32Array } {
+    if (this.stringSets) return this.stringSets;
+    const safe = new Uint8Array(this.bytes.length);
+    const chars = new Uint16Array(this.bytes.length);
+    const quoted: number[] = [];
+    for (let id = 0; id < this.bytes.length; id++) {
+      const b = this.bytes[id];
+      if (!b || b.length === 0) continue;
+      if (b.includes(0x22) || b.includes(0x5c)) {
+        quoted.push(id);
+        continue;
+      }
+      let u = U_NONE;
+      let ok = true;
+      let n = 0;
+      for (let i = 0; i < b.length && ok; i++) {
+        const x = b[i];
+        if (u !== U_NONE) {
+          u = utfStep(u, x);
+          if (u === U_NONE) n++;
+        } else if (x < 0x20) ok = false;
+        else if (x >= 0x80) u = utfLead(x);
+        else n++;
+        if (u < 0) ok = false;
+      }
+      if (ok) {
+        safe[id] = 1 + utfPending[u];
+        chars[id] = Math.min(n, 0xffff);
+      }
+    }
+    return (this.stringSets = { safe, safeMask: safe.map((x) => (x > 0 ? 1 : 0)), chars, quoted: Int32Array.from(quoted) });
+  }
   private readonly spellings = new WeakMap<Uint8Array, Int32Array>();
 
   /**
@@ -422,6 +462,11 @@ export class GrammarMatcher {
 
   /** 1 for each allowed token (the vocabulary of the token table). */
   mask(): Uint8Array {
+    return this.stringMask() ?? this.walkMask();
+  }
+
+  /** The mask by walking the whole trie (what mask() gives everywhere, also where it takes a shortcut). */
+  walkMask(): Uint8Array {
     const t = this.table;
     const allowed = new Uint8Array(t.bytes.length);
     if (this.complete) for (const e of this.eosIds) if (e < allowed.length) allowed[e] = 1;
@@ -435,6 +480,36 @@ export class GrammarMatcher {
       }
     };
     walk(0, this.states);
+    return allowed;
+  }
+
+  /**
+   * The mask inside a plain string (no maxLength, between characters, with room to spare in the budget) from the
+   * table's string sets, without walking the trie; undefined elsewhere.
+   */
+  private stringMask(): Uint8Array | undefined {
+    if (this.states.length !== 1) return undefined;
+    const s = this.states[0];
+    if (s === null || s.f.k !== F.Str || s.f.utf !== U_NONE || s.f.esc !== 0) return undefined;
+    if ((this.g.nodes[s.f.node] as Extract<GrammarNode, { kind: 'string' }>).maxLength !== null) return undefined;
+    // A safe token moves the close no further than the bytes of a character it leaves pending (at most three).
+    const { safe, safeMask, chars, quoted } = this.table.stringTokens;
+    let allowed: Uint8Array;
+    if (s.min + 3 <= this.budget) {
+      allowed = safeMask.slice();
+    } else {
+      // What closes after the token: the rest of the stack, the pending bytes, the characters still short of minLength, the quote.
+      const minLength = (this.g.nodes[s.f.node] as Extract<GrammarNode, { kind: 'string' }>).minLength;
+      const below = s.min - this.g.frameMin(s.f);
+      const count = s.f.count;
+      allowed = new Uint8Array(safe.length);
+      for (let i = 0; i < safe.length; i++) {
+        if (safe[i] === 0) continue;
+        const pending = safe[i] - 1;
+        if (below + pending + Math.max(0, minLength - count - chars[i] - (pending > 0 ? 1 : 0)) + 1 <= this.budget) allowed[i] = 1;
+      }
+    }
+    for (let i = 0; i < quoted.length; i++) if (this.allows(quoted[i])) allowed[quoted[i]] = 1;
     return allowed;
   }
 
