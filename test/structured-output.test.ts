@@ -99,9 +99,9 @@ describe('the grammar automaton', () => {
     for (const model of ['SmolLM2-135M-Instruct', 'TinyLlama-1.1B-Chat-v1.0']) {
       const tokenizer = TextTokenizer.load(path.join(SHARED_MODELS, model));
       const table = TokenTable.of(tokenizer, tokenizer.vocabSize);
-      const schema = { type: 'object', properties: { s: { type: 'string', minLength: 2 }, t: { type: 'string' } }, required: ['s', 't'] };
+      const schema = { type: 'object', properties: { s: { type: 'string', minLength: 2 }, t: { type: 'string' }, u: { type: 'string', minLength: 1, maxLength: 5 } }, required: ['s', 't', 'u'] };
       const g = new CompiledGrammar(responseFormatConstraint({ type: 'json_schema', json_schema: { schema } })!, table);
-      for (const prefix of ['{"s": "', '{"s": "é', '{"s":"ab", "t": "x y']) {
+      for (const prefix of ['{"s": "', '{"s": "é', '{"s":"ab", "t": "x y', '{"s":"ab", "t": "", "u": "', '{"s":"ab", "t": "", "u": "ab', '{"s":"ab", "t": "", "u": "abcd']) {
         for (const budget of [3, 9, 10, 11, 12, 14, 1000]) {
           const m = new GrammarMatcher(g, tokenizer.eosIds);
           expect(m.acceptText(prefix)).toBe(true);

@@ -181,3 +181,30 @@ for (const model of ['SmolLM2-135M-Instruct', 'Qwen2.5-0.5B-Instruct'] as const)
     });
   });
 }
+
+describe('forced calls in the other formats (--tool-call-parser, random-weight SmolLM2)', () => {
+  for (const parser of ['llama3_json', 'mistral'] as const) {
+    it(`${parser}: the forced text is that format, and it is read back as the call`, async () => {
+      const server = await startTestServer({ modelDir: randomLike('SmolLM2-135M-Instruct'), engine: { maxModelLen: 512 }, toolCallParser: parser });
+      try {
+        const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'x', maxRetries: 0 });
+        const r = await client.chat.completions.create({ model: server.modelName, messages: [{ role: 'user', content: 'x' }], tools: TOOLS, max_tokens: 80, n: 2, tool_choice: 'required' });
+        for (const c of r.choices) {
+          expect(c.finish_reason).toBe('tool_calls');
+          checkCall(c.message.tool_calls![0]);
+        }
+        const raw = await fetch(`${server.url}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ messages: [{ role: 'user', content: 'x' }], tools: TOOLS, max_tokens: 80, tool_choice: { type: 'function', function: { name: 'search' } }, stream: true }),
+        });
+        const text = await raw.text();
+        const args = [...text.matchAll(/^data: (\{.*\})$/gm)].flatMap((m) => (JSON.parse(m[1]).choices[0]?.delta.tool_calls ?? []) as { function: { name?: string; arguments: string } }[]);
+        expect(args[0].function.name).toBe('search');
+        expect(ajv.compile(SEARCH)(JSON.parse(args.map((d) => d.function.arguments).join('')))).toBe(true);
+      } finally {
+        await server.close();
+      }
+    });
+  }
+});

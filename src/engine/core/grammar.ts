@@ -484,29 +484,30 @@ export class GrammarMatcher {
   }
 
   /**
-   * The mask inside a plain string (no maxLength, between characters, with room to spare in the budget) from the
-   * table's string sets, without walking the trie; undefined elsewhere.
+   * The mask inside a string, between characters, from the table's string sets, without walking the trie;
+   * undefined elsewhere.
    */
   private stringMask(): Uint8Array | undefined {
     if (this.states.length !== 1) return undefined;
     const s = this.states[0];
     if (s === null || s.f.k !== F.Str || s.f.utf !== U_NONE || s.f.esc !== 0) return undefined;
-    if ((this.g.nodes[s.f.node] as Extract<GrammarNode, { kind: 'string' }>).maxLength !== null) return undefined;
     // A safe token moves the close no further than the bytes of a character it leaves pending (at most three).
     const { safe, safeMask, chars, quoted } = this.table.stringTokens;
+    const { minLength, maxLength } = this.g.nodes[s.f.node] as Extract<GrammarNode, { kind: 'string' }>;
     let allowed: Uint8Array;
-    if (s.min + 3 <= this.budget) {
+    if (s.min + 3 <= this.budget && maxLength === null) {
       allowed = safeMask.slice();
     } else {
       // What closes after the token: the rest of the stack, the pending bytes, the characters still short of minLength, the quote.
-      const minLength = (this.g.nodes[s.f.node] as Extract<GrammarNode, { kind: 'string' }>).minLength;
       const below = s.min - this.g.frameMin(s.f);
       const count = s.f.count;
+      const max = maxLength ?? Infinity;
       allowed = new Uint8Array(safe.length);
       for (let i = 0; i < safe.length; i++) {
         if (safe[i] === 0) continue;
         const pending = safe[i] - 1;
-        if (below + pending + Math.max(0, minLength - count - chars[i] - (pending > 0 ? 1 : 0)) + 1 <= this.budget) allowed[i] = 1;
+        const written = count + chars[i] + (pending > 0 ? 1 : 0);
+        if (written <= max && below + pending + Math.max(0, minLength - written) + 1 <= this.budget) allowed[i] = 1;
       }
     }
     for (let i = 0; i < quoted.length; i++) if (this.allows(quoted[i])) allowed[quoted[i]] = 1;
