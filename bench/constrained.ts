@@ -125,11 +125,23 @@ async function enginePart(): Promise<void> {
   for (const [label, sampling] of [['greedy', GREEDY], ['temperature 1', sampled]] as const) {
     const ratios: number[] = [];
     for (let r = 0; r < ROUNDS; r++) {
-      const free = await loop(holder, sampling, undefined);
-      Object.assign(stats, { drawn: 0, refused: 0, maskMs: 0 });
-      const restore = countMasks();
-      const constrained = await loop(holder, sampling, constraint);
-      restore();
+      // Which goes first alternates by round, so that a drift in the machine's load favours neither.
+      const measureConstrained = async (): Promise<number> => {
+        Object.assign(stats, { drawn: 0, refused: 0, maskMs: 0 });
+        const restore = countMasks();
+        const tps = await loop(holder, sampling, constraint);
+        restore();
+        return tps;
+      };
+      let free: number;
+      let constrained: number;
+      if (r % 2 === 0) {
+        free = await loop(holder, sampling, undefined);
+        constrained = await measureConstrained();
+      } else {
+        constrained = await measureConstrained();
+        free = await loop(holder, sampling, undefined);
+      }
       ratios.push(constrained / free);
       console.log(`  ${label}, round ${r + 1}: unconstrained ${free.toFixed(1)} tok/s, json_schema ${constrained.toFixed(1)} tok/s, ratio ${(constrained / free).toFixed(3)}; drawn tokens refused ${stats.refused} of ${stats.drawn} sampled (${((100 * stats.refused) / Math.max(1, stats.drawn)).toFixed(1)}%), full mask ${(stats.maskMs / Math.max(1, stats.refused)).toFixed(2)} ms each`);
     }
