@@ -4,6 +4,7 @@ import { Ajv } from 'ajv';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CompiledGrammar, GrammarMatcher, TokenTable } from '../src/engine/core/grammar.ts';
+import { SequenceSampler, type TokenMask } from '../src/engine/core/sampler.ts';
 import { TextTokenizer } from '../src/model/tokenizer.ts';
 import { responseFormatConstraint } from '../src/server/structured-output.ts';
 import { randomLike, SHARED_MODELS } from './helpers/models.ts';
@@ -126,6 +127,49 @@ describe('the grammar automaton', () => {
     const str = new CompiledGrammar(responseFormatConstraint({ type: 'json_schema', json_schema: { schema: { type: 'string' } } })!, table);
     for (const bad of ['"\\ud800"', '"\\x"', '"a\nb"']) expect(new GrammarMatcher(str, []).acceptText(bad), bad).toBe(false);
     expect(new GrammarMatcher(str, []).acceptText('"日本 \\u00e9"')).toBe(true);
+  });
+});
+
+describe('the sampler with a token mask', () => {
+  const params = { temperature: 1, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
+  const allowedSet = new Set([3, 7, 9]);
+  const counted = () => {
+    const calls = { allows: 0, apply: 0 };
+    const mask: TokenMask = {
+      allows: (t) => (calls.allows++, allowedSet.has(t)),
+      apply: (row) => {
+        calls.apply++;
+        for (let i = 0; i < row.length; i++) if (!allowedSet.has(i)) row[i] = -Infinity;
+      },
+    };
+    return { mask, calls };
+  };
+  const logits = () => Float32Array.from({ length: 16 }, (_, i) => (i === 0 ? 9 : i === 9 ? 2 : i === 7 ? 1 : 0));
+
+  it('greedy: the largest allowed logit, masking only when the argmax is refused', () => {
+    const s = new SequenceSampler({ ...params, temperature: 0 }, [], 16);
+    const { mask, calls } = counted();
+    expect(s.sample(logits(), undefined, mask).token).toBe(9);
+    expect(calls).toEqual({ allows: 1, apply: 1 });
+    const row = logits();
+    row[7] = 20;
+    expect(s.sample(row, undefined, mask).token).toBe(7);
+    expect(calls).toEqual({ allows: 2, apply: 1 });
+  });
+
+  it('sampled: only allowed tokens, in proportion to their probabilities', () => {
+    const s = new SequenceSampler({ ...params, seed: 5 }, [], 16);
+    const { mask } = counted();
+    const seen = new Map<number, number>();
+    const N = 4000;
+    for (let i = 0; i < N; i++) {
+      const t = s.sample(logits(), undefined, mask).token;
+      seen.set(t, (seen.get(t) ?? 0) + 1);
+    }
+    expect([...seen.keys()].every((t) => allowedSet.has(t))).toBe(true);
+    const z = Math.exp(2) + Math.exp(1) + 1;
+    expect(seen.get(9)! / N).toBeCloseTo(Math.exp(2) / z, 1);
+    expect(seen.get(7)! / N).toBeCloseTo(Math.exp(1) / z, 1);
   });
 });
 
