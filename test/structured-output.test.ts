@@ -133,9 +133,10 @@ describe('the grammar automaton', () => {
 describe('the sampler with a token mask', () => {
   const params = { temperature: 1, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
   const allowedSet = new Set([3, 7, 9]);
-  const counted = () => {
+  const counted = (maskFirst = false) => {
     const calls = { allows: 0, apply: 0 };
     const mask: TokenMask = {
+      maskFirst,
       allows: (t) => (calls.allows++, allowedSet.has(t)),
       apply: (row) => {
         calls.apply++;
@@ -157,20 +158,31 @@ describe('the sampler with a token mask', () => {
     expect(calls).toEqual({ allows: 2, apply: 1 });
   });
 
-  it('sampled: only allowed tokens, in proportion to their probabilities', () => {
-    const s = new SequenceSampler({ ...params, seed: 5 }, [], 16);
-    const { mask } = counted();
-    const seen = new Map<number, number>();
-    const N = 4000;
-    for (let i = 0; i < N; i++) {
-      const t = s.sample(logits(), undefined, mask).token;
-      seen.set(t, (seen.get(t) ?? 0) + 1);
-    }
-    expect([...seen.keys()].every((t) => allowedSet.has(t))).toBe(true);
-    const z = Math.exp(2) + Math.exp(1) + 1;
-    expect(seen.get(9)! / N).toBeCloseTo(Math.exp(2) / z, 1);
-    expect(seen.get(7)! / N).toBeCloseTo(Math.exp(1) / z, 1);
+  it('maskFirst: masks before the draw and asks nothing', () => {
+    const s = new SequenceSampler({ ...params, temperature: 0 }, [], 16);
+    const { mask, calls } = counted(true);
+    expect(s.sample(logits(), undefined, mask).token).toBe(9);
+    expect(calls).toEqual({ allows: 0, apply: 1 });
   });
+
+  for (const maskFirst of [false, true]) {
+    it(`sampled${maskFirst ? ', masked first' : ''}: only allowed tokens, in proportion to their probabilities`, () => {
+      const s = new SequenceSampler({ ...params, seed: 5, logprobs: 0 }, [], 16);
+      const { mask } = counted(maskFirst);
+      const seen = new Map<number, number>();
+      const N = 4000;
+      for (let i = 0; i < N; i++) {
+        const r = s.sample(logits(), undefined, mask);
+        seen.set(r.token, (seen.get(r.token) ?? 0) + 1);
+        // Logprobs stay those of the model's own distribution.
+        expect(r.logprob).toBeCloseTo(logits()[r.token] - Math.log(logits().reduce((a, x) => a + Math.exp(x), 0)), 5);
+      }
+      expect([...seen.keys()].every((t) => allowedSet.has(t))).toBe(true);
+      const z = Math.exp(2) + Math.exp(1) + 1;
+      expect(seen.get(9)! / N).toBeCloseTo(Math.exp(2) / z, 1);
+      expect(seen.get(7)! / N).toBeCloseTo(Math.exp(1) / z, 1);
+    });
+  }
 });
 
 describe('response_format through the server (random-weight SmolLM2)', () => {

@@ -423,6 +423,15 @@ export class GrammarMatcher {
     return { f, next, min: this.g.frameMin(f) + (next?.min ?? 0) };
   }
 
+  /**
+   * Outside strings (structure, keys, numbers, literals) few tokens are allowed and the mask is cheap, so the
+   * sampler masks before drawing; inside a string most tokens are allowed and a free draw usually stands.
+   */
+  get maskFirst(): boolean {
+    const s = this.states.length === 1 ? this.states[0] : null;
+    return s === null || s.f.k !== F.Str;
+  }
+
   /** Every byte written so far closes the grammar: nothing more may follow. */
   get closed(): boolean {
     return this.states.every((s) => s === null);

@@ -10,6 +10,8 @@ import { MAX_TOP_LOGPROBS, type SamplingParams } from '../protocol.ts';
 
 /** Which tokens a constrained row may take (engine/core/grammar.ts): asked of the drawn token first, applied to the row only when that token is not allowed. */
 export interface TokenMask {
+  /** Mask before drawing (where the mask is cheap and a free draw would likely be refused). */
+  readonly maskFirst?: boolean;
   allows(token: number): boolean;
   /** Sets every token not allowed to -Infinity. */
   apply(row: Float32Array): void;
@@ -224,8 +226,9 @@ export class SequenceSampler {
     // Plain greedy (banned tokens aside): one pass, nothing else to apply.
     if (this.greedy) {
       if (banned !== undefined) for (let i = 0; i < banned.length; i++) if (banned[i] >= 0 && banned[i] < V) row[banned[i]] = -Infinity;
+      if (mask?.maskFirst) mask.apply(row);
       let token = argmaxOf(row, V);
-      if (mask !== undefined && !mask.allows(token)) {
+      if (mask !== undefined && !mask.maskFirst && !mask.allows(token)) {
         mask.apply(row);
         token = argmaxOf(row, V);
       }
@@ -273,6 +276,10 @@ export class SequenceSampler {
         if (t >= 0 && t < V) set(t, -Infinity);
       }
     }
+    if (mask?.maskFirst) {
+      // Masked tokens' raw logits are only needed for logprobs of the chosen token, which is never masked.
+      mask.apply(row);
+    }
 
     let m = -Infinity;
     let argmax = -1;
@@ -285,7 +292,7 @@ export class SequenceSampler {
     if (argmax < 0) throw new Error('sampler: every logit is -Infinity or NaN after penalties and banned tokens');
 
     let token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, u);
-    if (mask !== undefined && !mask.allows(token)) {
+    if (mask !== undefined && !mask.maskFirst && !mask.allows(token)) {
       mask.apply(row);
       m = -Infinity;
       argmax = -1;
