@@ -2,8 +2,8 @@
  * Constrained decoding, side by side in one run:
  *   0. the cost of one full mask (what a refused draw pays) by grammar state, for a 49k and a 152k vocabulary;
  *   1. engine loop at c=32 on the SmolLM2-135M shape (random weights): output tokens/s with a json_schema on every
- *      request against none, rounds alternating, greedy and sampled (temperature 1); and how often the drawn
- *      token was refused (a full mask was computed), with the mask's mean cost;
+ *      request against none, rounds alternating, greedy and sampled (temperature 1); and how many tokens needed a
+ *      full mask (outside strings, or a refused draw inside one), with the mask's mean cost;
  *   2. a 5-turn agent loop through the openai SDK against `tally serve` (random-weight Qwen2.5 shape, forced tool
  *      calls, growing history): every call validated with ajv; prefix-cache hits printed where usage has them.
  *
@@ -143,7 +143,7 @@ async function enginePart(): Promise<void> {
         free = await loop(holder, sampling, undefined);
       }
       ratios.push(constrained / free);
-      console.log(`  ${label}, round ${r + 1}: unconstrained ${free.toFixed(1)} tok/s, json_schema ${constrained.toFixed(1)} tok/s, ratio ${(constrained / free).toFixed(3)}; drawn tokens refused ${stats.refused} of ${stats.drawn} sampled (${((100 * stats.refused) / Math.max(1, stats.drawn)).toFixed(1)}%), full mask ${(stats.maskMs / Math.max(1, stats.refused)).toFixed(2)} ms each`);
+      console.log(`  ${label}, round ${r + 1}: unconstrained ${free.toFixed(1)} tok/s, json_schema ${constrained.toFixed(1)} tok/s, ratio ${(constrained / free).toFixed(3)}; full masks ${stats.refused} for ${stats.drawn} tokens (${((100 * stats.refused) / Math.max(1, stats.drawn)).toFixed(1)}%: outside strings, and refused draws in them), ${(stats.maskMs / Math.max(1, stats.refused)).toFixed(2)} ms each`);
     }
     const sorted = [...ratios].sort((a, b) => a - b);
     console.log(`  ${label}: json_schema / unconstrained tokens/s, median ${sorted[Math.floor(sorted.length / 2)].toFixed(3)} (bar: ≥ 0.8)`);
