@@ -267,3 +267,24 @@ describe('response_format through the server (random-weight SmolLM2)', () => {
     expect(r.status).toBe(400);
   });
 });
+
+describe('response_format on a SentencePiece byte-fallback vocabulary (random-weight TinyLlama)', () => {
+  it('every choice parses and validates, streamed or not', async () => {
+    const server = await startTestServer({ modelDir: randomLike('TinyLlama-1.1B-Chat-v1.0'), engine: { maxModelLen: 512 } });
+    try {
+      const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'x', maxRetries: 0 });
+      for (const name of ['nested', 'enums']) {
+        const validate = ajv.compile(SCHEMAS[name]);
+        const response_format = { type: 'json_schema' as const, json_schema: { name, schema: SCHEMAS[name] as Record<string, unknown> } };
+        const r = await client.chat.completions.create({ model: server.modelName, messages: [{ role: 'user', content: 'JSON please' }], max_tokens: 100, n: 4, response_format });
+        for (const c of r.choices) expect(validate(JSON.parse(c.message.content!)), c.message.content!).toBe(true);
+        const stream = await client.chat.completions.create({ model: server.modelName, messages: [{ role: 'user', content: 'JSON please' }], max_tokens: 100, stream: true, response_format });
+        let text = '';
+        for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? '';
+        expect(validate(JSON.parse(text)), text).toBe(true);
+      }
+    } finally {
+      await server.close();
+    }
+  });
+});
