@@ -2,7 +2,6 @@
  * The OpenAI-compatible HTTP API: routes, body parsing, authentication, request logs and the error
  * handler that turns every failure into OpenAI's error body.
  */
-import { parserForTemplate } from './tool-calls.ts';
 import { randomUUID } from 'node:crypto';
 import express, { type Express, type NextFunction, type Request, type Response } from 'express';
 import { KeyStore } from './api-keys.ts';
@@ -17,6 +16,7 @@ import { makeSchemas } from './schemas.ts';
 import { checkCapacity } from './serve.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
+import { parserForTemplate } from './tool-calls.ts';
 
 export { ServerLifecycle, type ServerContext, type ServerLimits } from './context.ts';
 /** Deeper JSON bodies are refused (templates and validators recurse). */
