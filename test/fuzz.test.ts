@@ -82,7 +82,8 @@ const CHAT: Record<string, unknown[]> = {
   logprobs: ['x', 1],
   top_logprobs: [21, -1, 'x'],
   tools: ['x', [{ type: 'x' }], [{ type: 'function', function: { name: '' } }], [{ type: 'function' }]],
-  response_format: [{ type: 'json_object' }, 'text', 5],
+  response_format: [{ type: 'yaml' }, { type: 'json_schema' }, { type: 'json_schema', json_schema: { schema: { type: 'string', pattern: 'x' } } }, { type: 'json_schema', json_schema: { schema: { $ref: '#/nowhere' } } }, 'text', 5],
+  tool_choice: ['x', 'required', { type: 'function', function: { name: 'nope' } }, { type: 'function' }, 5],
   add_special_tokens: ['x', 0],
 };
 

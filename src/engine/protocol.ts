@@ -30,6 +30,27 @@ export interface SamplingParams {
   logprobs?: number;
 }
 
+/**
+ * A grammar node of a constrained output (structured output, forced tool calls), in a flat array so that
+ * references (recursive schemas) are indices. `literal` is raw text (alternatives), not JSON-quoted.
+ */
+export type GrammarNode =
+  | { kind: 'any' }
+  | { kind: 'literal'; values: string[] }
+  | { kind: 'string'; minLength: number; maxLength: number | null }
+  | { kind: 'number'; integer: boolean }
+  /** Declared properties in this order (required ones always written); with no properties, `additional` (a node) is the schema of free keys' values. */
+  | { kind: 'object'; properties: { name: string; value: number; required: boolean }[]; additional: number | null }
+  | { kind: 'array'; items: number; minItems: number; maxItems: number | null }
+  | { kind: 'anyOf'; options: number[] }
+  | { kind: 'seq'; items: number[] };
+
+/** What a constrained request's output must be: the text of `nodes[root]`, closed within max_tokens. */
+export interface OutputConstraint {
+  nodes: GrammarNode[];
+  root: number;
+}
+
 export interface GenerationRequest {
   id: string;
   promptIds: number[];
@@ -39,6 +60,8 @@ export interface GenerationRequest {
   stop: string[];
   stopTokenIds: number[];
   sampling: SamplingParams;
+  /** Only tokens that keep the output a prefix of this grammar are sampled; it ends when the grammar closes. */
+  constraint?: OutputConstraint;
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error';

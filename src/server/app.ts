@@ -18,6 +18,7 @@ import { checkCapacity } from './respond.ts';
 import { TenantLimiter } from './tenant-limits.ts';
 import { precisionOf } from '../model/quant.ts';
 import { detokenizeHandler, tokenizeHandler } from './tokenize.ts';
+import { parserForTemplate } from './tool-calls.ts';
 
 export { ServerLifecycle, type ServerContext, type ServerLimits } from './context.ts';
 /** Deeper JSON bodies are refused (templates and validators recurse). */
@@ -111,10 +112,12 @@ export function createApp(context: ServerContext): Express {
   limits.maxLogprobs = Math.min(limits.maxLogprobs, API_LIMIT_DEFAULTS.maxLogprobs);
   const ctx = { ...context, limits: { ...limits, maxPromptChars: limits.maxPromptChars ?? defaultMaxPromptChars(context) } };
   const keys = ctx.keys ?? new KeyStore(ctx.apiKeys);
+  const chatTemplate = loadChatTemplate(ctx);
   const state: ServerState = {
     ctx,
     schemas: makeSchemas(ctx.limits),
-    chatTemplate: loadChatTemplate(ctx),
+    chatTemplate,
+    toolCallParser: ctx.toolCallParser ?? parserForTemplate(chatTemplate?.source),
     tokenText: new TokenText(ctx.tokenizer),
     created: Math.floor(Date.now() / 1000),
     lifecycle: ctx.lifecycle ?? new ServerLifecycle(),

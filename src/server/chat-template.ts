@@ -63,6 +63,11 @@ export class ChatTemplate {
     return template;
   }
 
+  /** The template's text (the tool-use one where the folder has both). */
+  get source(): string {
+    return this.sources.get('tool_use') ?? this.sources.get('default')!;
+  }
+
   private compiled(name: string): Template {
     let t = this.templates.get(name);
     if (!t) {

@@ -8,6 +8,7 @@ import type { RequestMeter } from '../meter/types.ts';
 import type { ChatTemplate } from './chat-template.ts';
 import type { TokenText } from './logprobs.ts';
 import type { Schemas } from './schemas.ts';
+import type { ToolCallParserName } from './tool-calls.ts';
 import type { KeyStore } from './api-keys.ts';
 import type { TenantLimiter } from './tenant-limits.ts';
 
@@ -58,6 +59,8 @@ export interface ServerContext {
   /** Per-tenant rate limits and budgets; default: from `keys`' policies, spend counted from zero. */
   tenantLimiter?: TenantLimiter;
   limits: ServerLimits;
+  /** How tool calls are read from the output; undefined: chosen from the chat template. */
+  toolCallParser?: ToolCallParserName;
   /** The server's drain switch (see ServerLifecycle); default: a new one, never draining. */
   lifecycle?: ServerLifecycle;
   /** Mounts more routes (metrics, cost, dashboard) after the API's and before the 404 handler. */
@@ -74,6 +77,7 @@ export interface ServerState {
   ctx: ServerContext & { limits: ResolvedLimits };
   schemas: Schemas;
   chatTemplate?: ChatTemplate;
+  toolCallParser: ToolCallParserName;
   tokenText: TokenText;
   /** Unix seconds when the app was created (the model's `created`). */
   created: number;

@@ -126,7 +126,19 @@ export function makeSchemas(limits: SchemaLimits) {
       tools,
       tool_choice: z.unknown().optional(),
       response_format: z
-        .object({ type: z.literal('text', { error: "only response_format {type: 'text'} is supported" }) })
+        .discriminatedUnion('type', [
+          z.object({ type: z.literal('text') }),
+          z.object({ type: z.literal('json_object') }),
+          z.object({
+            type: z.literal('json_schema'),
+            json_schema: z.object({
+              name: z.string().nullish(),
+              description: z.string().nullish(),
+              schema: z.record(z.string(), z.unknown()).nullish(),
+              strict: z.boolean().nullish(),
+            }),
+          }),
+        ], { error: "response_format type must be 'text', 'json_object' or 'json_schema' (with json_schema: {name, schema, strict})" })
         .nullish(),
       add_special_tokens: z.boolean().nullish(),
     })

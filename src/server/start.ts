@@ -100,6 +100,7 @@ export async function startServer(config: ServeConfig, deps: ServerDeps = {}): P
     keys,
     tenantLimiter,
     lifecycle,
+    toolCallParser: config.toolCallParser,
     limits: {
       maxQueue: config.maxQueue,
       requestTimeoutMs: config.requestTimeoutSeconds * 1000,

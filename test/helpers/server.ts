@@ -12,6 +12,7 @@ import { loadModelFolder } from '../../src/model/folder.ts';
 import { TextTokenizer } from '../../src/model/tokenizer.ts';
 import type { CostReport, FinishedRequest, RequestMeter } from '../../src/meter/types.ts';
 import { createApp, ServerLifecycle, type ServerLimits } from '../../src/server/app.ts';
+import type { ServerContext } from '../../src/server/context.ts';
 
 /** A stand-in for the real meter: device seconds at a fixed price, everything recorded. */
 export class TestMeter implements RequestMeter {
@@ -63,6 +64,7 @@ export async function startTestServer(opts: {
   engine?: Partial<EngineOptions>;
   /** What the app gets instead of the engine client (fault injection); the real one is still returned and closed. */
   wrapEngine?: (engine: EngineClient) => EngineClient;
+  toolCallParser?: ServerContext['toolCallParser'];
 }): Promise<TestServer> {
   const engine = await EngineClient.start({
     modelDir: opts.modelDir,
@@ -80,7 +82,7 @@ export async function startTestServer(opts: {
   const lifecycle = new ServerLifecycle();
   const app = createApp({
     engine: opts.wrapEngine ? opts.wrapEngine(engine) : engine,
-    tokenizer, folder, modelName: folder.name, meter, logger, apiKeys: opts.apiKeys, lifecycle,
+    tokenizer, folder, modelName: folder.name, meter, logger, apiKeys: opts.apiKeys, lifecycle, toolCallParser: opts.toolCallParser,
     limits: { ...TEST_LIMITS, ...opts.limits },
   });
   const server = http.createServer(app);

@@ -8,6 +8,15 @@
 import { randomBytes } from 'node:crypto';
 import { MAX_TOP_LOGPROBS, type SamplingParams } from '../protocol.ts';
 
+/** Which tokens a constrained row may take (engine/core/grammar.ts): asked of the drawn token first, applied to the row only when that token is not allowed. */
+export interface TokenMask {
+  /** Mask before drawing (where the mask is cheap and a free draw would likely be refused). */
+  readonly maskFirst?: boolean;
+  allows(token: number): boolean;
+  /** Sets every token not allowed to -Infinity. */
+  apply(row: Float32Array): void;
+}
+
 export interface SampleResult { token: number; logprob?: number; topLogprobs?: { token: number; logprob: number }[] }
 
 /** Below this temperature sampling is greedy. */
@@ -202,7 +211,11 @@ export class SequenceSampler {
     return undefined;
   }
 
-  sample(logits: Float32Array, banned?: ArrayLike<number>): SampleResult {
+  /**
+   * With a mask, the drawn token is kept when the mask allows it; else the row is masked and drawn again with a
+   * second uniform: together a draw from the masked distribution (greedy: the largest allowed logit).
+   */
+  sample(logits: Float32Array, banned?: ArrayLike<number>, mask?: TokenMask): SampleResult {
     const V = this.vocabSize;
     if (logits.length < V) throw new RangeError(`logits row has ${logits.length} columns, vocabSize is ${V}`);
     const row = logits;
@@ -213,7 +226,13 @@ export class SequenceSampler {
     // Plain greedy (banned tokens aside): one pass, nothing else to apply.
     if (this.greedy) {
       if (banned !== undefined) for (let i = 0; i < banned.length; i++) if (banned[i] >= 0 && banned[i] < V) row[banned[i]] = -Infinity;
-      return { token: this.accept(argmaxOf(row, V)) };
+      if (mask?.maskFirst) mask.apply(row);
+      let token = argmaxOf(row, V);
+      if (mask !== undefined && !mask.maskFirst && !mask.allows(token)) {
+        mask.apply(row);
+        token = argmaxOf(row, V);
+      }
+      return { token: this.accept(token) };
     }
 
     for (let i = 0; i < V; i++) if (row[i] !== row[i]) row[i] = -Infinity;
@@ -257,6 +276,10 @@ export class SequenceSampler {
         if (t >= 0 && t < V) set(t, -Infinity);
       }
     }
+    if (mask?.maskFirst) {
+      // Masked tokens' raw logits are only needed for logprobs of the chosen token, which is never masked.
+      mask.apply(row);
+    }
 
     let m = -Infinity;
     let argmax = -1;
@@ -268,7 +291,20 @@ export class SequenceSampler {
     }
     if (argmax < 0) throw new Error('sampler: every logit is -Infinity or NaN after penalties and banned tokens');
 
-    const token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, u);
+    let token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, u);
+    if (mask !== undefined && !mask.maskFirst && !mask.allows(token)) {
+      mask.apply(row);
+      m = -Infinity;
+      argmax = -1;
+      for (let i = 0; i < V; i++) {
+        if (row[i] > m) {
+          m = row[i];
+          argmax = i;
+        }
+      }
+      if (argmax < 0) throw new Error('sampler: no allowed token has a finite logit');
+      token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, this.rng.nextFloat());
+    }
 
     this.accept(token);
 

@@ -2,6 +2,7 @@ import type { TextTokenizer, IncrementalDecoder } from '../../model/tokenizer.ts
 import { type ModelShape, chunkFlops, splitSeconds } from '../../meter/attribution.ts';
 import type { FinishReason, GeneratedToken, GenerationRequest, RequestCost, RequestEvent, SchedulerLimits, StepRecord } from '../protocol.ts';
 import type { ForwardRow, ModelRunner, TopLogits } from '../runners/runner.ts';
+import { CompiledGrammar, GrammarMatcher, NoTokenAllowed, TokenTable } from './grammar.ts';
 import { SequenceSampler } from './sampler.ts';
 
 const NO_TOKENS: readonly number[] = [];
@@ -24,6 +25,8 @@ interface Sequence {
   admittedMs: number;
   firstTokenSent: boolean;
   cancelled: boolean;
+  /** The request's place in its output grammar (constrained requests only). */
+  grammar?: GrammarMatcher;
 }
 
 /**
@@ -44,6 +47,8 @@ export class Scheduler {
   private reservedTokens = 0;
   private wake?: () => void;
   private stopped = false;
+  /** Constrained requests' grammars, compiled at submit, until admission. */
+  private compiled = new Map<string, CompiledGrammar>();
 
   constructor(
     private readonly runner: ModelRunner,
@@ -64,6 +69,13 @@ export class Scheduler {
       new SequenceSampler(req.sampling, [], this.runner.vocabSize);
     } catch (err) {
       return this.fail(req, `invalid sampling parameters: ${(err as Error).message}`);
+    }
+    if (req.constraint) {
+      try {
+        this.compiled.set(req.id, new CompiledGrammar(req.constraint, TokenTable.of(this.tokenizer, this.runner.vocabSize)));
+      } catch (err) {
+        return this.fail(req, `invalid output grammar: ${(err as Error).message}`);
+      }
     }
     this.waiting.push(req);
     this.wake?.();
@@ -105,6 +117,7 @@ export class Scheduler {
   private admit(record: StepRecord): void {
     if (this.cancelledWaiting.size > 0) {
       const dropped = this.waiting.filter((r) => this.cancelledWaiting.has(r.id));
+      for (const r of dropped) this.compiled.delete(r.id);
       this.waiting = this.waiting.filter((r) => !this.cancelledWaiting.has(r.id));
       this.cancelledWaiting.clear();
       this.emit(dropped.map((r) => ({ id: r.id, tokens: [], text: '', finish: 'cancelled' as const, promptTokens: r.promptIds.length, completionTokens: 0, cost: { prefillSeconds: 0, decodeSeconds: 0 } })));
@@ -139,6 +152,11 @@ export class Scheduler {
         firstTokenSent: false,
         cancelled: false,
       };
+      const grammar = this.compiled.get(req.id);
+      if (grammar) {
+        this.compiled.delete(req.id);
+        s.grammar = new GrammarMatcher(grammar, this.eosIds);
+      }
       this.reservedTokens += own;
       this.running.push(s);
       this.byId.set(req.id, s);
@@ -255,7 +273,7 @@ export class Scheduler {
       for (const s of sampling) {
         if (!greedy) break;
         k = Math.max(k, this.bannedFor(s).length + 1);
-        greedy = s.sampler.greedy && k <= this.runner.topLogits;
+        greedy = s.sampler.greedy && s.grammar === undefined && k <= this.runner.topLogits;
       }
       if (greedy) {
         const { top, runSeconds } = await this.runner.forwardTop!(rows, k);
@@ -286,10 +304,20 @@ export class Scheduler {
     const early = s.output.length < req.minTokens;
     const banned = this.bannedFor(s);
     let sample;
+    if (s.grammar) s.grammar.budget = req.maxTokens - s.output.length - 1;
     try {
-      sample = output.logits ? s.sampler.sample(output.logits, banned) : s.sampler.sampleTop(output.top!, banned);
+      sample = output.logits ? s.sampler.sample(output.logits, banned, s.grammar) : s.sampler.sampleTop(output.top!, banned);
       if (!sample) throw new Error('every logit is -Infinity or NaN');
+      if (s.grammar && !this.eosIds.includes(sample.token)) s.grammar.accept(sample.token);
     } catch (err) {
+      if (err instanceof NoTokenAllowed) {
+        // max_tokens too small for the grammar's shortest value: end here, cut.
+        s.pending += s.decoder.flush();
+        events.push(this.finishEvent(s, 'length', s.pending));
+        s.pending = '';
+        this.release(s);
+        return;
+      }
       events.push(this.finishEvent(s, 'error', '', { error: `sampling failed: ${(err as Error).message}` }));
       this.release(s);
       return;
@@ -328,8 +356,9 @@ export class Scheduler {
         finish = 'stop';
       }
     }
+    if (!finish && s.grammar?.closed) finish = 'stop';
     if (!finish && (s.output.length >= req.maxTokens || this.runner.cachedLength(s.seq) + 1 >= this.limits.maxModelLen)) {
-      finish = 'length';
+      finish = s.grammar?.complete ? 'stop' : 'length';
     }
     if (finish) {
       if (finish !== 'stop' || stoppedBy === undefined || typeof stoppedBy === 'number') s.pending += s.decoder.flush();
