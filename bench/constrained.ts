@@ -16,13 +16,9 @@ import { createEngineCore } from '../src/engine/core/engine-core.ts';
 import { CompiledGrammar, GrammarMatcher, TokenTable } from '../src/engine/core/grammar.ts';
 import { TextTokenizer } from '../src/model/tokenizer.ts';
 import type { EngineOptions, GenerationRequest, OutputConstraint, SamplingParams } from '../src/engine/protocol.ts';
-import { convertRandomLike } from '../src/model/convert.ts';
-import { isModelFolder } from '../src/model/folder.ts';
-import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
-import { modelsDir } from '../src/model/resolve.ts';
 import { responseFormatConstraint } from '../src/server/structured-output.ts';
 import { randomLike } from '../test/helpers/models.ts';
-import { GREEDY } from './lib.ts';
+import { GREEDY, smolLM2ShapeModel } from './lib.ts';
 import { startServerProcess } from './server-process.ts';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -45,14 +41,6 @@ const SCHEMA = {
   additionalProperties: false,
 };
 
-function smolModel(): string {
-  const dir = path.join(modelsDir(), '.cache', `SmolLM2-135M-shape-random-g${TALLY_GRAPH_VERSION}`);
-  if (!isModelFolder(dir)) {
-    console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
-    convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });
-  }
-  return dir;
-}
 
 /** Mask statistics, counted by wrapping the matcher's methods for one point. */
 const stats = { drawn: 0, refused: 0, maskMs: 0 };
@@ -103,7 +91,7 @@ async function loop(core: { engine: Core; resolve?: () => void; onEvent?: (done:
 let PROMPT: number[] = [];
 
 async function enginePart(): Promise<void> {
-  const dir = smolModel();
+  const dir = smolLM2ShapeModel();
   const holder: { engine: Core; onEvent?: (done: boolean, tokens: number) => void } = {} as never;
   const options: EngineOptions = { modelDir: dir, device: { kind: 'cpu' }, maxNumSeqs: CONCURRENCY, maxNumBatchedTokens: 2048, kvCacheBytes: 2 ** 30 };
   holder.engine = await createEngineCore(options, (events) => {

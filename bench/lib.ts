@@ -1,6 +1,23 @@
+import path from 'node:path';
 import { createEngineCore } from '../src/engine/core/engine-core.ts';
+import { convertRandomLike } from '../src/model/convert.ts';
+import { isModelFolder } from '../src/model/folder.ts';
+import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
+import { modelsDir } from '../src/model/resolve.ts';
 import type { EngineOptions } from '../src/engine/protocol.ts';
 import type { GenerationRequest } from '../src/engine/protocol.ts';
+
+const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+
+/** A random-weight model of SmolLM2-135M's shape (its real tokenizer), built once into models/.cache. */
+export function smolLM2ShapeModel(): string {
+  const dir = path.join(modelsDir(), '.cache', `SmolLM2-135M-shape-random-g${TALLY_GRAPH_VERSION}`);
+  if (!isModelFolder(dir)) {
+    console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
+    convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });
+  }
+  return dir;
+}
 
 export const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };
 

@@ -6,29 +6,17 @@
  *
  *   node --import tsx bench/prefix.ts [--rounds N] [--prefix-len L]
  */
-import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { convertRandomLike } from '../src/model/convert.ts';
-import { isModelFolder, loadModelFolder } from '../src/model/folder.ts';
-import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
-import { modelsDir } from '../src/model/resolve.ts';
+import { loadModelFolder } from '../src/model/folder.ts';
 import { seededRandom } from '../src/loadgen/stats.ts';
 import { startServerProcess } from './server-process.ts';
+import { smolLM2ShapeModel } from './lib.ts';
 
-const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const { values } = parseArgs({ options: { rounds: { type: 'string' }, 'prefix-len': { type: 'string' } } });
 const rounds = Number(values.rounds ?? 5);
 const prefixLen = Number(values['prefix-len'] ?? 2000);
 const QUESTION = 20;
 
-function smolModel(): string {
-  const dir = path.join(modelsDir(), '.cache', `SmolLM2-135M-shape-random-g${TALLY_GRAPH_VERSION}`);
-  if (!isModelFolder(dir)) {
-    console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
-    convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });
-  }
-  return dir;
-}
 
 interface Measured {
   ttftMs: number;
@@ -72,7 +60,7 @@ const median = (xs: number[]) => {
 };
 
 async function main(): Promise<void> {
-  const dir = smolModel();
+  const dir = smolLM2ShapeModel();
   const vocab = loadModelFolder(dir).config.vocab_size;
   const rand = seededRandom(21);
   const tokens = (n: number) => Array.from({ length: n }, () => 100 + Math.floor(rand() * (vocab - 200)));

@@ -3,7 +3,7 @@
  * (MatMulNBits) served over HTTP side by side, single stream (c=1) and c=32, and TinyLlama-1.1B's shape as int4
  * at c=1 and c=8 with the server's peak RSS. Only ratios measured in this one run are compared.
  * --engine-loop: instead, the bare engine loop (no HTTP) at c=32, fp32/int8/int4 alternating.
- *   node --import tsx bench/quant.ts [--rounds N] [--no-tinyllama] [--engine-loop]
+ *   node --import tsx bench/quant.ts [--rounds N] [--no-tinyllama | --only-tinyllama] [--engine-loop]
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -125,6 +125,6 @@ async function engineLoopC32(): Promise<void> {
 if (process.argv.includes('--engine-loop')) {
   await engineLoopC32();
 } else {
-  await smolLM2();
+  if (!process.argv.includes('--only-tinyllama')) await smolLM2();
   if (!process.argv.includes('--no-tinyllama')) await tinyLlama();
 }

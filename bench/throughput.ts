@@ -4,15 +4,12 @@
  * Everything is measured in this one run; only ratios are compared.
  *   node --import tsx bench/throughput.ts [--quick]
  */
-import path from 'node:path';
 import ort from 'onnxruntime-node';
-import { engineLoop } from './lib.ts';
+import { engineLoop, smolLM2ShapeModel } from './lib.ts';
 import { streamLoad } from './http-load.ts';
 import { startServerProcess } from './server-process.ts';
-import { resolveModel, modelsDir } from '../src/model/resolve.ts';
-import { convertRandomLike } from '../src/model/convert.ts';
-import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
-import { isModelFolder, loadModelFolder } from '../src/model/folder.ts';
+import { resolveModel } from '../src/model/resolve.ts';
+import { loadModelFolder } from '../src/model/folder.ts';
 import { createEngineCore } from '../src/engine/core/engine-core.ts';
 import { DataType, encodeModel, rawBytes } from '../src/model/onnx-proto.ts';
 import { seededUniform } from '../src/model/random.ts';
@@ -23,7 +20,6 @@ import type { EngineOptions } from '../src/engine/protocol.ts';
 import { loadAttentionAddon } from '../src/engine/runners/native-attention.ts';
 
 const quick = process.argv.includes('--quick');
-const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 
 const engineOptions = (modelDir: string) => ({ modelDir, device: { kind: 'cpu' as const }, maxNumSeqs: 64, maxNumBatchedTokens: 2048, kvCacheBytes: 8 * 2 ** 30 });
 const prompt16 = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 3 + ((i * 31 + j * 17) % 500))];
@@ -75,14 +71,6 @@ async function storiesSweep() {
   console.log(`bar 2: HTTP / engine at c32 = ${(c32.http / c32.engine).toFixed(3)} (≥ 0.85)${perRound(h32.map((v, i) => v / e32[i]))}`);
 }
 
-function smolModel(): string {
-  const dir = path.join(modelsDir(), '.cache', `SmolLM2-135M-shape-random-g${TALLY_GRAPH_VERSION}`);
-  if (!isModelFolder(dir)) {
-    console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
-    convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });
-  }
-  return dir;
-}
 
 function parameterCount(c: LlamaConfig): number {
   const hd = headDim(c);
@@ -189,7 +177,7 @@ async function pairedDecodeRates(
 }
 
 async function smolBench() {
-  const dir = smolModel();
+  const dir = smolLM2ShapeModel();
   const config = loadModelFolder(dir).config;
   const params = parameterCount(config);
   const batch = 32;
@@ -252,7 +240,7 @@ const only = process.argv.find((a) => a.startsWith('--only='))?.slice(7);
 if (!only || only === 'stories') await storiesSweep();
 if (!only || only === 'smol') await smolBench();
 if (only === 'matmul') {
-  const config = loadModelFolder(smolModel()).config;
+  const config = loadModelFolder(smolLM2ShapeModel()).config;
   const probe = await matmulProbe(config, 32);
   for (let i = 0; i < 12; i++) console.log(`MatMul rate at batch 32: ${(probe.flops / (await probe.time()) / 1e9).toFixed(1)} GFLOP/s`);
   await probe.release();
