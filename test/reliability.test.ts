@@ -333,9 +333,12 @@ describe('engine faults', () => {
     const srv = await start();
     try {
       const { s } = srv;
-      const pending = [post(s.url, LONG), post(s.url, { ...LONG, stream: true })];
+      // As long as the context allows: the native runner writes stories260K's tokens in well under a millisecond each.
+      const longest = { ...LONG, max_tokens: 500 };
+      const pending = [post(s.url, longest), post(s.url, { ...longest, stream: true })];
       await until(() => s.engine.inFlight === 2, 2000);
-      await new Promise((r) => setTimeout(r, 50));
+      // Both admitted (at the next step boundary), both still generating.
+      await new Promise((r) => setTimeout(r, 10));
       injectFault('forward-error');
       const [whole, streamed] = await Promise.all(pending);
       expectOpenAIError(whole.status, whole.text, 500);
