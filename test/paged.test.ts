@@ -11,12 +11,12 @@ import { loadRunner, defaultThreads } from '../src/engine/runners/load.ts';
 import { ATTENTION_ADDON_PATH, loadAttentionAddon } from '../src/engine/runners/native-attention.ts';
 import { createEngineCore } from '../src/engine/core/engine-core.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
-import type { ForwardRow, ModelRunner } from '../src/engine/runners/runner.ts';
 import type { KvCacheDtype } from '../src/engine/protocol.ts';
 import path from 'node:path';
 import { SHARED_MODELS, randomLike, storiesModel } from './helpers/models.ts';
 import { explainEngineError } from '../src/config/serve-config.ts';
 import { EngineOptionError } from '../src/engine/protocol.ts';
+import { maxLogitDifference, tokens } from './helpers/runner-compare.ts';
 
 beforeAll(() => {
   if (!fs.existsSync(ATTENTION_ADDON_PATH)) {
@@ -31,31 +31,6 @@ async function runners(dir: string, kvCacheDtype: KvCacheDtype) {
   const native = (await loadRunner(folder, { ...options, attention: 'native', runner: 'js', kvCacheDtype })).runner;
   const graph = (await loadRunner(folder, { ...options, attention: 'onnx' })).runner;
   return { native, graph, vocab: folder.config.vocab_size };
-}
-
-const tokens = (n: number, seed: number) => Array.from({ length: n }, (_, i) => 3 + ((i * 37 + seed * 11) % 200));
-
-/** Steps that open, grow and close sequences: multi-page prompts, chunks, decode, padding rows. */
-function* schedule(): Generator<{ open?: number[]; close?: number[]; rows: ForwardRow[] }> {
-  yield { open: [0, 1, 2], rows: [{ seq: 0, tokens: tokens(5, 0) }, { seq: 1, tokens: [1, 7] }, { seq: 2, tokens: tokens(70, 2) }] };
-  yield { open: [3], rows: [{ seq: 0, tokens: [44] }, { seq: 1, tokens: tokens(19, 1) }, { seq: 2, tokens: [48] }, { seq: 3, tokens: tokens(130, 3) }] };
-  for (let i = 0; i < 12; i++) yield { rows: [{ seq: 3, tokens: [12 + i] }, { seq: 0, tokens: [10 + i] }, { seq: 2, tokens: [11 + i] }] };
-  yield { close: [2], open: [4], rows: [{ seq: 4, tokens: tokens(64, 4) }, { seq: 1, tokens: [9] }] };
-  for (let i = 0; i < 6; i++) yield { rows: [{ seq: 4, tokens: [20 + i] }, { seq: 1, tokens: [21 + i] }, { seq: 3, tokens: [22 + i] }] };
-}
-
-async function maxLogitDifference(a: ModelRunner, b: ModelRunner, vocab: number): Promise<number> {
-  let diff = 0;
-  for (const step of schedule()) {
-    for (const s of step.close ?? []) { a.close(s); b.close(s); }
-    for (const s of step.open ?? []) { a.open(s); b.open(s); }
-    const [x, y] = [await a.forward(step.rows), await b.forward(step.rows)];
-    step.rows.forEach((r, i) => {
-      expect(a.cachedLength(r.seq)).toBe(b.cachedLength(r.seq));
-      for (let v = 0; v < vocab; v++) diff = Math.max(diff, Math.abs(x.logits[i][v] - y.logits[i][v]));
-    });
-  }
-  return diff;
 }
 
 describe('native attention over the paged cache', () => {

@@ -153,7 +153,7 @@ export class SentencePieceStreamDecoder implements StreamDecoder {
 let UNICODE_TO_BYTE: Map<string, number> | undefined;
 
 /** GPT-2's bytes_to_unicode, inverted. */
-function unicodeToByte(): Map<string, number> {
+export function unicodeToByte(): Map<string, number> {
   if (!UNICODE_TO_BYTE) {
     const printable: number[] = [];
     for (let b = 0x21; b <= 0x7e; b++) printable.push(b);

@@ -9,6 +9,7 @@
  * constrained output always ends complete within max_tokens.
  */
 import type { TextTokenizer } from '../../model/tokenizer.ts';
+import { unicodeToByte } from '../../model/stream-decoder.ts';
 import type { GrammarNode, OutputConstraint } from '../protocol.ts';
 
 const enum F { Value, Lit, Str, Num, ObjFirst, ObjKeyStart, Key, ObjAfter, ArrFirst, ArrAfter, Space }
@@ -346,24 +347,6 @@ export class TokenTable {
     this.tokenNext = tokenNext;
     this.nodeCount = count;
   }
-}
-
-let UNICODE_TO_BYTE: Map<string, number> | undefined;
-
-/** GPT-2's bytes_to_unicode, inverted. */
-function unicodeToByte(): Map<string, number> {
-  if (!UNICODE_TO_BYTE) {
-    const printable: number[] = [];
-    for (let b = 0x21; b <= 0x7e; b++) printable.push(b);
-    for (let b = 0xa1; b <= 0xac; b++) printable.push(b);
-    for (let b = 0xae; b <= 0xff; b++) printable.push(b);
-    const set = new Set(printable);
-    UNICODE_TO_BYTE = new Map();
-    for (const b of printable) UNICODE_TO_BYTE.set(String.fromCodePoint(b), b);
-    let n = 0;
-    for (let b = 0; b < 256; b++) if (!set.has(b)) UNICODE_TO_BYTE.set(String.fromCodePoint(256 + n++), b);
-  }
-  return UNICODE_TO_BYTE;
 }
 
 /** The bytes each token adds to the output, as the stream decoder writes them. */
