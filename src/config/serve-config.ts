@@ -198,11 +198,6 @@ export function defaultDataDir(env: NodeJS.ProcessEnv): string {
   return env[SERVE_OPTIONS.dataDir.env] || SERVE_OPTIONS.dataDir.default;
 }
 
-/** The engine's defaults, for programs that start an engine without a server (tests, benchmarks). */
-export function defaultEngineOptions(modelDir: string, device: DeviceSpec = { kind: 'cpu' }): EngineOptions {
-  return engineOptionsOf(resolveServeConfig(), modelDir, device);
-}
-
 const ENGINE_TO_CONFIG: Partial<Record<keyof EngineOptions, keyof Options>> = {
   device: 'device',
   threads: 'threads',
