@@ -282,6 +282,70 @@ describe('continuous batching', () => {
     }
   });
 
+  it('a runner that packs rows (native) runs decode rows and prompt chunks as one pass within the token budget; one that pads (js) runs them apart', async () => {
+    const folder = loadModelFolder(storiesModel());
+    const seen: Record<string, { passes: number[]; steps: StepRecord[]; tokens: Map<string, number[]> }> = {};
+    for (const choice of ['native', 'js'] as const) {
+      const { runner } = await loadRunner(folder, { device: { kind: 'cpu' }, threads: 1, maxSlots: 8, maxModelLen: 512, runner: choice });
+      expect(runner.packedRows === true).toBe(choice === 'native');
+      let passes = 0;
+      const counted: ModelRunner = Object.assign(Object.create(runner), {
+        forward: (rows: ForwardRow[]) => (passes++, runner.forward(rows)),
+        forwardTop: (rows: ForwardRow[], k?: number) => (passes++, runner.forwardTop!(rows, k)),
+      });
+      const run = { passes: [] as number[], steps: [] as StepRecord[], tokens: new Map<string, number[]>() };
+      seen[choice] = run;
+      const waiting = new Map<string, () => void>();
+      let scheduler!: Scheduler;
+      const late = [request('b', storyPrompt(40), 12, {}, { ignoreEos: true }), request('c', tokenizer.encode('The cat sat on the mat and looked at the bird in the tree for a long time'), 12, {}, { ignoreEos: true })];
+      scheduler = new Scheduler(counted, tokenizer, modelShape(folder.config), [1, 2], { maxNumSeqs: 8, maxNumBatchedTokens: 64, maxModelLen: 512, kvCapacityTokens: 8192 }, (events) => {
+        for (const e of events) {
+          const got = [...(run.tokens.get(e.id) ?? []), ...e.tokens.map((t) => t.id)];
+          run.tokens.set(e.id, got);
+          // Two prompts arrive while `a` decodes.
+          if (e.id === 'a' && got.length === 5 && e.tokens.length > 0) late.forEach((r) => scheduler.submit(r));
+          if (e.finish) waiting.get(e.id)!();
+        }
+      }, (record) => {
+        run.steps.push(record);
+        run.passes.push(passes);
+        passes = 0;
+      });
+      const loop = scheduler.run();
+      const submit = (reqs: GenerationRequest[]) => Promise.all(reqs.map((r) => new Promise<void>((resolve) => { waiting.set(r.id, resolve); scheduler.submit(r); })));
+      try {
+        const done = Promise.all(['a', ...late.map((r) => r.id)].map((id) => new Promise<void>((resolve) => waiting.set(id, resolve))));
+        scheduler.submit(request('a', storyPrompt(8), 30, {}, { ignoreEos: true }));
+        await done;
+        // Each request alone afterwards, in the same runner: the same tokens.
+        const together = new Map(run.tokens);
+        for (const r of [request('a', storyPrompt(8), 30, {}, { ignoreEos: true }), ...late]) {
+          const alone = { ...r, id: `${r.id}-alone` };
+          await submit([alone]);
+          expect(run.tokens.get(alone.id), `${choice}: ${r.id}`).toEqual(together.get(r.id));
+        }
+      } finally {
+        scheduler.stop();
+        await loop;
+        await runner.release();
+      }
+    }
+    const c = tokenizer.encode('The cat sat on the mat and looked at the bird in the tree for a long time').length;
+    // The step that takes the two prompts: one pass of a's decode row and 63 prompt tokens (b's 40, c's first 23).
+    const native = seen.native.steps.findIndex((r) => r.prefillTokens > 0 && r.decodeTokens > 0);
+    expect(seen.native.steps[native]).toMatchObject({ decodeTokens: 1, prefillTokens: 63 });
+    expect(seen.native.passes[native]).toBe(1);
+    // Its time is split by FLOPs: the 63 prompt tokens take most of it.
+    expect(seen.native.steps[native].decodeSeconds).toBeGreaterThan(0);
+    expect(seen.native.steps[native].prefillSeconds).toBeGreaterThan(10 * seen.native.steps[native].decodeSeconds);
+    expect(seen.native.steps[native + 1]).toMatchObject({ decodeTokens: 2, prefillTokens: c - 23 });
+    // Padded rows: b's 40 tokens alone fill the budget of that step (two rows of 40 would not fit), in a pass of their own.
+    const js = seen.js.steps.findIndex((r) => r.prefillTokens > 0 && r.decodeTokens > 0);
+    expect(seen.js.steps[js]).toMatchObject({ decodeTokens: 1, prefillTokens: 40 });
+    expect(seen.js.passes[js]).toBe(2);
+    expect(seen.native.tokens.get('b')).toEqual(seen.js.tokens.get('b'));
+  });
+
   it('admits FCFS when maxNumSeqs is reached: the 9th request waits for a slot, then runs', async () => {
     const e = await engineFor();
     const prompts = ['Once', 'The dog', 'A big red', 'Tim', 'Sue said', 'The sun', 'Ben and', 'Mom', 'Lily', 'The bird'].map((t) => tokenizer.encode(t));

@@ -688,12 +688,19 @@ typedef struct {
   float *out;
   const int32_t *rows;
   const int32_t *pages;
+  // Packed rows: row b's tokens start at token tokenStart[b], one after another, no padding. NULL: row b's at b * T.
+  const int32_t *tokenStart;
   int B, T, nh, kvh, hd, totalPages;
 } Job;
 
+// Where token t of row b lies among the step's tokens.
+static inline size_t token_index(const Job *j, int b, int t) {
+  return (j->tokenStart ? (size_t)j->tokenStart[b] : (size_t)b * j->T) + t;
+}
+
 // Token (b, t)'s projections: q heads, then k heads, then v heads.
 static const float *qkv_row(const Job *j, int b, int t) {
-  return j->qkv + (size_t)(b * j->T + t) * (j->nh + 2 * j->kvh) * j->hd;
+  return j->qkv + token_index(j, b, t) * (j->nh + 2 * j->kvh) * j->hd;
 }
 
 // dst = x rotated to position pos (rotate-half: pairs (i, i + hd/2)), times scale.
@@ -785,7 +792,7 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
         const int rn = group - g0 < QROWS ? group - g0 : QROWS;
         for (int i = 0; i < rn; i++) {
           qrow[i] = queries + (size_t)((t - t0) * group + g0 + i) * hd;
-          orow[i] = j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g0 + i) * hd;
+          orow[i] = j->out + (token_index(j, b, t) * j->nh + h * group + g0 + i) * hd;
         }
         kernels.attend8(qrow, rn, &pg, len + t + 1, scores, orow);
       }
@@ -816,7 +823,7 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
   }
   for (int r = 0; r < nrows; r++) {
     const int t = t0 + r / group, g = r % group;
-    memset(j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g) * hd, 0, (size_t)hd * sizeof(float));
+    memset(j->out + (token_index(j, b, t) * j->nh + h * group + g) * hd, 0, (size_t)hd * sizeof(float));
   }
   for (int p0 = 0; p0 < positions; p0 += PAGE) {
     const char *vpage = arena + head_base(j, table[p0 / PAGE], 1, h) * esize;
@@ -832,7 +839,7 @@ static void attend_chunk(const Job *j, int b, int h, int t0, int t1, float *scra
         for (int i = 0; i < rn; i++) {
           const int r = (t - t0) * group + g0 + i;
           w[i] = scores + (size_t)r * padded + p0;
-          acc[i] = j->out + ((size_t)(b * j->T + t) * j->nh + h * group + g0 + i) * hd;
+          acc[i] = j->out + (token_index(j, b, t) * j->nh + h * group + g0 + i) * hd;
         }
         kernels.pv(w, rn, own < count ? own : count, vpage, hd, acc, j->half);
       }
@@ -851,7 +858,7 @@ static void run_layer(const Job *j) {
     chunkTotal += (n + QCHUNK - 1) / QCHUNK;
   }
   // Padding tokens of a row come out as zeros.
-  for (int b = 0; b < j->B; b++) {
+  for (int b = 0; b < j->B && !j->tokenStart; b++) {
     const int n = j->rows[3 * b];
     if (n < j->T) memset(j->out + (size_t)(b * j->T + n) * j->nh * j->hd, 0, (size_t)(j->T - n) * j->nh * j->hd * sizeof(float));
   }
@@ -925,7 +932,7 @@ static napi_value attend(napi_env env, napi_callback_info info) {
   napi_value argv[8];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (argc != 8) return fail(env, "attend(arena, qkv, out, rows, pages, dims, cos, sin) takes 8 arguments");
-  Job j;
+  Job j = {0};
   void *p;
   size_t arenaLen, qkvLen, outLen, rowsLen, pagesLen, dimsLen, cosLen, sinLen;
   if (typed(env, argv[0], napi_float32_array, &j.arena, &arenaLen)) j.half = 0;

@@ -15,9 +15,11 @@
 //     attention (buildLlamaParts), the attention of native/attention between the parts, over a paged KV cache
 //     kept here. dims: Int32Array [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf,
 //     threads].
-//   stepperRun(stepper, B, T, k, full, ids, rows, table, logits, topLogits, topIds) -> Promise<seconds>: runs off
-//     the event loop. ids Int32Array [B * T]; rows / table as attend() takes them (native/attention); full: the
-//     rows' logits into `logits` [B, vocab]; else their k largest into topLogits / topIds [B, k].
+//   stepperRun(stepper, B, N, k, full, ids, rows, table, logits, topLogits, topIds) -> Promise<seconds>: runs off
+//     the event loop. ids Int32Array [N]: the B rows' new tokens packed one row after another (rows of any
+//     lengths, a prompt chunk beside single decode tokens, no padding); rows / table as attend() takes them
+//     (native/attention), the rows' token counts adding up to N; full: the rows' logits into `logits` [B, vocab];
+//     else their k largest into topLogits / topIds [B, k].
 //   stepperRunSync(...same) -> seconds: the same pass on the calling thread.
 //   release(session | stepper).
 //   pagePositions, kernels.
@@ -539,12 +541,13 @@ typedef struct {
   void *hidden[2], *qkv, *attnGraph;
   float *qkv32, *attn32;
   int64_t *ids64, *logitsIndex, *topIds64, topK;
+  int32_t *tokenStart;
   // What the bindings were made for; they are made again when any of it changes.
-  int boundB, boundT, boundK, boundFull;
+  int boundB, boundN, boundK, boundFull;
   void *boundLogits, *boundTop, *boundHidden;
   Bound *bound;
   // One step's arguments and result.
-  int B, T, k, full;
+  int B, N, k, full;
   const int32_t *ids, *rows, *table;
   float *logits, *topLogits;
   int32_t *topIds;
@@ -597,6 +600,7 @@ static void stepper_free(napi_env env, Stepper *st) {
   free(st->ids64);
   free(st->logitsIndex);
   free(st->topIds64);
+  free(st->tokenStart);
 }
 
 static void stepper_finalize(napi_env env, void *data, void *hint) {
@@ -714,7 +718,7 @@ static int ensure_capacity(Stepper *st, size_t rows, size_t batch) {
   }
   if (batch > st->capBatch) {
     const size_t n = batch > 2 * st->capBatch ? batch : 2 * st->capBatch;
-    if (!grow((void **)&st->logitsIndex, n * 8) || !grow((void **)&st->topIds64, n * 1024 * 8)) return 0;
+    if (!grow((void **)&st->logitsIndex, n * 8) || !grow((void **)&st->topIds64, n * 1024 * 8) || !grow((void **)&st->tokenStart, n * 4)) return 0;
     st->capBatch = n;
     unbind(st);
   }
@@ -732,15 +736,15 @@ static int bind_value(Stepper *st, int part, int output, const char *name, void 
 
 // Binds every part's inputs and outputs to this step's buffers (kept while the step's shape stays the same).
 static int bind_all(Stepper *st) {
-  const int B = st->B, T = st->T, N = B * T, L = st->layers;
+  const int B = st->B, N = st->N, L = st->layers;
   const size_t es = st->graphHalf ? 2 : 4;
   const int gtype = st->graphHalf ? ELEM_FLOAT16 : ELEM_FLOAT;
-  if (st->boundB == B && st->boundT == T && st->boundK == st->k && st->boundFull == st->full && st->boundLogits == (void *)st->logits &&
+  if (st->boundB == B && st->boundN == N && st->boundK == st->k && st->boundFull == st->full && st->boundLogits == (void *)st->logits &&
       st->boundTop == (void *)st->topLogits && st->boundHidden == st->hidden[0])
     return 1;
   unbind(st);
   void *attn = st->graphHalf ? st->attnGraph : (void *)st->attn32;
-  const int64_t idsDims[2] = {B, T}, hiddenDims[2] = {N, st->H}, qkvDims[2] = {N, st->qkvWidth}, attnDims[2] = {N, (int64_t)st->nh * st->hd};
+  const int64_t idsDims[2] = {1, N}, hiddenDims[2] = {N, st->H}, qkvDims[2] = {N, st->qkvWidth}, attnDims[2] = {N, (int64_t)st->nh * st->hd};
   const int64_t batchDims[1] = {B}, oneDims[1] = {1}, logitsDims[2] = {B, st->V}, topDims[2] = {B, st->k};
   if (!bind_value(st, 0, 0, "input_ids", st->ids64, (size_t)N * 8, idsDims, 2, ELEM_INT64)) return 0;
   for (int p = 0; p <= L; p++) {
@@ -763,7 +767,7 @@ static int bind_all(Stepper *st) {
     }
   }
   st->boundB = B;
-  st->boundT = T;
+  st->boundN = N;
   st->boundK = st->k;
   st->boundFull = st->full;
   st->boundLogits = st->logits;
@@ -784,9 +788,13 @@ static void step_run(Stepper *st) {
 #ifdef _OPENMP
   omp_set_num_threads(st->threads);
 #endif
-  const int B = st->B, T = st->T, N = B * T;
+  const int B = st->B, N = st->N;
   for (int i = 0; i < N; i++) st->ids64[i] = st->ids[i];
-  for (int b = 0; b < B; b++) st->logitsIndex[b] = (int64_t)b * T + st->rows[3 * b] - 1;
+  for (int b = 0, at = 0; b < B; b++) {
+    st->tokenStart[b] = at;
+    at += st->rows[3 * b];
+    st->logitsIndex[b] = at - 1;
+  }
   st->topK = st->k;
   if (!bind_all(st)) return;
   if (failed(ort->RunWithBinding(st->parts[0]->session, NULL, st->parts[0]->binding), st->error, sizeof st->error)) return;
@@ -799,7 +807,8 @@ static void step_run(Stepper *st) {
   j.rows = st->rows;
   j.pages = st->table;
   j.B = B;
-  j.T = T;
+  j.T = N;
+  j.tokenStart = st->tokenStart;
   j.nh = st->nh;
   j.kvh = st->kvh;
   j.hd = st->hd;
@@ -847,10 +856,10 @@ static napi_value stepper_run(napi_env env, napi_callback_info info, int sync) {
   Stepper *st = argc == 11 ? unwrap(env, argv[0], MAGIC_STEPPER) : NULL;
   if (!st || st->released) return throw_error(env, "stepperRun(stepper, B, T, k, full, ids, rows, table, logits, topLogits, topIds) takes a live stepper");
   if (st->busy) return throw_error(env, "the stepper is already running a step");
-  int32_t B, T, k;
+  int32_t B, N, k;
   bool full;
   napi_get_value_int32(env, argv[1], &B);
-  napi_get_value_int32(env, argv[2], &T);
+  napi_get_value_int32(env, argv[2], &N);
   napi_get_value_int32(env, argv[3], &k);
   napi_get_value_bool(env, argv[4], &full);
   void *p;
@@ -867,12 +876,14 @@ static napi_value stepper_run(napi_env env, napi_callback_info info, int sync) {
   st->topLogits = p;
   if (!typed(env, argv[10], napi_int32_array, &p, &topIdsLen)) return throw_error(env, "topIds must be an Int32Array");
   st->topIds = p;
-  if (B < 1 || T < 1 || k < 1 || k > 1024 || k > st->V) return throw_error(env, "bad B, T or k");
-  if ((size_t)B * T > idsLen || (size_t)B * 3 > rowsLen) return throw_error(env, "ids must hold B * T tokens and rows B * 3 entries");
+  if (B < 1 || N < B || k < 1 || k > 1024 || k > st->V) return throw_error(env, "bad B, N or k");
+  if ((size_t)N > idsLen || (size_t)B * 3 > rowsLen) return throw_error(env, "ids must hold N tokens and rows B * 3 entries");
   if (full ? (size_t)B * st->V > logitsLen : ((size_t)B * k > topLen || (size_t)B * k > topIdsLen)) return throw_error(env, "the output arrays are too short for this step");
+  int64_t tokens = 0;
   for (int b = 0; b < B; b++) {
     const int n = st->rows[3 * b], len = st->rows[3 * b + 1], start = st->rows[3 * b + 2];
-    if (n < 1 || n > T || len < 0 || start < 0) return throw_error(env, "bad row");
+    if (n < 1 || len < 0 || start < 0) return throw_error(env, "bad row");
+    tokens += n;
     if ((size_t)len + n > st->ropePositions) return throw_error(env, "a row's positions run past the rotary tables");
     const size_t needed = (size_t)(len + n + PAGE - 1) / PAGE;
     if ((size_t)start + needed > tableLen) return throw_error(env, "a row's page list is shorter than its positions");
@@ -881,9 +892,10 @@ static napi_value stepper_run(napi_env env, napi_callback_info info, int sync) {
       if (page < 0 || page >= st->totalPages) return throw_error(env, "a page lies outside the KV cache");
     }
   }
-  if (!ensure_capacity(st, (size_t)B * T, (size_t)B)) return throw_error(env, "out of memory for a step's buffers");
+  if (tokens != N) return throw_error(env, "the rows' token counts must add up to N");
+  if (!ensure_capacity(st, (size_t)N, (size_t)B)) return throw_error(env, "out of memory for a step's buffers");
   st->B = B;
-  st->T = T;
+  st->N = N;
   st->k = k;
   st->full = full;
   if (sync) {

@@ -30,9 +30,9 @@ interface Sequence {
 }
 
 /**
- * Iteration-level scheduling: each step runs one forward pass over every decoding sequence and one
- * over a budget of prompt chunks (chunked prefill), admits waiting requests FCFS at step
- * boundaries, and finishes sequences as they stop. KV policy: a request is admitted only when its
+ * Iteration-level scheduling: each step runs every decoding sequence's next token and a budget of prompt chunks
+ * (chunked prefill) — as one forward pass where the runner packs rows of different lengths, else as a decode pass
+ * and a prefill pass — admits waiting requests FCFS at step boundaries, and finishes sequences as they stop. KV policy: a request is admitted only when its
  * worst case (prompt + max_tokens) fits in the KV capacity left, so an admitted request never has
  * to be preempted; otherwise it waits. With a prefix cache (the paged runner) a request reuses the cached pages
  * of its prompt's prefix, prefills only the rest and reserves only its own pages: a page shared by several
@@ -201,50 +201,17 @@ export class Scheduler {
     this.admit(record);
 
     const decoding = this.running.filter((s) => s.prefilled === s.req.promptIds.length);
-    const budget = Math.max(0, this.limits.maxNumBatchedTokens - decoding.length);
-    const prefillRows: { s: Sequence; n: number }[] = [];
-    let widest = 0;
-    for (const s of this.running) {
-      if (s.prefilled === s.req.promptIds.length) continue;
-      const n = Math.min(s.req.promptIds.length - s.prefilled, budget);
-      if (n <= 0) break;
-      const width = Math.max(widest, n);
-      if (prefillRows.length > 0 && width * (prefillRows.length + 1) > budget) break;
-      widest = width;
-      prefillRows.push({ s, n });
-    }
-
-    if (decoding.length > 0) {
-      const rows: ForwardRow[] = decoding.map((s) => ({ seq: s.seq, tokens: [s.output[s.output.length - 1]] }));
-      const contexts = decoding.map((s) => this.runner.cachedLength(s.seq));
-      const result = await this.forward(rows, decoding, decoding, events);
-      if (result) {
-        const parts = splitSeconds(result.runSeconds, contexts.map((past) => chunkFlops(this.shape, past, 1)));
-        decoding.forEach((s, i) => (s.cost.decodeSeconds += parts[i]));
-        record.decodeSeconds += result.runSeconds;
-        record.decodeTokens += decoding.length;
-        decoding.forEach((s, i) => this.accept(s, result.outputs[i], events));
+    const chunks = this.promptChunks(decoding.length);
+    if (this.runner.packedRows) {
+      // One pass for both: the decode rows cost their own tokens only, and the weights are read once.
+      if (decoding.length > 0 || chunks.length > 0) await this.pass(decoding, chunks, record, events);
+    } else {
+      if (decoding.length > 0) {
+        await this.pass(decoding, [], record, events);
+        // Decode tokens go out before the prefill pass runs, so inter-token latency stays low.
+        this.flush(events);
       }
-      // Decode tokens go out before the prefill pass runs, so inter-token latency stays low.
-      this.flush(events);
-    }
-
-    if (prefillRows.length > 0) {
-      const seqs = prefillRows.map((r) => r.s);
-      const rows = prefillRows.map(({ s, n }) => ({ seq: s.seq, tokens: s.req.promptIds.slice(s.prefilled, s.prefilled + n) }));
-      const weights = prefillRows.map(({ s, n }) => chunkFlops(this.shape, s.prefilled, n));
-      const completing = prefillRows.filter(({ s, n }) => s.prefilled + n === s.req.promptIds.length).map((r) => r.s);
-      const result = await this.forward(rows, seqs, completing, events);
-      if (result) {
-        const parts = splitSeconds(result.runSeconds, weights);
-        prefillRows.forEach(({ s, n }, i) => {
-          s.cost.prefillSeconds += parts[i];
-          s.prefilled += n;
-          record.prefillTokens += n;
-          if (s.prefilled === s.req.promptIds.length) this.accept(s, result.outputs[i], events);
-        });
-        record.prefillSeconds += result.runSeconds;
-      }
+      if (chunks.length > 0) await this.pass([], chunks, record, events);
     }
     this.flush(events);
 
@@ -255,6 +222,62 @@ export class Scheduler {
     record.kvUsedTokens = this.runner.prefixCache?.heldTokens() ?? this.running.reduce((a, s) => a + this.runner.cachedLength(s.seq), 0);
     record.kvBytes = this.runner.kvBytes();
     if (record.busySeconds > 0 || record.running > 0) this.onStep(record);
+  }
+
+  /**
+   * This step's prompt chunks, FCFS, within the token budget the decode rows leave. Where the runner pads rows to
+   * the longest (not packedRows), the budget bounds rows × the widest chunk.
+   */
+  private promptChunks(decodeRows: number): { s: Sequence; n: number }[] {
+    const budget = Math.max(0, this.limits.maxNumBatchedTokens - decodeRows);
+    const packed = this.runner.packedRows === true;
+    const chunks: { s: Sequence; n: number }[] = [];
+    let used = 0;
+    let widest = 0;
+    for (const s of this.running) {
+      if (s.prefilled === s.req.promptIds.length) continue;
+      const n = Math.min(s.req.promptIds.length - s.prefilled, packed ? budget - used : budget);
+      if (n <= 0) break;
+      const cost = packed ? used + n : Math.max(widest, n) * (chunks.length + 1);
+      if (chunks.length > 0 && cost > budget) break;
+      widest = Math.max(widest, n);
+      used = cost;
+      chunks.push({ s, n });
+    }
+    return chunks;
+  }
+
+  /**
+   * One forward pass over the decode rows (a token each) and the prompt chunks; its time is split among the rows
+   * by their FLOPs, into decode and prefill seconds. Sequences whose prompt it completes, and the decode rows,
+   * take their next token.
+   */
+  private async pass(decoding: Sequence[], chunks: { s: Sequence; n: number }[], record: StepRecord, events: RequestEvent[]): Promise<void> {
+    const rows: ForwardRow[] = decoding.map((s) => ({ seq: s.seq, tokens: [s.output[s.output.length - 1]] }));
+    const weights = decoding.map((s) => chunkFlops(this.shape, this.runner.cachedLength(s.seq), 1));
+    for (const { s, n } of chunks) {
+      rows.push({ seq: s.seq, tokens: s.req.promptIds.slice(s.prefilled, s.prefilled + n) });
+      weights.push(chunkFlops(this.shape, s.prefilled, n));
+    }
+    const prompted = chunks.map((c) => c.s);
+    const completing = chunks.filter(({ s, n }) => s.prefilled + n === s.req.promptIds.length).map((c) => c.s);
+    const result = await this.forward(rows, [...decoding, ...prompted], [...decoding, ...completing], events);
+    if (!result) return;
+    const parts = splitSeconds(result.runSeconds, weights);
+    const D = decoding.length;
+    decoding.forEach((s, i) => {
+      s.cost.decodeSeconds += parts[i];
+      record.decodeSeconds += parts[i];
+    });
+    record.decodeTokens += D;
+    decoding.forEach((s, i) => this.accept(s, result.outputs[i], events));
+    chunks.forEach(({ s, n }, i) => {
+      s.cost.prefillSeconds += parts[D + i];
+      record.prefillSeconds += parts[D + i];
+      s.prefilled += n;
+      record.prefillTokens += n;
+      if (s.prefilled === s.req.promptIds.length) this.accept(s, result.outputs[D + i], events);
+    });
   }
 
   private flush(events: RequestEvent[]): void {

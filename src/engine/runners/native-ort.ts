@@ -44,12 +44,15 @@ export interface OrtBinding {
   sessionRun(session: NativeSession, inputs: [string, TensorArray, number[]][], outputs: [string, TensorArray, number[]][]): void;
   /** dims: [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf, threads]. */
   createStepper(parts: NativeSession[], dims: Int32Array, cos: Float32Array, sin: Float32Array): NativeStepper;
-  /** A whole forward pass, off the event loop; resolves with its wall time in seconds. */
-  stepperRun(stepper: NativeStepper, B: number, T: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): Promise<number>;
+  /**
+   * A whole forward pass, off the event loop; resolves with its wall time in seconds. ids: the B rows' new tokens
+   * packed one row after another (N in all, rows of any lengths); rows: [new, cached, first page in table] per row.
+   */
+  stepperRun(stepper: NativeStepper, B: number, N: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): Promise<number>;
   /** The same pass on the calling thread; returns its wall time in seconds. */
+  stepperRunSync(stepper: NativeStepper, B: number, N: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): number;
   /** Page `to` takes page `from`'s keys and values in every layer (no step may be running). */
   stepperCopyPage(stepper: NativeStepper, from: number, to: number): void;
-  stepperRunSync(stepper: NativeStepper, B: number, T: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): number;
   release(handle: NativeSession | NativeStepper): void;
   apiVersion: number;
   pagePositions: number;

@@ -23,6 +23,7 @@ export const NATIVE_SYNC_BELOW_SECONDS = 0.001;
  */
 export class NativeRunner implements ModelRunner {
   readonly kind = 'native' as const;
+  readonly packedRows = true;
   readonly vocabSize: number;
   readonly topLogits: number;
   readonly kvElementBytes: number;
@@ -42,7 +43,7 @@ export class NativeRunner implements ModelRunner {
   private readonly syncBelowSeconds: number;
   private released = false;
   private inflight: Promise<number> | undefined;
-  /** The last pass's wall time and tokens (batch × new), which decide whether the next runs on this thread. */
+  /** The last pass's wall time and tokens, which decide whether the next runs on this thread. */
   private lastSeconds = Infinity;
   private lastTokens = 0;
 
@@ -117,21 +118,23 @@ export class NativeRunner implements ModelRunner {
   private async run(rows: ForwardRow[], full: boolean, k: number): Promise<number> {
     if (this.released) throw new Error('the runner has been released');
     const B = rows.length;
-    let T = 0;
+    let N = 0;
     let tablePages = 0;
     for (const r of rows) {
       const end = this.pages.length(r.seq) + r.tokens.length;
       if (end > this.maxModelLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.maxModelLen}`);
-      T = Math.max(T, r.tokens.length);
+      if (r.tokens.length === 0) throw new Error(`sequence ${r.seq}: a row needs at least one new token`);
+      N += r.tokens.length;
       tablePages += Math.ceil(end / this.pagePositions);
     }
-    if (this.ids.length < B * T) this.ids = new Int32Array(Math.max(B * T, 2 * this.ids.length));
+    if (this.ids.length < N) this.ids = new Int32Array(Math.max(N, 2 * this.ids.length));
     if (this.rows.length < 3 * B) this.rows = new Int32Array(Math.max(3 * B, 2 * this.rows.length));
     if (this.table.length < tablePages) this.table = new Int32Array(Math.max(tablePages, 2 * this.table.length));
     if (full && this.logits.length < B * this.vocabSize) this.logits = new Float32Array(B * this.vocabSize);
     const { ids, table } = this;
     const info = this.rows;
     let at = 0;
+    let token = 0;
     for (let b = 0; b < B; b++) {
       const r = rows[b];
       const n = r.tokens.length;
@@ -141,17 +144,15 @@ export class NativeRunner implements ModelRunner {
       info[3 * b + 1] = length;
       info[3 * b + 2] = at;
       for (let i = 0; i < pages.length; i++) table[at++] = pages[i];
-      const base = b * T;
-      for (let t = 0; t < n; t++) ids[base + t] = r.tokens[t];
-      for (let t = n; t < T; t++) ids[base + t] = 0;
+      for (let t = 0; t < n; t++) ids[token++] = r.tokens[t];
     }
     if (this.topValues.length < B * k) {
       this.topValues = new Float32Array(B * k);
       this.topIds = new Int32Array(B * k);
     }
-    const args = [this.stepper, B, T, k, full, ids, info, table, this.logits, this.topValues, this.topIds] as const;
+    const args = [this.stepper, B, N, k, full, ids, info, table, this.logits, this.topValues, this.topIds] as const;
     let seconds: number;
-    if (this.syncBelowSeconds > 0 && this.lastSeconds < this.syncBelowSeconds && B * T <= this.lastTokens) {
+    if (this.syncBelowSeconds > 0 && this.lastSeconds < this.syncBelowSeconds && N <= this.lastTokens) {
       seconds = this.binding.stepperRunSync(...args);
     } else {
       const step = this.binding.stepperRun(...args);
@@ -159,7 +160,7 @@ export class NativeRunner implements ModelRunner {
       seconds = await step.finally(() => (this.inflight = undefined));
     }
     this.lastSeconds = seconds;
-    this.lastTokens = B * T;
+    this.lastTokens = N;
     for (const r of rows) this.pages.advance(r.seq, r.tokens.length, r.tokens);
     return seconds;
   }

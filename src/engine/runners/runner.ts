@@ -65,6 +65,11 @@ export interface ModelRunner {
    * at most, topLogits. Graphs before version 8 return topLogits whatever k.
    */
   forwardTop?(rows: ForwardRow[], k?: number): Promise<{ top: TopLogits[]; runSeconds: number }>;
+  /**
+   * Rows of different lengths in one pass cost only their own tokens (no padding to the longest): the scheduler
+   * runs decode rows and prompt chunks as one pass. Runners without it pad every row to the longest.
+   */
+  readonly packedRows?: boolean;
   /** Present where the runner reuses cached prompt prefixes (the paged runner, unless turned off). */
   readonly prefixCache?: PrefixCache;
   /** Bytes of KV-cache memory held now. */
