@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { createEngineCore } from '../src/engine/core/engine-core.ts';
-import { convertRandomLike } from '../src/model/convert.ts';
+import { convertRandomLike, type QuantChoice } from '../src/model/convert.ts';
 import { isModelFolder } from '../src/model/folder.ts';
 import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
 import { modelsDir } from '../src/model/resolve.ts';
@@ -9,14 +9,23 @@ import type { GenerationRequest } from '../src/engine/protocol.ts';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 
-/** A random-weight model of SmolLM2-135M's shape (its real tokenizer), built once into models/.cache. */
-export function smolLM2ShapeModel(): string {
-  const dir = path.join(modelsDir(), '.cache', `SmolLM2-135M-shape-random-g${TALLY_GRAPH_VERSION}`);
+/**
+ * A converted random-weight model of a published shape (`like`: a folder of ../shared/models), fp32 or quantised,
+ * built once into models/.cache (the converter's graph version in the key).
+ */
+export function randomShapeModel(like: string, quant?: QuantChoice): string {
+  const dir = path.join(modelsDir(), '.cache', `${like}-shape-random-g${TALLY_GRAPH_VERSION}-${quant ?? 'fp32'}`);
   if (!isModelFolder(dir)) {
-    console.log(`building a random-weight model of SmolLM2-135M's shape in ${dir}`);
-    convertRandomLike(path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct'), dir, { seed: 1 });
+    const t0 = performance.now();
+    convertRandomLike(path.resolve(ROOT, '../shared/models', like), dir, { seed: 1, quant });
+    console.log(`converted a random-weight ${like} (${quant ?? 'fp32'}) in ${((performance.now() - t0) / 1000).toFixed(0)} s: ${dir}`);
   }
   return dir;
+}
+
+/** A random-weight model of SmolLM2-135M's shape (its real tokenizer), fp32. */
+export function smolLM2ShapeModel(): string {
+  return randomShapeModel('SmolLM2-135M-Instruct');
 }
 
 export const GREEDY = { temperature: 0, topP: 1, topK: 0, minP: 0, repetitionPenalty: 1, presencePenalty: 0, frequencyPenalty: 0 };

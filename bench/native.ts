@@ -12,16 +12,21 @@
  * of the two runners interleaved pass by pass (batch 1 and 32, after a 64-token prompt per row): the wall time of a
  * pass as the scheduler sees it, p50, the steadiest of the three comparisons on a shared machine.
  *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N] [--no-http]
- * smollm2 is SmolLM2-135M's shape with random weights (converted once into os.tmpdir()).
+ * smollm2 is SmolLM2-135M's shape with random weights, smollm2-int8 / smollm2-int4 the same quantised (converted once
+ * into models/.cache).
+ * At c=32 the first wave (32 requests sent together) is reported on its own: its TTFT p50 against the floor, one
+ * batched prefill pass of the 32 prompts run by the same runner in this process (p50 of 5).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { resolveModel } from '../src/model/resolve.ts';
-import { engineLoop } from './lib.ts';
+import { engineLoop, randomShapeModel } from './lib.ts';
+import type { QuantChoice } from '../src/model/convert.ts';
+import { TextTokenizer } from '../src/model/tokenizer.ts';
 import { loadRunner } from '../src/engine/runners/load.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
 
@@ -35,18 +40,10 @@ const models = arg('models', 'stories260K,smollm2').split(',');
 const maxTokens = Number(arg('tokens', '48'));
 const threads = arg('threads', '');
 
+/** stories260K, or a random-weight model of SmolLM2-135M's shape: smollm2 (fp32), smollm2-int8, smollm2-int4. */
 function modelDir(name: string): string {
-  if (name === 'stories260K') return resolveModel('stories260K').dir;
-  if (name === 'smollm2') {
-    const dir = path.join(os.tmpdir(), 'tally-bench-smollm2-135m-random');
-    if (!fs.existsSync(path.join(dir, 'config.json'))) {
-      const like = path.resolve(ROOT, '../shared/models/SmolLM2-135M-Instruct');
-      const shared = fs.existsSync(like) ? like : '/work/shared/models/SmolLM2-135M-Instruct';
-      const r = spawnSync(process.execPath, [path.join(ROOT, 'bin/tally.js'), 'convert', '--random', '--like', shared, dir], { stdio: 'inherit' });
-      if (r.status !== 0) throw new Error('convert --random failed');
-    }
-    return dir;
-  }
+  const smol = /^smollm2(?:-(int8|int4))?$/.exec(name);
+  if (smol) return randomShapeModel('SmolLM2-135M-Instruct', smol[1] as QuantChoice | undefined);
   return resolveModel(name).dir;
 }
 
@@ -142,13 +139,17 @@ const median = (xs: number[]) => {
 interface Measure {
   tokensPerSecond: number;
   ttftMs: number;
+  /** TTFT p50 of the first `concurrency` requests, sent together. */
+  burstTtftMs: number;
   decodeMs: number;
   rssMb: number;
   gcMsPer1k: number;
 }
 
+const PROMPT = 'Once upon a time, there was a little girl named Lily who loved to play in the park with her friends.';
+
 async function measure(server: Server, concurrency: number, requests: number): Promise<Measure> {
-  const prompt = 'Once upon a time, there was a little girl named Lily who loved to play in the park with her friends.';
+  const prompt = PROMPT;
   const gc0 = server.gcMs();
   const t0 = performance.now();
   let next = 0;
@@ -166,6 +167,7 @@ async function measure(server: Server, concurrency: number, requests: number): P
     tokensPerSecond: tokens / seconds,
     // The first wave arrives at once (the load's start, not its steady state): its TTFT is the whole wave's prefill.
     ttftMs: median(results.filter((r) => r.index >= concurrency || requests <= concurrency).map((r) => r.times[0] - r.start)),
+    burstTtftMs: median(results.filter((r) => r.index < concurrency).map((r) => r.times[0] - r.start)),
     decodeMs: median(results.filter((r) => r.times.length > 1).map((r) => (r.times.at(-1)! - r.times[0]) / (r.times.length - 1))),
     rssMb: peakRssMb(server.pid),
     gcMsPer1k: ((server.gcMs() - gc0) / tokens) * 1000,
@@ -185,7 +187,8 @@ for (const model of models) {
     for (const runner of round % 2 ? [...RUNNERS].reverse() : RUNNERS) {
       const server = await startServer(dir, runner);
       try {
-        await measure(server, 4, 4); // warm-up
+        // Warm-up, a burst of 32 among it: a server's first passes of a new size run ~20-30% slower (buffers growing).
+        await measure(server, 32, 36);
         for (const c of [1, 32]) results[runner][c].push(await measure(server, c, c === 1 ? 3 : 64));
       } finally {
         await server.stop();
@@ -202,7 +205,35 @@ for (const model of models) {
     }
     console.log(`${String(c).padEnd(3)} TTFT p50 / decode p50  ${(pick('native', c, 'ttftMs') / pick('native', c, 'decodeMs')).toFixed(2).padStart(9)} ${(pick('js', c, 'ttftMs') / pick('js', c, 'decodeMs')).toFixed(2).padStart(9)}`);
   }
+  const floor = { native: await prefillFloorMs(dir, 'native', 32), js: await prefillFloorMs(dir, 'js', 32) };
+  const row = (label: string, a: number, b: number, ratio = true) =>
+    console.log(`32  ${label.padEnd(20)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${ratio ? (a / b).toFixed(3).padStart(10) : ''}`);
+  row('first wave TTFT p50', pick('native', 32, 'burstTtftMs'), pick('js', 32, 'burstTtftMs'));
+  row('32-prompt prefill ms', floor.native, floor.js);
+  row('first wave / prefill', pick('native', 32, 'burstTtftMs') / floor.native, pick('js', 32, 'burstTtftMs') / floor.js, false);
+  row('first wave / decode', pick('native', 32, 'burstTtftMs') / pick('native', 32, 'decodeMs'), pick('js', 32, 'burstTtftMs') / pick('js', 32, 'decodeMs'), false);
   await engineTable(model, dir);
+}
+
+/** The floor of a burst's TTFT: one batched prefill pass of `rows` copies of the bench's prompt, p50 of 5, ms. */
+async function prefillFloorMs(dir: string, runner: 'native' | 'js', rows: number): Promise<number> {
+  const folder = loadModelFolder(dir);
+  const ids = TextTokenizer.load(folder.dir).encode(PROMPT);
+  const options = { device: { kind: 'cpu' as const }, maxSlots: rows, maxModelLen: 1024, kvCacheTokens: rows * 1024, prefixCache: false, runner, threads: threads ? Number(threads) : undefined };
+  const loaded = (await loadRunner(folder, options)).runner;
+  const walls: number[] = [];
+  try {
+    for (let i = 0; i < 6; i++) {
+      for (let s = 0; s < rows; s++) loaded.open(s);
+      const t0 = performance.now();
+      await loaded.forwardTop!(Array.from({ length: rows }, (_, seq) => ({ seq, tokens: ids })), 1);
+      if (i > 0) walls.push(performance.now() - t0);
+      for (let s = 0; s < rows; s++) loaded.close(s);
+    }
+  } finally {
+    await loaded.release();
+  }
+  return median(walls);
 }
 
 async function passTable(model: string, dir: string): Promise<void> {

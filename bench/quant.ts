@@ -9,28 +9,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { streamLoad } from './http-load.ts';
 import { startServerProcess } from './server-process.ts';
-import { modelsDir } from '../src/model/resolve.ts';
-import { convertRandomLike, type QuantChoice } from '../src/model/convert.ts';
-import { TALLY_GRAPH_VERSION } from '../src/model/llama-graph.ts';
-import { isModelFolder } from '../src/model/folder.ts';
-import { engineLoop } from './lib.ts';
+import type { QuantChoice } from '../src/model/convert.ts';
+import { engineLoop, randomShapeModel } from './lib.ts';
 
-const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const SHARED = path.resolve(ROOT, '../shared/models');
 const arg = (name: string) => process.argv[process.argv.indexOf(name) + 1];
 const rounds = process.argv.includes('--rounds') ? Number(arg('--rounds')) : 3;
 const median = (x: number[]) => [...x].sort((a, b) => a - b)[Math.floor(x.length / 2)];
-
-/** A converted random-weight model of a published shape, cached in models/.cache (converter version in the key). */
-function randomModel(like: string, quant: QuantChoice | undefined): string {
-  const dir = path.join(modelsDir(), '.cache', `${like}-shape-random-g${TALLY_GRAPH_VERSION}-${quant ?? 'fp32'}`);
-  if (!isModelFolder(dir)) {
-    const t0 = performance.now();
-    convertRandomLike(path.join(SHARED, like), dir, { seed: 1, quant });
-    console.log(`converted ${like} (${quant ?? 'fp32'}) in ${((performance.now() - t0) / 1000).toFixed(0)} s: ${dir}`);
-  }
-  return dir;
-}
 
 function onnxDataMb(dir: string): number {
   return fs.statSync(path.join(dir, 'onnx', 'model.onnx_data')).size / 2 ** 20;
@@ -46,7 +30,7 @@ const prompt = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 100 + 
 
 async function smolLM2(): Promise<void> {
   const variants = ['fp32', 'int8', 'int4'] as const;
-  const dirs = variants.map((v) => randomModel('SmolLM2-135M-Instruct', v === 'fp32' ? undefined : v));
+  const dirs = variants.map((v) => randomShapeModel('SmolLM2-135M-Instruct', v === 'fp32' ? undefined : v));
   variants.forEach((v, i) => console.log(`SmolLM2-135M shape ${v}: weights file ${onnxDataMb(dirs[i]).toFixed(0)} MiB`));
   // All three servers up at once, idle but one at a time under load; each round measures every variant at c=1
   // and then at c=32, so a drift of the machine's speed hits them alike.
@@ -90,7 +74,7 @@ async function smolLM2(): Promise<void> {
 }
 
 async function tinyLlama(): Promise<void> {
-  const dir = randomModel('TinyLlama-1.1B-Chat-v1.0', 'int4');
+  const dir = randomShapeModel('TinyLlama-1.1B-Chat-v1.0', 'int4');
   console.log(`TinyLlama-1.1B shape int4: weights file ${onnxDataMb(dir).toFixed(0)} MiB`);
   const server = await startServerProcess(dir, ['--served-model-name', 'tinyllama-int4', '--kv-cache-gb', '1']);
   try {
@@ -108,7 +92,7 @@ async function tinyLlama(): Promise<void> {
 
 async function engineLoopC32(): Promise<void> {
   const variants = ['fp32', 'int8', 'int4'] as const;
-  const dirs = variants.map((v) => randomModel('SmolLM2-135M-Instruct', v === 'fp32' ? undefined : v));
+  const dirs = variants.map((v) => randomShapeModel('SmolLM2-135M-Instruct', v === 'fp32' ? undefined : v));
   const rates = variants.map(() => [] as number[]);
   for (let r = 0; r < rounds; r++) {
     for (const [i, dir] of dirs.entries()) {
