@@ -14,8 +14,8 @@
  *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N] [--no-http]
  * smollm2 is SmolLM2-135M's shape with random weights, smollm2-int8 / smollm2-int4 the same quantised (converted once
  * into models/.cache).
- * At c=32 the first wave (32 requests sent together) is reported on its own: its TTFT p50 against the floor, one
- * batched prefill pass of the 32 prompts run by the same runner in this process (p50 of 5).
+ * Bursts: 32 requests sent together to an idle server, their TTFT p50 against the floor, one batched prefill of the 32
+ * prompts, as the prefill device-seconds the server measured for them (its /metrics), and against the decode time.
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -26,7 +26,6 @@ import path from 'node:path';
 import { resolveModel } from '../src/model/resolve.ts';
 import { engineLoop, randomShapeModel } from './lib.ts';
 import type { QuantChoice } from '../src/model/convert.ts';
-import { TextTokenizer } from '../src/model/tokenizer.ts';
 import { loadRunner } from '../src/engine/runners/load.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
 
@@ -139,8 +138,6 @@ const median = (xs: number[]) => {
 interface Measure {
   tokensPerSecond: number;
   ttftMs: number;
-  /** TTFT p50 of the first `concurrency` requests, sent together. */
-  burstTtftMs: number;
   decodeMs: number;
   rssMb: number;
   gcMsPer1k: number;
@@ -167,11 +164,34 @@ async function measure(server: Server, concurrency: number, requests: number): P
     tokensPerSecond: tokens / seconds,
     // The first wave arrives at once (the load's start, not its steady state): its TTFT is the whole wave's prefill.
     ttftMs: median(results.filter((r) => r.index >= concurrency || requests <= concurrency).map((r) => r.times[0] - r.start)),
-    burstTtftMs: median(results.filter((r) => r.index < concurrency).map((r) => r.times[0] - r.start)),
     decodeMs: median(results.filter((r) => r.times.length > 1).map((r) => (r.times.at(-1)! - r.times[0]) / (r.times.length - 1))),
     rssMb: peakRssMb(server.pid),
     gcMsPer1k: ((server.gcMs() - gc0) / tokens) * 1000,
   };
+}
+
+interface Burst {
+  ttftMs: number;
+  /** Prefill device-seconds the server attributed to the burst's requests (tally:device_seconds_total), ms. */
+  prefillMs: number;
+}
+
+async function prefillSeconds(server: Server): Promise<number> {
+  const text = await (await fetch(`${server.url}/metrics`)).text();
+  let sum = 0;
+  for (const m of text.matchAll(/^tally:device_seconds_total\{[^}]*phase="prefill"[^}]*\} ([\d.e+-]+)$/gm)) sum += Number(m[1]);
+  return sum;
+}
+
+/**
+ * `n` requests sent together to an idle server, 4 tokens each: their TTFT p50 against the prefill time the server
+ * itself measured for them — the floor the issue names, one batched prefill pass of all the prompts.
+ */
+async function measureBurst(server: Server, n: number): Promise<Burst> {
+  const before = await prefillSeconds(server);
+  const results = await Promise.all(Array.from({ length: n }, () => complete(server.url, PROMPT, 4)));
+  const prefillMs = ((await prefillSeconds(server)) - before) * 1000;
+  return { ttftMs: median(results.map((r) => r.times[0] - r.start)), prefillMs };
 }
 
 const RUNNERS = ['native', 'js'] as const;
@@ -183,13 +203,15 @@ for (const model of models) {
     continue;
   }
   const results: Record<string, Record<number, Measure[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
+  const bursts: Record<string, Burst[]> = { native: [], js: [] };
   for (let round = 0; round < rounds; round++) {
     for (const runner of round % 2 ? [...RUNNERS].reverse() : RUNNERS) {
       const server = await startServer(dir, runner);
       try {
         // Warm-up, a burst of 32 among it: a server's first passes of a new size run ~20-30% slower (buffers growing).
         await measure(server, 32, 36);
-        for (const c of [1, 32]) results[runner][c].push(await measure(server, c, c === 1 ? 3 : 64));
+        for (const c of [1, 32]) results[runner][c].push(await measure(server, c, c === 1 ? 8 : 64));
+        for (let i = 0; i < 3; i++) bursts[runner].push(await measureBurst(server, 32));
       } finally {
         await server.stop();
       }
@@ -205,35 +227,15 @@ for (const model of models) {
     }
     console.log(`${String(c).padEnd(3)} TTFT p50 / decode p50  ${(pick('native', c, 'ttftMs') / pick('native', c, 'decodeMs')).toFixed(2).padStart(9)} ${(pick('js', c, 'ttftMs') / pick('js', c, 'decodeMs')).toFixed(2).padStart(9)}`);
   }
-  const floor = { native: await prefillFloorMs(dir, 'native', 32), js: await prefillFloorMs(dir, 'js', 32) };
   const row = (label: string, a: number, b: number, ratio = true) =>
-    console.log(`32  ${label.padEnd(20)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${ratio ? (a / b).toFixed(3).padStart(10) : ''}`);
-  row('first wave TTFT p50', pick('native', 32, 'burstTtftMs'), pick('js', 32, 'burstTtftMs'));
-  row('32-prompt prefill ms', floor.native, floor.js);
-  row('first wave / prefill', pick('native', 32, 'burstTtftMs') / floor.native, pick('js', 32, 'burstTtftMs') / floor.js, false);
-  row('first wave / decode', pick('native', 32, 'burstTtftMs') / pick('native', 32, 'decodeMs'), pick('js', 32, 'burstTtftMs') / pick('js', 32, 'decodeMs'), false);
+    console.log(`32  ${label.padEnd(22)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${ratio ? (a / b).toFixed(3).padStart(10) : ''}`);
+  const burst = (runner: string, key: keyof Burst) => median(bursts[runner].map((m) => m[key]));
+  console.log(`bursts of 32 requests sent together (${bursts.native.length} per runner):`);
+  row('TTFT p50 ms', burst('native', 'ttftMs'), burst('js', 'ttftMs'));
+  row('prefill device-s ms', burst('native', 'prefillMs'), burst('js', 'prefillMs'));
+  row('TTFT p50 / prefill', burst('native', 'ttftMs') / burst('native', 'prefillMs'), burst('js', 'ttftMs') / burst('js', 'prefillMs'), false);
+  row('TTFT p50 / decode p50', burst('native', 'ttftMs') / pick('native', 32, 'decodeMs'), burst('js', 'ttftMs') / pick('js', 32, 'decodeMs'), false);
   await engineTable(model, dir);
-}
-
-/** The floor of a burst's TTFT: one batched prefill pass of `rows` copies of the bench's prompt, p50 of 5, ms. */
-async function prefillFloorMs(dir: string, runner: 'native' | 'js', rows: number): Promise<number> {
-  const folder = loadModelFolder(dir);
-  const ids = TextTokenizer.load(folder.dir).encode(PROMPT);
-  const options = { device: { kind: 'cpu' as const }, maxSlots: rows, maxModelLen: 1024, kvCacheTokens: rows * 1024, prefixCache: false, runner, threads: threads ? Number(threads) : undefined };
-  const loaded = (await loadRunner(folder, options)).runner;
-  const walls: number[] = [];
-  try {
-    for (let i = 0; i < 6; i++) {
-      for (let s = 0; s < rows; s++) loaded.open(s);
-      const t0 = performance.now();
-      await loaded.forwardTop!(Array.from({ length: rows }, (_, seq) => ({ seq, tokens: ids })), 1);
-      if (i > 0) walls.push(performance.now() - t0);
-      for (let s = 0; s < rows; s++) loaded.close(s);
-    }
-  } finally {
-    await loaded.release();
-  }
-  return median(walls);
 }
 
 async function passTable(model: string, dir: string): Promise<void> {
