@@ -223,7 +223,9 @@ for (const model of models) {
   for (const c of [1, 32]) {
     for (const [key, label] of [['tokensPerSecond', 'tokens/s'], ['ttftMs', 'TTFT p50 ms'], ['decodeMs', 'decode/token p50 ms'], ['rssMb', 'peak RSS MB'], ['gcMsPer1k', 'GC ms / 1k tokens']] as const) {
       const [a, b] = [pick('native', c, key), pick('js', c, key)];
-      console.log(`${String(c).padEnd(3)} ${label.padEnd(20)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${(a / b).toFixed(3).padStart(10)}`);
+      // Each round's own ratio too: on a shared machine a round can be far off the others.
+      const rounds = key === 'tokensPerSecond' ? `   rounds ${results.native[c].map((m, i) => (m[key] / results.js[c][i][key]).toFixed(2)).join(' ')}` : '';
+      console.log(`${String(c).padEnd(3)} ${label.padEnd(20)} ${a.toFixed(2).padStart(9)} ${b.toFixed(2).padStart(9)} ${(a / b).toFixed(3).padStart(10)}${rounds}`);
     }
     console.log(`${String(c).padEnd(3)} TTFT p50 / decode p50  ${(pick('native', c, 'ttftMs') / pick('native', c, 'decodeMs')).toFixed(2).padStart(9)} ${(pick('js', c, 'ttftMs') / pick('js', c, 'decodeMs')).toFixed(2).padStart(9)}`);
   }
