@@ -9,8 +9,12 @@
 //   load(path[, apiVersion]) -> { version, apiVersion, providers }: opens the library once per process.
 //   createSession(bytes, options) -> session: options { threads, spin, externalDir, device: 'cpu' | 'cuda', deviceId }.
 //   sessionNames(session) -> { inputs, outputs }.
-//   sessionRun(session, inputs, outputs): [name, typed array, dims][] each; outputs are written where given
-//     (bound once per call through an OrtIoBinding; no copy).
+//   sessionRun(session, inputs, outputs) -> seconds: [name, typed array, dims][] each, or [name, buffer, dims,
+//     byteOffset, type] for memory from allocate(); outputs are written where given (bound once per call through
+//     an OrtIoBinding; no copy); timed until the device has finished (CUDA: outputs synchronized).
+//   sessionRunAsync(session, inputs, outputs) -> Promise<seconds>: the same run on a libuv pool thread.
+//   allocate(session, bytes) -> buffer: memory from the session's allocator where it runs (device memory on
+//     CUDA), e.g. a KV cache bound as a past and a present value of every pass, never copied to the host.
 //   createStepper(sessions, dims, cos, sin) -> stepper: a whole forward pass of a Tally graph cut at its
 //     attention (buildLlamaParts), the attention of native/attention between the parts, over a paged KV cache
 //     kept here. dims: Int32Array [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf,
@@ -21,7 +25,7 @@
 //     (native/attention), the rows' token counts adding up to N; full: the rows' logits into `logits` [B, vocab];
 //     else their k largest into topLogits / topIds [B, k].
 //   stepperRunSync(...same) -> seconds: the same pass on the calling thread.
-//   release(session | stepper).
+//   release(session | stepper | buffer): a session after its buffers.
 //   pagePositions, kernels.
 #include <node_api.h>
 // attention.c is compiled in whole (its kernels and run_layer); its own module registration is not.
@@ -297,14 +301,31 @@ static napi_value load_locked(napi_env env, const char *path, uint32_t want) {
 
 #define MAGIC_SESSION 0x5e55
 #define MAGIC_STEPPER 0x57e9
+#define MAGIC_BUFFER 0xb0ff
 
 typedef struct {
   int magic;
   OrtSession *session;
   OrtIoBinding *binding;
   OrtMemoryInfo *deviceInfo; // CUDA: where outputs left on the device live; NULL on the CPU
+  int deviceId;
+  int buffers; // live buffers from its allocator: they must go before it does
+  int busy;    // a run of its binding is in flight
   int released;
 } Session;
+
+// Memory from a session's own allocator, where the session runs (device memory on CUDA): a KV cache that stays on
+// the device between passes. It holds a reference to its session, whose allocator it came from.
+typedef struct {
+  int magic;
+  Session *owner;
+  napi_ref ownerRef;
+  OrtAllocator *allocator;
+  OrtMemoryInfo *info;
+  void *data;
+  size_t bytes;
+  int released;
+} Buffer;
 
 static void session_free(Session *s) {
   if (s->released) return;
@@ -385,6 +406,7 @@ static napi_value js_create_session(napi_env env, napi_callback_info info) {
     CHECK_THROW(env, ort->UpdateCUDAProviderOptions(cuda, keys, values, 1));
     CHECK_THROW(env, ort->SessionOptionsAppendExecutionProvider_CUDA_V2(options, cuda));
     CHECK_THROW(env, ort->CreateMemoryInfo("Cuda", OrtDeviceAllocator, deviceId, OrtMemTypeDefault, &s->deviceInfo));
+    s->deviceId = deviceId;
   } else if (strcmp(device, "cpu") != 0) {
     napi_throw_error(env, NULL, "device must be cpu or cuda");
     goto fail;
@@ -444,7 +466,8 @@ fail:
   return NULL;
 }
 
-// An OrtValue over a typed array's memory: entry [name, array, dims].
+// An OrtValue over a typed array's memory, entry [name, array, dims], or over a buffer's (allocate()), entry
+// [name, buffer, dims, byteOffset, 'float32' | 'float16' | 'int32' | 'int64'].
 static int tensor_of(napi_env env, napi_value entry, char *name, size_t nameSize, OrtValue **out) {
   napi_value nameV, arr, dimsV;
   napi_get_element(env, entry, 0, &nameV);
@@ -452,6 +475,37 @@ static int tensor_of(napi_env env, napi_value entry, char *name, size_t nameSize
   napi_get_element(env, entry, 2, &dimsV);
   size_t len;
   if (napi_get_value_string_utf8(env, nameV, name, nameSize, &len) != napi_ok) return 0;
+  int64_t dims[8];
+  uint32_t rank;
+  if (napi_get_array_length(env, dimsV, &rank) != napi_ok || rank > 8) return 0;
+  size_t elements = 1;
+  for (uint32_t i = 0; i < rank; i++) {
+    napi_value d;
+    napi_get_element(env, dimsV, i, &d);
+    napi_get_value_int64(env, d, &dims[i]);
+    if (dims[i] < 0) return 0;
+    elements *= (size_t)dims[i];
+  }
+  Buffer *b = unwrap(env, arr, MAGIC_BUFFER);
+  if (b) {
+    if (b->released) return 0;
+    napi_value offsetV, typeV;
+    int64_t offset;
+    char type[16];
+    napi_get_element(env, entry, 3, &offsetV);
+    napi_get_element(env, entry, 4, &typeV);
+    if (napi_get_value_int64(env, offsetV, &offset) != napi_ok || offset < 0) return 0;
+    if (napi_get_value_string_utf8(env, typeV, type, sizeof type, &len) != napi_ok) return 0;
+    int elem;
+    size_t esize;
+    if (strcmp(type, "float32") == 0) elem = ELEM_FLOAT, esize = 4;
+    else if (strcmp(type, "float16") == 0) elem = ELEM_FLOAT16, esize = 2;
+    else if (strcmp(type, "int32") == 0) elem = ELEM_INT32, esize = 4;
+    else if (strcmp(type, "int64") == 0) elem = ELEM_INT64, esize = 8;
+    else return 0;
+    if ((size_t)offset + elements * esize > b->bytes) return 0;
+    return !failed(ort->CreateTensorWithDataAsOrtValue(b->info, (char *)b->data + offset, elements * esize, dims, rank, elem, out), errorText, sizeof errorText) ? 1 : -1;
+  }
   bool is;
   if (napi_is_typedarray(env, arr, &is) != napi_ok || !is) return 0;
   napi_typedarray_type type;
@@ -468,55 +522,190 @@ static int tensor_of(napi_env env, napi_value entry, char *name, size_t nameSize
     case napi_uint16_array: elem = ELEM_FLOAT16; esize = 2; break;
     default: return 0;
   }
-  int64_t dims[8];
-  uint32_t rank;
-  napi_get_array_length(env, dimsV, &rank);
-  if (rank > 8) return 0;
-  size_t elements = 1;
-  for (uint32_t i = 0; i < rank; i++) {
-    napi_value d;
-    napi_get_element(env, dimsV, i, &d);
-    napi_get_value_int64(env, d, &dims[i]);
-    if (dims[i] < 0) return 0;
-    elements *= (size_t)dims[i];
-  }
   if (elements > count) return 0;
   return !failed(ort->CreateTensorWithDataAsOrtValue(cpuInfo, data, count * esize, dims, rank, elem, out), errorText, sizeof errorText) ? 1 : -1;
 }
 
-static napi_value js_session_run(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Session *s = argc == 3 ? unwrap(env, argv[0], MAGIC_SESSION) : NULL;
-  if (!s || s->released) return throw_error(env, "sessionRun(session, inputs, outputs) takes a live session");
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// One run of a session's binding: the values bound, and for a run off the event loop its promise and the arrays
+// it holds on to.
+typedef struct {
+  Session *s;
   OrtValue *values[64];
-  int nvalues = 0;
+  int nvalues;
+  napi_ref held[3]; // the session and the arrays, while the run is in flight
+  napi_deferred deferred;
+  napi_async_work work;
+  double seconds;
+  char error[1024];
+} Run;
+
+static void run_free(napi_env env, Run *r) {
+  ort->ClearBoundInputs(r->s->binding);
+  ort->ClearBoundOutputs(r->s->binding);
+  for (int i = 0; i < r->nvalues; i++) ort->ReleaseValue(r->values[i]);
+  for (int i = 0; i < 3; i++)
+    if (r->held[i]) napi_delete_reference(env, r->held[i]);
+  r->s->busy = 0;
+  free(r);
+}
+
+// Binds sessionRun's inputs and outputs; NULL (an exception pending) when an entry is wrong.
+static Run *run_bind(napi_env env, napi_value *argv) {
+  Session *s = unwrap(env, argv[0], MAGIC_SESSION);
+  if (!s || s->released) return throw_error(env, "sessionRun(session, inputs, outputs) takes a live session");
+  if (s->busy) return throw_error(env, "the session is already running");
+  Run *r = calloc(1, sizeof *r);
+  r->s = s;
+  s->busy = 1;
   char name[256];
   ort->ClearBoundInputs(s->binding);
   ort->ClearBoundOutputs(s->binding);
   for (int side = 0; side < 2; side++) {
     uint32_t n;
     napi_get_array_length(env, argv[1 + side], &n);
-    for (uint32_t i = 0; i < n && nvalues < 64; i++) {
+    if (n > 64 - (uint32_t)r->nvalues) {
+      napi_throw_error(env, NULL, "sessionRun takes at most 64 inputs and outputs");
+      goto fail;
+    }
+    for (uint32_t i = 0; i < n; i++) {
       napi_value entry;
       napi_get_element(env, argv[1 + side], i, &entry);
-      const int ok = tensor_of(env, entry, name, sizeof name, &values[nvalues]);
+      const int ok = tensor_of(env, entry, name, sizeof name, &r->values[r->nvalues]);
       if (ok <= 0) {
-        if (ok == 0) snprintf(errorText, sizeof errorText, "%s %u must be [name, Float32Array | Int32Array | BigInt64Array | Uint16Array (float16), dims] with dims within the array", side ? "output" : "input", i);
+        if (ok == 0)
+          snprintf(errorText, sizeof errorText, "%s %u must be [name, Float32Array | Int32Array | BigInt64Array | Uint16Array (float16), dims] or [name, buffer, dims, byteOffset, type], its dims within the array", side ? "output" : "input", i);
         napi_throw_error(env, NULL, errorText);
         goto fail;
       }
-      nvalues++;
-      CHECK_THROW(env, side ? ort->BindOutput(s->binding, name, values[nvalues - 1]) : ort->BindInput(s->binding, name, values[nvalues - 1]));
+      r->nvalues++;
+      CHECK_THROW(env, side ? ort->BindOutput(s->binding, name, r->values[r->nvalues - 1]) : ort->BindInput(s->binding, name, r->values[r->nvalues - 1]));
     }
   }
-  CHECK_THROW(env, ort->RunWithBinding(s->session, NULL, s->binding));
-  if (s->deviceInfo) CHECK_THROW(env, ort->SynchronizeBoundOutputs(s->binding));
+  return r;
 fail:
-  ort->ClearBoundInputs(s->binding);
-  ort->ClearBoundOutputs(s->binding);
-  for (int i = 0; i < nvalues; i++) ort->ReleaseValue(values[i]);
+  run_free(env, r);
+  return NULL;
+}
+
+// The run, timed until the device has finished it (on CUDA the outputs are synchronized first).
+static void run_execute_on(Run *r) {
+  const double started = now_seconds();
+  if (!failed(ort->RunWithBinding(r->s->session, NULL, r->s->binding), r->error, sizeof r->error) && r->s->deviceInfo)
+    failed(ort->SynchronizeBoundOutputs(r->s->binding), r->error, sizeof r->error);
+  r->seconds = now_seconds() - started;
+}
+
+static napi_value js_session_run(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 3) return throw_error(env, "sessionRun(session, inputs, outputs)");
+  Run *r = run_bind(env, argv);
+  if (!r) return NULL;
+  run_execute_on(r);
+  napi_value result = NULL;
+  if (r->error[0]) napi_throw_error(env, NULL, r->error);
+  else napi_create_double(env, r->seconds, &result);
+  run_free(env, r);
+  return result;
+}
+
+static void run_execute(napi_env env, void *data) {
+  (void)env;
+  __atomic_add_fetch(&executingSteps, 1, __ATOMIC_ACQ_REL);
+  run_execute_on(data);
+  __atomic_sub_fetch(&executingSteps, 1, __ATOMIC_ACQ_REL);
+}
+
+static void run_complete(napi_env env, napi_status status, void *data) {
+  Run *r = data;
+  napi_delete_async_work(env, r->work);
+  if (status != napi_ok && !r->error[0]) snprintf(r->error, sizeof r->error, "the run was cancelled");
+  napi_value value;
+  if (r->error[0]) {
+    napi_value message;
+    napi_create_string_utf8(env, r->error, NAPI_AUTO_LENGTH, &message);
+    napi_create_error(env, NULL, message, &value);
+    napi_reject_deferred(env, r->deferred, value);
+  } else {
+    napi_create_double(env, r->seconds, &value);
+    napi_resolve_deferred(env, r->deferred, value);
+  }
+  run_free(env, r);
+}
+
+// sessionRunAsync(session, inputs, outputs) -> Promise<seconds>: the same run on a libuv pool thread.
+static napi_value js_session_run_async(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc != 3) return throw_error(env, "sessionRunAsync(session, inputs, outputs)");
+  Run *r = run_bind(env, argv);
+  if (!r) return NULL;
+  for (int i = 0; i < 3; i++) napi_create_reference(env, argv[i], 1, &r->held[i]);
+  napi_value promise, name;
+  napi_create_promise(env, &r->deferred, &promise);
+  napi_create_string_utf8(env, "tally.run", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, run_execute, run_complete, r, &r->work);
+  napi_queue_async_work(env, r->work);
+  return promise;
+}
+
+// ---- buffers ----
+
+static void buffer_free(napi_env env, Buffer *b) {
+  if (b->released) return;
+  b->released = 1;
+  if (b->data) failed(ort->AllocatorFree(b->allocator, b->data), errorText, sizeof errorText);
+  if (b->allocator) ort->ReleaseAllocator(b->allocator);
+  if (b->info) ort->ReleaseMemoryInfo(b->info);
+  if (b->owner) b->owner->buffers--;
+  if (b->ownerRef) napi_delete_reference(env, b->ownerRef);
+}
+
+static void buffer_finalize(napi_env env, void *data, void *hint) {
+  (void)hint;
+  wait_for_steps();
+  buffer_free(env, data);
+  free(data);
+}
+
+// allocate(session, bytes) -> buffer: memory from the session's allocator where it runs (CUDA: device memory),
+// zeroed on the CPU.
+static napi_value js_allocate(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  Session *s = argc == 2 ? unwrap(env, argv[0], MAGIC_SESSION) : NULL;
+  int64_t bytes;
+  if (!s || s->released || napi_get_value_int64(env, argv[1], &bytes) != napi_ok || bytes <= 0) return throw_error(env, "allocate(session, bytes) takes a live session and a positive size");
+  Buffer *b = calloc(1, sizeof *b);
+  b->magic = MAGIC_BUFFER;
+  b->bytes = (size_t)bytes;
+  if (s->deviceInfo) CHECK_THROW(env, ort->CreateMemoryInfo("Cuda", OrtDeviceAllocator, s->deviceId, OrtMemTypeDefault, &b->info));
+  else CHECK_THROW(env, ort->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &b->info));
+  CHECK_THROW(env, ort->CreateAllocator(s->session, b->info, &b->allocator));
+  CHECK_THROW(env, ort->AllocatorAlloc(b->allocator, b->bytes, &b->data));
+  if (!b->data) {
+    napi_throw_error(env, NULL, "out of memory for a buffer");
+    goto fail;
+  }
+  if (!s->deviceInfo) memset(b->data, 0, b->bytes);
+  b->owner = s;
+  s->buffers++;
+  napi_create_reference(env, argv[0], 1, &b->ownerRef);
+  napi_value result;
+  napi_create_external(env, b, buffer_finalize, NULL, &result);
+  return result;
+fail:
+  buffer_free(env, b);
+  free(b);
   return NULL;
 }
 
@@ -776,12 +965,6 @@ static int bind_all(Stepper *st) {
   return 1;
 }
 
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static void step_run(Stepper *st) {
   st->error[0] = 0;
   const double started = now_seconds();
@@ -931,15 +1114,23 @@ static napi_value js_release(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc != 1) return throw_error(env, "release(session | stepper)");
+  if (argc != 1) return throw_error(env, "release(session | stepper | buffer)");
   Stepper *st = unwrap(env, argv[0], MAGIC_STEPPER);
   if (st) {
     if (st->busy) return throw_error(env, "the stepper is running a step");
     stepper_free(env, st);
     return NULL;
   }
+  Buffer *b = unwrap(env, argv[0], MAGIC_BUFFER);
+  if (b) {
+    if (b->owner && b->owner->busy) return throw_error(env, "a run that may use the buffer is in flight");
+    buffer_free(env, b);
+    return NULL;
+  }
   Session *s = unwrap(env, argv[0], MAGIC_SESSION);
-  if (!s) return throw_error(env, "release(session | stepper)");
+  if (!s) return throw_error(env, "release(session | stepper | buffer)");
+  if (s->busy) return throw_error(env, "the session is running");
+  if (s->buffers > 0) return throw_error(env, "release the session's buffers first: they came from its allocator");
   session_free(s);
   return NULL;
 }
@@ -982,6 +1173,8 @@ NAPI_MODULE_INIT() {
   export_fn(env, exports, "createSession", js_create_session);
   export_fn(env, exports, "sessionNames", js_session_names);
   export_fn(env, exports, "sessionRun", js_session_run);
+  export_fn(env, exports, "sessionRunAsync", js_session_run_async);
+  export_fn(env, exports, "allocate", js_allocate);
   export_fn(env, exports, "createStepper", js_create_stepper);
   export_fn(env, exports, "stepperRun", js_stepper_run);
   export_fn(env, exports, "stepperRunSync", js_stepper_run_sync);

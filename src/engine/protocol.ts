@@ -128,12 +128,17 @@ export type KvCacheDtype = 'float32' | 'float16';
 
 /**
  * slot: a Tally graph with attention inside it; paged: a Tally graph cut at attention (native attention), driven
- * from JavaScript; native: the same, each forward pass run whole in native code (native/ort); plain: an Optimum export.
+ * from JavaScript; native: the same, each forward pass run whole in native code (native/ort); gqa: the whole model
+ * on ONNX Runtime's GroupQueryAttention with its KV cache where the session runs (native/ort; the CUDA path);
+ * plain: an Optimum export.
  */
-export type RunnerKind = 'slot' | 'paged' | 'native' | 'plain';
+export type RunnerKind = 'slot' | 'paged' | 'native' | 'gqa' | 'plain';
 
-/** Who drives a forward pass on the CPU: native code through ONNX Runtime's C API, or JavaScript through onnxruntime-node. */
-export type RunnerChoice = 'native' | 'js';
+/**
+ * Who drives a forward pass: native code through ONNX Runtime's C API, or JavaScript through onnxruntime-node on
+ * the CPU; gqa: the GroupQueryAttention graph through the C API, its KV cache in the session's (device) memory.
+ */
+export type RunnerChoice = 'native' | 'js' | 'gqa';
 
 export type DeviceSpec = { kind: 'cpu' } | { kind: 'cuda'; index: number } | { kind: 'auto' };
 

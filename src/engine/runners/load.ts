@@ -11,10 +11,13 @@ import { kvBytesPerToken } from '../core/limits.ts';
 import { type AttentionMode, ENGINE_DEFAULTS, EngineOptionError, type KvCacheDtype, type RunnerChoice } from '../protocol.ts';
 import { isPlainGraph, isTallyGraph } from './graph-io.ts';
 import { loadAttentionAddon } from './native-attention.ts';
-import { createNativeSession, type NativeSession, openOrt } from './native-ort.ts';
+import { type NativeBuffer, createNativeSession, type NativeSession, openOrt } from './native-ort.ts';
+import { GqaRunner } from './gqa-runner.ts';
+import { buildLlamaGqaGraph } from '../../model/llama-parts.ts';
+import { headDim } from '../../model/types.ts';
 import { NativeRunner } from './native-runner.ts';
 import { TOP_LOGITS } from '../../model/llama-graph.ts';
-import { baseSessionOptions, createSession, cudaProviderProblem, type SessionOptions } from './ort-session.ts';
+import { baseSessionOptions, createSession, cudaProviderProblem, describeCudaFailure, type SessionOptions } from './ort-session.ts';
 import { PagedRunner } from './paged-runner.ts';
 import { PlainRunner } from './plain-runner.ts';
 import { kvCacheDtypeOf, type ModelRunner } from './runner.ts';
@@ -79,6 +82,60 @@ async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): 
 }
 
 /**
+ * A Tally graph as one GroupQueryAttention graph run through native/ort (--runner gqa), on CUDA where asked for and
+ * the library has it, else on the CPU; its KV cache, a slot of maxModelLen positions per sequence, allocated whole
+ * from the session's allocator.
+ */
+function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner: GqaRunner; device: string } {
+  const fail = (why: string) => new EngineOptionError('runner', `gqa: ${why}`);
+  const bytes = fs.readFileSync(folder.onnxPath);
+  const meta = readModelMetadata(bytes);
+  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) throw fail('the GroupQueryAttention graph is built from a graph converted by Tally');
+  const hd = headDim(folder.config);
+  if (hd % 16 !== 0) throw fail(`ONNX Runtime's GroupQueryAttention takes head_dim in multiples of 16; this model's is ${hd}`);
+  const opened = openOrt(options.ortLibrary);
+  if ('reason' in opened) throw fail(opened.reason);
+  const { binding, ort: lib } = opened;
+  const cudaProblem = lib.providers.includes('CUDAExecutionProvider')
+    ? cudaProviderProblem(path.dirname(lib.path))
+    : `the ONNX Runtime library ${lib.path} has no CUDA execution provider (providers: ${lib.providers.join(', ')}); name a CUDA build with --ort-library`;
+  if (options.device.kind === 'cuda' && cudaProblem) throw fail(cudaProblem);
+  const onCuda = options.device.kind === 'cuda' || (options.device.kind === 'auto' && !cudaProblem);
+  const deviceId = options.device.kind === 'cuda' ? options.device.index : 0;
+  const graphDtype = (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32';
+  if (options.kvCacheDtype && options.kvCacheDtype !== graphDtype) throw new EngineOptionError('kvCacheDtype', `${options.kvCacheDtype}: the gqa runner's cache has the graph's type, ${graphDtype}`);
+  const perToken = kvBytesPerToken(folder.config, graphDtype === 'float16' ? 2 : 4);
+  const cacheBytes = options.maxSlots * options.maxModelLen * perToken;
+  const budget = options.kvCacheTokens !== undefined ? options.kvCacheTokens * perToken : (options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes);
+  if (cacheBytes > budget) {
+    throw new EngineOptionError('kvCacheBytes', `${(budget / 2 ** 30).toFixed(2)} GiB: the gqa runner keeps a slot of ${options.maxModelLen} positions (the model length) for each of ${options.maxSlots} sequences, ${(cacheBytes / 2 ** 30).toFixed(2)} GiB; raise the KV cache size or lower --max-num-seqs or --max-model-len`);
+  }
+  let session: NativeSession;
+  try {
+    session = createNativeSession(binding, encodeModel(buildLlamaGqaGraph(folder.config, readInitializers(bytes), options.maxModelLen)).model, {
+      threads: options.threads,
+      spin: options.spinWait,
+      externalDir: path.dirname(folder.onnxPath),
+      device: onCuda ? 'cuda' : 'cpu',
+      deviceId,
+    });
+  } catch (err) {
+    throw onCuda ? fail(describeCudaFailure(err)) : err;
+  }
+  const buffers: NativeBuffer[] = [];
+  try {
+    for (let i = 0; i < 2 * folder.config.num_hidden_layers; i++) buffers.push(binding.allocate(session, cacheBytes / (2 * folder.config.num_hidden_layers)));
+  } catch (err) {
+    for (const b of buffers) binding.release(b);
+    binding.release(session);
+    throw err;
+  }
+  const topLogits = Math.min(TOP_LOGITS, folder.config.vocab_size);
+  const runner = new GqaRunner(binding, session, buffers, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, graphDtype, topLogits });
+  return { runner, device: onCuda ? `cuda:${deviceId}` : 'cpu' };
+}
+
+/**
  * A Tally graph on the CPU cut at its attention, which runs in native/attention over a paged cache; undefined
  * (with why, when the caller asked for it) where that path does not apply.
  */
@@ -128,6 +185,7 @@ export function defaultThreads(config: LlamaConfig): number {
 export async function loadRunner(folder: ModelFolder, runnerOptions: RunnerOptions): Promise<{ runner: ModelRunner; device: string; threads: number; note?: string }> {
   const threads = runnerOptions.threads && runnerOptions.threads > 0 ? runnerOptions.threads : defaultThreads(folder.config);
   const options = { ...runnerOptions, threads };
+  if (options.runner === 'gqa') return { ...createGqaRunner(folder, options), threads };
   const native = await createNativeRunner(folder, options);
   if (native.runner) return { runner: native.runner, device: 'cpu', threads, note: native.note };
   if (options.runner === 'native') throw new EngineOptionError('runner', `native: ${native.reason}`);

@@ -14,6 +14,11 @@ export function defaultOrtLibrary(): string {
 
 export type NativeSession = { readonly __nativeSession: unique symbol };
 export type NativeStepper = { readonly __nativeStepper: unique symbol };
+/** Memory from a session's allocator, where it runs (device memory on CUDA). */
+export type NativeBuffer = { readonly __nativeBuffer: unique symbol };
+export type BufferElement = 'float32' | 'float16' | 'int32' | 'int64';
+/** A run's input or output: a typed array, or a view of a buffer ([name, buffer, dims, byteOffset, element]). */
+export type RunEntry = [string, TensorArray, number[]] | [string, NativeBuffer, number[], number, BufferElement];
 export type TensorArray = Float32Array | Int32Array | BigInt64Array | Uint16Array;
 
 export interface LoadedOrt {
@@ -40,8 +45,15 @@ export interface OrtBinding {
   load(library: string, apiVersion?: number): LoadedOrt;
   createSession(model: Uint8Array, options: { threads?: number; spin?: number; externalDir?: string; device?: string; deviceId?: number }): NativeSession;
   sessionNames(session: NativeSession): { inputs: string[]; outputs: string[] };
-  /** Runs once with inputs and outputs bound to the arrays given ([name, array, dims]); outputs are written in place. */
-  sessionRun(session: NativeSession, inputs: [string, TensorArray, number[]][], outputs: [string, TensorArray, number[]][]): void;
+  /**
+   * Runs once with inputs and outputs bound to the arrays and buffer views given; outputs are written in place.
+   * Returns the run's seconds, until the device has finished it.
+   */
+  sessionRun(session: NativeSession, inputs: RunEntry[], outputs: RunEntry[]): number;
+  /** The same run on a libuv pool thread, off the event loop. */
+  sessionRunAsync(session: NativeSession, inputs: RunEntry[], outputs: RunEntry[]): Promise<number>;
+  /** `bytes` from the session's allocator where it runs (device memory on CUDA); zeroed on the CPU. */
+  allocate(session: NativeSession, bytes: number): NativeBuffer;
   /** dims: [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf, threads]. */
   createStepper(parts: NativeSession[], dims: Int32Array, cos: Float32Array, sin: Float32Array): NativeStepper;
   /**
@@ -53,7 +65,8 @@ export interface OrtBinding {
   stepperRunSync(stepper: NativeStepper, B: number, N: number, k: number, full: boolean, ids: Int32Array, rows: Int32Array, table: Int32Array, logits: Float32Array, topLogits: Float32Array, topIds: Int32Array): number;
   /** Page `to` takes page `from`'s keys and values in every layer (no step may be running). */
   stepperCopyPage(stepper: NativeStepper, from: number, to: number): void;
-  release(handle: NativeSession | NativeStepper): void;
+  /** A session only after its buffers. */
+  release(handle: NativeSession | NativeStepper | NativeBuffer): void;
   apiVersion: number;
   pagePositions: number;
   kernels: string;

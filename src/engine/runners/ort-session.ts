@@ -15,9 +15,11 @@ export function ortBinaryDir(): string {
   return path.join(pkg, 'bin', 'napi-v6', process.platform, process.arch);
 }
 
-/** Explains what is missing for the CUDA provider, or returns undefined when its library is present. */
-export function cudaProviderProblem(): string | undefined {
-  const dir = ortBinaryDir();
+/**
+ * Explains what is missing for the CUDA provider beside an ONNX Runtime library (in `dir`, by default
+ * onnxruntime-node's), or returns undefined when its library is present.
+ */
+export function cudaProviderProblem(dir = ortBinaryDir()): string | undefined {
   const lib = path.join(dir, 'libonnxruntime_providers_cuda.so');
   if (!fs.existsSync(lib)) {
     return `the CUDA execution provider is not installed (${lib} is missing); run \`npm run install-cuda\` (needs the CUDA 12 runtime and cuDNN 9) or use --device cpu`;
@@ -38,7 +40,7 @@ export interface LoadedSession {
   note?: string;
 }
 
-function describeCudaFailure(err: unknown): string {
+export function describeCudaFailure(err: unknown): string {
   const msg = (err as Error).message ?? String(err);
   if (/libcudart|libcublas|libcudnn|libcufft|libcurand/.test(msg)) {
     return `the CUDA provider could not load its CUDA libraries (${msg.match(/lib[\w.+-]+\.so[\w.]*/)?.[0] ?? 'libcudart / cuDNN'}): install the CUDA 12 runtime and cuDNN 9, or use --device cpu`;
