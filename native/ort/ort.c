@@ -677,7 +677,7 @@ static void buffer_finalize(napi_env env, void *data, void *hint) {
 }
 
 // allocate(session, bytes) -> buffer: memory from the session's allocator where it runs (CUDA: device memory),
-// zeroed on the CPU.
+// not initialised (on the CPU its pages take memory only once written).
 static napi_value js_allocate(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -696,7 +696,6 @@ static napi_value js_allocate(napi_env env, napi_callback_info info) {
     napi_throw_error(env, NULL, "out of memory for a buffer");
     goto fail;
   }
-  if (!s->deviceInfo) memset(b->data, 0, b->bytes);
   b->owner = s;
   s->buffers++;
   napi_create_reference(env, argv[0], 1, &b->ownerRef);

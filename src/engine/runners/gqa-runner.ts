@@ -9,9 +9,10 @@ import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner
  * buffers per layer from the session's own allocator (device memory on CUDA), [slots, kv_heads, maxModelLen,
  * head_dim], bound as both the past and the present of every pass: only token ids go in and logits come out.
  * Each sequence holds a slot. A pass of single new tokens runs over slots 0 … the highest one in it, a slot not in
- * the pass taking a placeholder token at its own next position (which its next real token overwrites); a prompt
- * chunk runs alone over its slot (ONNX Runtime's CPU kernel takes a batch only for single tokens). Passes run off
- * the event loop and are timed until the device has finished them.
+ * the pass taking a placeholder token at its own next position (which its next real token overwrites); first
+ * prompts on neighbouring slots run together, right-padded; a chunk continuing a prompt runs alone over its slot
+ * (ONNX Runtime's kernel takes a batch of those only one row at a time). Passes run off the event loop and are
+ * timed until the device has finished them.
  */
 export class GqaRunner implements ModelRunner {
   readonly kind = 'gqa' as const;
@@ -121,7 +122,7 @@ export class GqaRunner implements ModelRunner {
       const ids = new BigInt64Array(B);
       single.forEach(({ r }, j) => (ids[slots[j]] = BigInt(r.tokens[0])));
       const lengths = Array.from(this.lengthOfSlot.subarray(0, B));
-      const out = await this.pass(ids, B, 1, 0, lengths, k);
+      const out = await this.pass(ids, 1, 0, lengths, new Array<number>(B).fill(1), k);
       seconds += out.seconds;
       single.forEach(({ r, i }, j) => {
         take(i, { ...out, row: slots[j] });
@@ -129,11 +130,34 @@ export class GqaRunner implements ModelRunner {
       });
     }
     const batched = new Set(single.map((x) => x.i));
+    // First prompts on neighbouring slots go together, right-padded to the longest.
+    const firsts = rows
+      .map((r, i) => ({ r, i, slot: this.open_.get(r.seq)!.slot }))
+      .filter(({ r, i }) => !batched.has(i) && this.open_.get(r.seq)!.length === 0)
+      .sort((a, b) => a.slot - b.slot);
+    for (let from = 0; from < firsts.length; ) {
+      let to = from + 1;
+      while (to < firsts.length && firsts[to].slot === firsts[to - 1].slot + 1) to++;
+      const run = firsts.slice(from, to);
+      from = to;
+      if (run.length === 1) continue;
+      const S = Math.max(...run.map(({ r }) => r.tokens.length));
+      const ids = new BigInt64Array(run.length * S);
+      run.forEach(({ r }, b) => r.tokens.forEach((t, j) => (ids[b * S + j] = BigInt(t))));
+      const out = await this.pass(ids, S, run[0].slot, new Array<number>(run.length).fill(0), run.map(({ r }) => r.tokens.length), k);
+      seconds += out.seconds;
+      run.forEach(({ r, i }, b) => {
+        batched.add(i);
+        take(i, { ...out, row: b });
+        this.advance(r.seq, r.tokens.length);
+      });
+    }
+    // The rest alone: chunks continuing a prompt (the CPU kernel takes those one row at a time), lone first prompts.
     for (let i = 0; i < rows.length; i++) {
       if (batched.has(i)) continue;
       const r = rows[i];
       const s = this.open_.get(r.seq)!;
-      const out = await this.pass(BigInt64Array.from(r.tokens.map(BigInt)), 1, r.tokens.length, s.slot, [s.length], k);
+      const out = await this.pass(BigInt64Array.from(r.tokens.map(BigInt)), r.tokens.length, s.slot, [s.length], [r.tokens.length], k);
       seconds += out.seconds;
       take(i, { ...out, row: 0 });
       this.advance(r.seq, r.tokens.length);
@@ -147,11 +171,15 @@ export class GqaRunner implements ModelRunner {
     this.lengthOfSlot[s.slot] = s.length;
   }
 
-  /** One pass over B rows of S new tokens each, on slots first … first + B - 1, whose cached lengths are given. */
-  private async pass(ids: BigInt64Array, B: number, S: number, first: number, lengths: number[], k: number): Promise<PassOutput & { seconds: number }> {
-    const seqlens = Int32Array.from(lengths, (len) => len + S - 1);
-    const total = Math.max(...lengths) + S;
-    const logitsIndex = BigInt64Array.from({ length: B }, (_, b) => BigInt(b * S + S - 1));
+  /**
+   * One pass over slots first … first + B - 1 (B = lengths.length): row b has lengths[b] positions cached and news[b]
+   * new tokens, right-padded to S in ids [B × S].
+   */
+  private async pass(ids: BigInt64Array, S: number, first: number, lengths: number[], news: number[], k: number): Promise<PassOutput & { seconds: number }> {
+    const B = lengths.length;
+    const seqlens = Int32Array.from(lengths, (len, b) => len + news[b] - 1);
+    const total = Math.max(...lengths.map((len, b) => len + news[b]));
+    const logitsIndex = BigInt64Array.from({ length: B }, (_, b) => BigInt(b * S + news[b] - 1));
     const inputs: RunEntry[] = [
       ['input_ids', ids, [B, S]],
       ['seqlens_k', seqlens, [B]],

@@ -52,7 +52,7 @@ export interface OrtBinding {
   sessionRun(session: NativeSession, inputs: RunEntry[], outputs: RunEntry[]): number;
   /** The same run on a libuv pool thread, off the event loop. */
   sessionRunAsync(session: NativeSession, inputs: RunEntry[], outputs: RunEntry[]): Promise<number>;
-  /** `bytes` from the session's allocator where it runs (device memory on CUDA); zeroed on the CPU. */
+  /** `bytes` from the session's allocator where it runs (device memory on CUDA), not initialised. */
   allocate(session: NativeSession, bytes: number): NativeBuffer;
   /** dims: [layers, hidden, heads, kv_heads, head_dim, vocab, pages, kvHalf, graphHalf, threads]. */
   createStepper(parts: NativeSession[], dims: Int32Array, cos: Float32Array, sin: Float32Array): NativeStepper;
