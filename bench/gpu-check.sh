@@ -9,9 +9,9 @@
 # Environment: TALLY_GPU_CHECK_LIKE (a model folder whose config.json gives the architecture; default
 # ../shared/models/TinyLlama-1.1B-Chat-v1.0), TALLY_ORT_LIBRARY (a CUDA-enabled libonnxruntime.so to use).
 #
-# What serves: the engine's CUDA path (attention inside the fp16 graph, onnxruntime-node with its CUDA provider).
-# The native runner (native/ort) runs on the CPU only so far; here its addon is only checked against the CUDA
-# library found (a tiny graph on the CUDA execution provider), not used to serve.
+# What serves, one after the other: (1) onnxruntime-node with its CUDA provider (attention inside the fp16 graph,
+# the KV cache crossing PCIe every step), where that provider is installed; (2) --runner gqa: the whole model on
+# GroupQueryAttention through native/ort and the CUDA library found, its KV cache in device memory.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -72,7 +72,7 @@ if [ -f native/ort/build/Release/ort.node ]; then
   echo "native/ort against $CUDA_LIB:"
   timeout 120 node --import tsx bench/gpu-check-ort.ts "$CUDA_LIB" "$GPU" || echo "(the native addon's CUDA probe failed; serving goes on)"
 fi
-[ "$NODE_CUDA" = yes ] || [ -n "$CPU_DRY" ] || fail "serving on CUDA needs onnxruntime-node's CUDA provider of version $ORT_NODE_VERSION (Python's is ${PY_VERSION:-absent})"
+[ "$NODE_CUDA" = yes ] || echo "onnxruntime-node's own path needs its CUDA provider of version $ORT_NODE_VERSION (Python's is ${PY_VERSION:-absent}); only --runner gqa will serve"
 
 step "1 B-class random-weight fp16 model"
 [ -n "$LIKE" ] || fail "no TinyLlama-1.1B-Chat-v1.0 folder (set TALLY_GPU_CHECK_LIKE to a model folder)"
@@ -82,40 +82,44 @@ SHRINK=()
 if [ -n "$CPU_DRY" ]; then
   DEVICE=cpu
   MODEL="$OUT/model-fp16-small"
-  SHRINK=(--set num_hidden_layers=2 --set hidden_size=256 --set intermediate_size=512)
+  SHRINK=(--set num_hidden_layers=2 --set hidden_size=256 --set intermediate_size=512 --set num_attention_heads=4 --set num_key_value_heads=2)
 fi
 if [ ! -f "$MODEL/onnx/model_fp16.onnx" ]; then
   timeout 300 node bin/tally.js convert --random --like "$LIKE" --dtype fp16 "${SHRINK[@]}" "$MODEL" || fail "convert failed"
 fi
 du -sh "$MODEL/onnx"
 
-step "tally serve --device $DEVICE"
-PORT=$(node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")
-node bin/tally.js serve --model "$MODEL" --device "$DEVICE" --device-price h100-sxm --port "$PORT" --max-num-seqs 32 \
-  --data-dir "$OUT/data" --log-level warn > "$OUT/serve.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; kill $SMI 2>/dev/null' EXIT
-for _ in $(seq 1 240); do
-  curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { cat "$OUT/serve.log"; fail "tally serve exited"; }
-  sleep 0.5
-done
-curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null || { cat "$OUT/serve.log"; fail "tally serve did not become healthy"; }
-curl -fsS "http://127.0.0.1:$PORT/v1/models" | head -c 300; echo
+# serve_and_measure NAME [serve flags...]: a server, the load at c=1 and c=32, NVML during it, /v1/cost after.
+serve_and_measure() {
+  local name="$1"; shift
+  local dir="$OUT/$name"
+  mkdir -p "$dir"
+  step "$name: tally serve --device $DEVICE $*"
+  PORT=$(node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")
+  node bin/tally.js serve --model "$MODEL" --device "$DEVICE" --device-price h100-sxm --port "$PORT" --max-num-seqs 32 \
+    --data-dir "$dir/data" --log-level warn "$@" > "$dir/serve.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 240); do
+    curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+    kill -0 $SERVER 2>/dev/null || break
+    sleep 0.5
+  done
+  if ! curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
+    cat "$dir/serve.log"; echo "gpu-check: $name: tally serve did not start"; kill $SERVER 2>/dev/null; return 1
+  fi
+  curl -fsS "http://127.0.0.1:$PORT/v1/models" | head -c 300; echo
 
-step "load: c=1 and c=32, 128 prompt + 128 output tokens"
-REQUESTS=64
-[ -n "$CPU_DRY" ] && REQUESTS=4
-if [ -n "$CPU_DRY" ]; then echo "0, 0, 0, 0" > "$OUT/nvml.csv"; sleep 600 & else
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv,noheader,nounits -i "$GPU" -lms 500 > "$OUT/nvml.csv" &
-fi
-SMI=$!
-timeout 360 node bin/tally.js bench --url "http://127.0.0.1:$PORT" --concurrency 1,32 --requests "$REQUESTS" --duration 60s \
-  --input-len 128 --output-len 128 --device-price h100-sxm --json "$OUT/bench.json" --no-progress | tee "$OUT/bench.txt"
-kill $SMI 2>/dev/null
+  step "$name: load at c=1 and c=32, 128 prompt + 128 output tokens"
+  if [ -n "$CPU_DRY" ]; then echo "0, 0, 0, 0" > "$dir/nvml.csv"; sleep 600 & else
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv,noheader,nounits -i "$GPU" -lms 500 > "$dir/nvml.csv" &
+  fi
+  SMI=$!
+  timeout 200 node bin/tally.js bench --url "http://127.0.0.1:$PORT" --concurrency 1,32 --requests "$REQUESTS" --duration 30s \
+    --input-len 128 --output-len 128 --device-price h100-sxm --json "$dir/bench.json" --no-progress | tee "$dir/bench.txt"
+  kill $SMI 2>/dev/null
 
-step "results"
-node -e '
+  step "$name: results"
+  node -e '
 const fs = require("fs");
 const out = process.argv[1];
 const b = JSON.parse(fs.readFileSync(out + "/bench.json", "utf8"));
@@ -128,12 +132,25 @@ const rows = fs.readFileSync(out + "/nvml.csv", "utf8").trim().split("\n").map((
 const busy = rows.filter((r) => Number(r[1]) > 0);
 const avg = (xs) => xs.reduce((a, x) => a + x, 0) / Math.max(1, xs.length);
 console.log(`NVML during the load (${rows.length} samples, ${busy.length} busy): utilization ${avg(rows.map((r) => Number(r[1]))).toFixed(0)} % mean, power ${avg(rows.map((r) => Number(r[2]))).toFixed(0)} W mean, ${Math.max(...rows.map((r) => Number(r[2]))).toFixed(0)} W peak, memory ${Math.max(...rows.map((r) => Number(r[3])))} MiB peak`);
-' "$OUT" || echo "(see $OUT/bench.txt for the bench figures)"
-curl -fsS "http://127.0.0.1:$PORT/v1/cost?window=15m" > "$OUT/cost.json"
-node -e '
+' "$dir" || echo "(see $dir/bench.txt for the bench figures)"
+  curl -fsS "http://127.0.0.1:$PORT/v1/cost?window=15m" > "$dir/cost.json"
+  node -e '
 const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
 console.log(`/v1/cost at ${r.device_price_usd_per_hour} USD/h (h100-sxm): $/M tokens ${JSON.stringify(r.usd_per_million_tokens)}`);
 console.log(`energy: ${JSON.stringify(r.energy)}`);
 console.log(`device telemetry: ${JSON.stringify(r.device_telemetry)}`);
-' "$OUT/cost.json"
+' "$dir/cost.json"
+  kill $SERVER 2>/dev/null
+  wait $SERVER 2>/dev/null
+}
+
+REQUESTS=64
+[ -n "$CPU_DRY" ] && REQUESTS=4
+trap 'kill $SERVER 2>/dev/null; kill $SMI 2>/dev/null' EXIT
+if [ "$NODE_CUDA" = yes ] || [ -n "$CPU_DRY" ]; then
+  serve_and_measure onnxruntime-node
+else
+  echo "onnxruntime-node has no CUDA provider here: its path is skipped"
+fi
+[ -n "$CUDA_LIB" ] && serve_and_measure gqa --runner gqa --ort-library "$CUDA_LIB"
 echo "files in $OUT; total $(( $(date +%s) - START )) s"
