@@ -28,6 +28,8 @@ const increment: ModelSpec = {
   metadata: {},
 };
 const gqaModel = () => randomLike('SmolLM2-135M-Instruct');
+/** 20 layers: a pass binds 80 cache values beside its other inputs and outputs. */
+const deepModel = () => randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 20, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16 });
 
 describe('buffers from a session allocator (native/ort)', () => {
   it('are bound as views by byte offset, updated in place across runs, and outlive no session', async () => {
@@ -70,8 +72,8 @@ describe('GqaRunner', () => {
     await native.release();
   });
 
-  it('forwardTop returns the k largest of the rows forward returns; a failed pass leaves the cache as it was', async () => {
-    const folder = loadModelFolder(gqaModel());
+  it('forwardTop returns the k largest of the rows forward returns (20 layers); a failed pass leaves the cache as it was', async () => {
+    const folder = loadModelFolder(deepModel());
     const [full, top] = [(await loadRunner(folder, { ...options, runner: 'gqa' })).runner, (await loadRunner(folder, { ...options, runner: 'gqa' })).runner];
     for (const r of [full, top]) [0, 1, 2].forEach((s) => r.open(s));
     for (const [rows, k] of [[[{ seq: 0, tokens: tokens(9, 1) }, { seq: 2, tokens: [1] }], 16], [[{ seq: 2, tokens: [5] }, { seq: 0, tokens: [7] }], 1], [[{ seq: 0, tokens: [8] }], 3]] as const) {

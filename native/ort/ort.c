@@ -534,9 +534,12 @@ static double now_seconds(void) {
 
 // One run of a session's binding: the values bound, and for a run off the event loop its promise and the arrays
 // it holds on to.
+// A whole-model graph binds a past and a present value per layer and kind: four per layer.
+#define RUN_VALUES 1024
+
 typedef struct {
   Session *s;
-  OrtValue *values[64];
+  OrtValue *values[RUN_VALUES];
   int nvalues;
   napi_ref held[3]; // the session and the arrays, while the run is in flight
   napi_deferred deferred;
@@ -569,8 +572,8 @@ static Run *run_bind(napi_env env, napi_value *argv) {
   for (int side = 0; side < 2; side++) {
     uint32_t n;
     napi_get_array_length(env, argv[1 + side], &n);
-    if (n > 64 - (uint32_t)r->nvalues) {
-      napi_throw_error(env, NULL, "sessionRun takes at most 64 inputs and outputs");
+    if (n > RUN_VALUES - (uint32_t)r->nvalues) {
+      napi_throw_error(env, NULL, "sessionRun takes at most 1024 inputs and outputs");
       goto fail;
     }
     for (uint32_t i = 0; i < n; i++) {
