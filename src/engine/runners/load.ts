@@ -103,6 +103,8 @@ function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner:
   const onCuda = options.device.kind === 'cuda' || (options.device.kind === 'auto' && !cudaProblem);
   const deviceId = options.device.kind === 'cuda' ? options.device.index : 0;
   const graphDtype = (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32';
+  // The operator's CUDA kernel takes float16 (and bfloat16) only.
+  if (onCuda && graphDtype !== 'float16') throw fail(`on CUDA GroupQueryAttention takes a float16 graph; this one is ${graphDtype} (convert with --dtype fp16)`);
   if (options.kvCacheDtype && options.kvCacheDtype !== graphDtype) throw new EngineOptionError('kvCacheDtype', `${options.kvCacheDtype}: the gqa runner's cache has the graph's type, ${graphDtype}`);
   const perToken = kvBytesPerToken(folder.config, graphDtype === 'float16' ? 2 : 4);
   const cacheBytes = options.maxSlots * options.maxModelLen * perToken;
