@@ -10,7 +10,8 @@ import type { ForwardResult, ForwardRow, ModelRunner, TopLogits } from './runner
  * head_dim], bound as both the past and the present of every pass: only token ids go in and logits come out.
  * Each sequence holds a slot. A pass of single new tokens runs over slots 0 … the highest one in it, a slot not in
  * the pass taking a placeholder token at its own next position (which its next real token overwrites); first
- * prompts on neighbouring slots run together, right-padded; a chunk continuing a prompt runs alone over its slot
+ * prompts on neighbouring slots run together, right-padded (on the CPU; on CUDA each alone until that is checked
+ * on a GPU); a chunk continuing a prompt runs alone over its slot
  * (ONNX Runtime's kernel takes a batch of those only one row at a time). Passes run off the event loop and are
  * timed until the device has finished them.
  */
@@ -31,14 +32,17 @@ export class GqaRunner implements ModelRunner {
   private readonly lengthOfSlot: Int32Array;
   private released = false;
   private inflight: Promise<number> | undefined;
+  /** Right-padded batches of first prompts: checked against the CPU kernel only, so off on CUDA until run there. */
+  private readonly batchFirstPrompts: boolean;
 
   constructor(
     private readonly binding: OrtBinding,
     private readonly session: NativeSession,
     private readonly buffers: NativeBuffer[],
     config: LlamaConfig,
-    options: { maxSlots: number; maxModelLen: number; graphDtype: 'float32' | 'float16'; topLogits: number },
+    options: { maxSlots: number; maxModelLen: number; graphDtype: 'float32' | 'float16'; topLogits: number; batchFirstPrompts: boolean },
   ) {
+    this.batchFirstPrompts = options.batchFirstPrompts;
     this.vocabSize = config.vocab_size;
     this.layers = config.num_hidden_layers;
     this.kvh = config.num_key_value_heads;
@@ -133,7 +137,7 @@ export class GqaRunner implements ModelRunner {
     // First prompts on neighbouring slots go together, right-padded to the longest.
     const firsts = rows
       .map((r, i) => ({ r, i, slot: this.open_.get(r.seq)!.slot }))
-      .filter(({ r, i }) => !batched.has(i) && this.open_.get(r.seq)!.length === 0)
+      .filter(({ r, i }) => this.batchFirstPrompts && !batched.has(i) && this.open_.get(r.seq)!.length === 0)
       .sort((a, b) => a.slot - b.slot);
     for (let from = 0; from < firsts.length; ) {
       let to = from + 1;

@@ -133,7 +133,7 @@ function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner:
     throw err;
   }
   const topLogits = Math.min(TOP_LOGITS, folder.config.vocab_size);
-  const runner = new GqaRunner(binding, session, buffers, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, graphDtype, topLogits });
+  const runner = new GqaRunner(binding, session, buffers, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, graphDtype, topLogits, batchFirstPrompts: !onCuda });
   return { runner, device: onCuda ? `cuda:${deviceId}` : 'cpu' };
 }
 
