@@ -94,6 +94,24 @@ describe('GqaRunner', () => {
     await top.release();
   });
 
+  it('a full slot left out of a pass of single tokens does not stop it', async () => {
+    const folder = loadModelFolder(gqaModel());
+    const small = { ...options, maxModelLen: 32 };
+    const gqa = (await loadRunner(folder, { ...small, runner: 'gqa' })).runner;
+    const native = (await loadRunner(folder, { ...small, runner: 'native', kvCacheDtype: 'float32' })).runner;
+    for (const r of [gqa, native]) {
+      [0, 1].forEach((s) => r.open(s));
+      await r.forward([{ seq: 0, tokens: tokens(32, 1) }]);
+      await r.forward([{ seq: 1, tokens: tokens(5, 2) }]);
+    }
+    await expect(gqa.forward([{ seq: 0, tokens: [3] }])).rejects.toThrow(/exceed the model length 32/);
+    const [a, b] = [await gqa.forward([{ seq: 1, tokens: [9] }]), await native.forward([{ seq: 1, tokens: [9] }])];
+    expect(Math.max(...a.logits[0].map((v, i) => Math.abs(v - b.logits[0][i])))).toBeLessThan(1e-4);
+    expect(gqa.cachedLength(0)).toBe(32);
+    await gqa.release();
+    await native.release();
+  });
+
   it('serves through the engine: concurrent requests each give their solo tokens', async () => {
     const modelDir = gqaModel();
     const base = { modelDir, device: { kind: 'cpu' as const }, threads: 1, maxNumSeqs: 4, maxNumBatchedTokens: 64, maxModelLen: 256, kvCacheBytes: 2 ** 24, runner: 'gqa' as const };

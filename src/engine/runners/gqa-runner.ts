@@ -106,7 +106,10 @@ export class GqaRunner implements ModelRunner {
     return { top, runSeconds };
   }
 
-  /** Runs the rows (single tokens together, each prompt chunk alone); `take` receives each row's output. k = 0: full logits. */
+  /**
+   * Runs the rows: single tokens together, first prompts on neighbouring slots together, other chunks alone. `take`
+   * receives each row's output; k = 0: full logits.
+   */
   private async run(rows: ForwardRow[], take: (i: number, out: PassOutput) => void, k: number): Promise<number> {
     if (this.released) throw new Error('the runner has been released');
     const seen = new Set<number>();
@@ -125,7 +128,9 @@ export class GqaRunner implements ModelRunner {
       const B = Math.max(...slots) + 1;
       const ids = new BigInt64Array(B);
       single.forEach(({ r }, j) => (ids[slots[j]] = BigInt(r.tokens[0])));
-      const lengths = Array.from(this.lengthOfSlot.subarray(0, B));
+      // A full slot not in the pass (it can take no token) writes its placeholder over its own last position.
+      const lengths = Array.from(this.lengthOfSlot.subarray(0, B), (len) => Math.min(len, this.maxLen - 1));
+      for (let j = 0; j < single.length; j++) lengths[slots[j]] = this.open_.get(single[j].r.seq)!.length;
       const out = await this.pass(ids, 1, 0, lengths, new Array<number>(B).fill(1), k);
       seconds += out.seconds;
       single.forEach(({ r, i }, j) => {
