@@ -86,7 +86,7 @@ async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): 
  * the library has it, else on the CPU; its KV cache, a slot of maxModelLen positions per sequence, allocated whole
  * from the session's allocator.
  */
-function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner: GqaRunner; device: string } {
+function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner: GqaRunner; device: string; note?: string } {
   const fail = (why: string) => new EngineOptionError('runner', `gqa: ${why}`);
   const bytes = fs.readFileSync(folder.onnxPath);
   const meta = readModelMetadata(bytes);
@@ -134,7 +134,8 @@ function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner:
   }
   const topLogits = Math.min(TOP_LOGITS, folder.config.vocab_size);
   const runner = new GqaRunner(binding, session, buffers, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, graphDtype, topLogits, batchFirstPrompts: !onCuda });
-  return { runner, device: onCuda ? `cuda:${deviceId}` : 'cpu' };
+  const note = options.device.kind === 'auto' && cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined;
+  return { runner, device: onCuda ? `cuda:${deviceId}` : 'cpu', note };
 }
 
 /**
