@@ -37,8 +37,8 @@ const { dir } = resolveModel(values.model, (m) => console.log(m));
 const name = path.basename(dir);
 const tokensOf = (i: number) => (values.spread ? Math.max(2, Math.round(maxTokens * (0.5 + ((i * 37) % 101) / 100))) : maxTokens);
 const body = (i: number) => ({ model: name, prompt: [1, ...Array.from({ length: 15 }, (_, j) => 3 + ((i * 31 + j * 17) % 500))], max_tokens: tokensOf(i), ignore_eos: true, temperature: 0 });
-const a = await startServerProcess(dir, ['--served-model-name', name, ...flags(values['a-flags'])], values['a-root']);
-const b = await startServerProcess(dir, ['--served-model-name', name, ...flags(values['b-flags'])], values['b-root']);
+const a = await startServerProcess(dir, ['--served-model-name', name, ...flags(values['a-flags'])], { root: values['a-root'] });
+const b = await startServerProcess(dir, ['--served-model-name', name, ...flags(values['b-flags'])], { root: values['b-root'] });
 try {
   for (const s of [a, b]) await streamLoad(s.url, body, 4, 8);
   console.log(`A: ${values['a-root']} ${values['a-flags']}\nB: ${values['b-root']} ${values['b-flags']}`);

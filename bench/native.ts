@@ -17,19 +17,14 @@
  * Bursts: 32 requests sent together to an idle server, their TTFT p50 against the floor, one batched prefill of the 32
  * prompts, as the prefill device-seconds the server measured for them (its /metrics), and against the decode time.
  */
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
 import { resolveModel } from '../src/model/resolve.ts';
 import { engineLoop, randomShapeModel } from './lib.ts';
+import { peakRssMb, startServerProcess } from './server-process.ts';
 import type { QuantChoice } from '../src/model/convert.ts';
 import { loadRunner } from '../src/engine/runners/load.ts';
 import { loadModelFolder } from '../src/model/folder.ts';
 
-const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const arg = (name: string, fallback: string) => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? process.argv[i + 1] : fallback;
@@ -46,15 +41,6 @@ function modelDir(name: string): string {
   return resolveModel(name).dir;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
 interface Server {
   url: string;
   pid: number;
@@ -62,44 +48,18 @@ interface Server {
   stop: () => Promise<void>;
 }
 
+/** A server with --trace-gc, its pauses summed ("... Scavenge 5.1 (6.0) -> 4.2 (7.0) MB, pooled: 0 MB, 0.52 / 0.00 ms ..."). */
 async function startServer(model: string, runner: string): Promise<Server> {
-  const port = await freePort();
-  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-bench-native-'));
-  const args = ['--trace-gc', path.join(ROOT, 'bin/tally.js'), 'serve', '--model', model, '--port', String(port), '--log-level', 'warn', '--data-dir', dataDir, '--runner', runner, '--max-num-seqs', '32'];
-  if (threads) args.push('--threads', threads);
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   let gc = 0;
-  let buffered = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buffered += d.toString();
-    const lines = buffered.split('\n');
-    buffered = lines.pop()!;
-    for (const line of lines) {
-      // "... Scavenge 5.1 (6.0) -> 4.2 (7.0) MB, pooled: 0 MB, 0.52 / 0.00 ms ..."
+  const extra = ['--runner', runner, '--max-num-seqs', '32', ...(threads ? ['--threads', threads] : [])];
+  const server = await startServerProcess(model, extra, {
+    nodeArgs: ['--trace-gc'],
+    onStdoutLine: (line) => {
       const m = / ([\d.]+) \/ ([\d.]+) ms/.exec(line);
       if (m) gc += Number(m[1]);
-    }
+    },
   });
-  const url = `http://127.0.0.1:${port}`;
-  const stop = () => new Promise<void>((resolve) => {
-    if (child.exitCode !== null) return resolve();
-    child.once('exit', () => resolve());
-    child.kill('SIGTERM');
-  });
-  for (let i = 0; i < 1200; i++) {
-    if (child.exitCode !== null) throw new Error(`tally serve --runner ${runner} exited with code ${child.exitCode}`);
-    try {
-      if ((await fetch(`${url}/health`)).ok) return { url, pid: child.pid!, gcMs: () => gc, stop };
-    } catch {}
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  await stop();
-  throw new Error('tally serve did not become healthy');
-}
-
-function peakRssMb(pid: number): number {
-  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) / 1024;
+  return { ...server, gcMs: () => gc };
 }
 
 const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });

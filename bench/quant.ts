@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { streamLoad } from './http-load.ts';
-import { startServerProcess } from './server-process.ts';
+import { peakRssMb, startServerProcess } from './server-process.ts';
 import type { QuantChoice } from '../src/model/convert.ts';
 import { engineLoop, randomShapeModel } from './lib.ts';
 
@@ -18,12 +18,6 @@ const median = (x: number[]) => [...x].sort((a, b) => a - b)[Math.floor(x.length
 
 function onnxDataMb(dir: string): number {
   return fs.statSync(path.join(dir, 'onnx', 'model.onnx_data')).size / 2 ** 20;
-}
-
-/** The peak resident set of a process (VmHWM), in MiB. */
-function peakRssMb(pid: number): number {
-  const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) / 1024 : NaN;
 }
 
 const prompt = (i: number) => [1, ...Array.from({ length: 15 }, (_, j) => 100 + ((i * 31 + j * 17) % 4000))];
