@@ -93,7 +93,7 @@ export function knownDecoding(tokenizerJson: { decoder?: DecoderConfig; model?: 
 }
 
 /** The library's test for a byte token, parseInt's leniency included. */
-function byteOf(piece: string): number | undefined {
+export function byteOf(piece: string): number | undefined {
   if (piece.length !== 6 || !piece.startsWith('<0x') || !piece.endsWith('>')) return undefined;
   const byte = parseInt(piece.slice(3, 5), 16);
   return Number.isNaN(byte) ? undefined : byte;

@@ -9,7 +9,7 @@
  * constrained output always ends complete within max_tokens.
  */
 import type { TextTokenizer } from '../../model/tokenizer.ts';
-import { unicodeToByte } from '../../model/stream-decoder.ts';
+import { byteOf, unicodeToByte } from '../../model/stream-decoder.ts';
 import type { GrammarNode, OutputConstraint } from '../protocol.ts';
 
 const enum F { Value, Lit, Str, Num, ObjFirst, ObjKeyStart, Key, ObjAfter, ArrFirst, ArrAfter, Space }
@@ -369,8 +369,9 @@ export function tokenBytes(tokenizer: TextTokenizer, vocabSize: number): (Uint8A
       // Added tokens are written as they are (their content need not be in the byte alphabet).
       out[id] = ok ? Uint8Array.from(bytes) : enc.encode(piece);
     } else if (kind === 'sentencepiece') {
-      const m = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
-      out[id] = m ? Uint8Array.of(parseInt(m[1], 16)) : enc.encode(piece.replaceAll('\u2581', ' '));
+      const text = piece.replaceAll('\u2581', ' ');
+      const byte = byteOf(text);
+      out[id] = byte !== undefined ? Uint8Array.of(byte) : enc.encode(text);
     } else {
       out[id] = enc.encode(tokenizer.decode([id], { skipSpecialTokens: false }));
     }
@@ -396,6 +397,8 @@ export class GrammarMatcher {
   budget = Infinity;
 
   private readonly table: TokenTable;
+  /** apply()'s mask, reused from token to token. */
+  private scratch?: Uint8Array;
 
   constructor(private readonly g: CompiledGrammar, private readonly eosIds: readonly number[]) {
     this.table = g.table;
@@ -425,13 +428,6 @@ export class GrammarMatcher {
     return this.states.some((s) => canEnd(s));
   }
 
-  /** Fewest bytes to close the output from here. */
-  get minRemaining(): number {
-    let best = Infinity;
-    for (const s of this.states) best = Math.min(best, s?.min ?? 0);
-    return best;
-  }
-
   allows(token: number): boolean {
     if (this.eosIds.includes(token)) return this.complete;
     const bytes = this.table.bytes[token];
@@ -443,7 +439,8 @@ export class GrammarMatcher {
 
   /** Sets the logits of every token not allowed to -Infinity; throws NoTokenAllowed when none is. */
   apply(row: Float32Array): void {
-    const allowed = this.mask();
+    this.scratch ??= new Uint8Array(this.table.bytes.length);
+    const allowed = this.mask(this.scratch);
     let any = false;
     for (let i = 0; i < allowed.length; i++) {
       if (allowed[i]) any = true;
@@ -452,15 +449,15 @@ export class GrammarMatcher {
     if (!any) throw new NoTokenAllowed();
   }
 
-  /** 1 for each allowed token (the vocabulary of the token table). */
-  mask(): Uint8Array {
-    return this.stringMask() ?? this.walkMask();
+  /** 1 for each allowed token (the vocabulary of the token table), into `out` when given. */
+  mask(out?: Uint8Array): Uint8Array {
+    return this.stringMask(out) ?? this.walkMask(out);
   }
 
   /** The mask by walking the whole trie (what mask() gives everywhere, also where it takes a shortcut). */
-  walkMask(): Uint8Array {
+  walkMask(out?: Uint8Array): Uint8Array {
     const t = this.table;
-    const allowed = new Uint8Array(t.bytes.length);
+    const allowed = out ? out.fill(0) : new Uint8Array(t.bytes.length);
     if (this.complete) for (const e of this.eosIds) if (e < allowed.length) allowed[e] = 1;
     const budget = this.budget;
     const walk = (node: number, states: State[]): void => {
@@ -479,7 +476,7 @@ export class GrammarMatcher {
    * The mask inside a string, between characters, from the table's string sets, without walking the trie;
    * undefined elsewhere.
    */
-  private stringMask(): Uint8Array | undefined {
+  private stringMask(out?: Uint8Array): Uint8Array | undefined {
     if (this.states.length !== 1) return undefined;
     const s = this.states[0];
     if (s === null || s.f.k !== F.Str || s.f.utf !== U_NONE || s.f.esc !== 0) return undefined;
@@ -488,13 +485,13 @@ export class GrammarMatcher {
     const { minLength, maxLength } = this.g.nodes[s.f.node] as Extract<GrammarNode, { kind: 'string' }>;
     let allowed: Uint8Array;
     if (s.min + 3 <= this.budget && maxLength === null) {
-      allowed = safeMask.slice();
+      allowed = out ? (out.set(safeMask), out) : safeMask.slice();
     } else {
       // What closes after the token: the rest of the stack, the pending bytes, the characters still short of minLength, the quote.
       const below = s.min - this.g.frameMin(s.f);
       const count = s.f.count;
       const max = maxLength ?? Infinity;
-      allowed = new Uint8Array(safe.length);
+      allowed = out ? out.fill(0) : new Uint8Array(safe.length);
       for (let i = 0; i < safe.length; i++) {
         if (safe[i] === 0) continue;
         const pending = safe[i] - 1;

@@ -138,7 +138,7 @@ function topIndices(row: Float32Array, n: number, k: number): Int32Array {
 }
 
 /** Index of the largest logit in row[0, V), NaN never winning; throws when none is finite or +Infinity. */
-function argmaxOf(row: Float32Array, V: number): number {
+function argmaxOf(row: Float32Array, V: number, none = 'sampler: every logit is -Infinity or NaN'): number {
   let m = -Infinity;
   let argmax = -1;
   for (let i = 0; i < V; i++) {
@@ -148,7 +148,7 @@ function argmaxOf(row: Float32Array, V: number): number {
       argmax = i;
     }
   }
-  if (argmax < 0) throw new Error('sampler: every logit is -Infinity or NaN');
+  if (argmax < 0) throw new Error(none);
   return argmax;
 }
 
@@ -281,28 +281,14 @@ export class SequenceSampler {
       mask.apply(row);
     }
 
-    let m = -Infinity;
-    let argmax = -1;
-    for (let i = 0; i < V; i++) {
-      if (row[i] > m) {
-        m = row[i];
-        argmax = i;
-      }
-    }
-    if (argmax < 0) throw new Error('sampler: every logit is -Infinity or NaN after penalties and banned tokens');
+    let argmax = argmaxOf(row, V, 'sampler: every logit is -Infinity or NaN after penalties and banned tokens');
+    let m = row[argmax];
 
     let token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, u);
     if (mask !== undefined && !mask.maskFirst && !mask.allows(token)) {
       mask.apply(row);
-      m = -Infinity;
-      argmax = -1;
-      for (let i = 0; i < V; i++) {
-        if (row[i] > m) {
-          m = row[i];
-          argmax = i;
-        }
-      }
-      if (argmax < 0) throw new Error('sampler: no allowed token has a finite logit');
+      argmax = argmaxOf(row, V, 'sampler: no allowed token has a finite logit');
+      m = row[argmax];
       token = p.temperature < GREEDY_TEMPERATURE ? argmax : this.draw(row, m, this.rng.nextFloat());
     }
 

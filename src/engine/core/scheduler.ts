@@ -27,6 +27,8 @@ interface Sequence {
   cancelled: boolean;
   /** The request's place in its output grammar (constrained requests only). */
   grammar?: GrammarMatcher;
+  /** EOS and stop_token_ids, banned until min_tokens (made once, at the first sample that needs it). */
+  earlyBanned?: readonly number[];
 }
 
 /**
@@ -317,7 +319,7 @@ export class Scheduler {
   /** Tokens the next sample of `s` may not be: EOS under ignore_eos, EOS and stop_token_ids before min_tokens. */
   private bannedFor(s: Sequence): readonly number[] {
     const req = s.req;
-    if (s.output.length < req.minTokens) return [...this.eosIds, ...req.stopTokenIds];
+    if (s.output.length < req.minTokens) return (s.earlyBanned ??= [...this.eosIds, ...req.stopTokenIds]);
     return req.ignoreEos ? this.eosIds : NO_TOKENS;
   }
 

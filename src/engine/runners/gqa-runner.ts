@@ -88,7 +88,8 @@ export class GqaRunner implements ModelRunner {
 
   async forward(rows: ForwardRow[]): Promise<ForwardResult> {
     const logits: Float32Array[] = new Array(rows.length);
-    const runSeconds = await this.run(rows, (i, out) => (logits[i] = out.logits!.slice(out.row * this.vocabSize, (out.row + 1) * this.vocabSize)), 0);
+    // Each pass's logits are a fresh array: the rows can be views of it.
+    const runSeconds = await this.run(rows, (i, out) => (logits[i] = out.logits!.subarray(out.row * this.vocabSize, (out.row + 1) * this.vocabSize)), 0);
     return { logits, runSeconds };
   }
 
