@@ -277,7 +277,6 @@ function write(file: string, text: string): void {
   writeFileSync(file, text);
 }
 
-/** `tally bench`; returns the exit code. */
 /** `tally bench compare A.json B.json [--json FILE] [--html FILE]`. */
 async function runCompareCommand(argv: string[], io: BenchIo): Promise<number> {
   let values;

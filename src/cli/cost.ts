@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { defaultDataDir } from '../config/serve-config.ts';
-import { ledgerRowReport, perMillion, prefixHitRate } from '../meter/cost-math.ts';
+import { ledgerRowReport } from '../meter/cost-math.ts';
 import { parseDuration } from '../meter/cost-report.ts';
 import { LEDGER_FILE, Ledger, type LedgerGroup, type LedgerRow } from '../meter/ledger.ts';
 
@@ -97,10 +97,6 @@ function usage(io: Io, message: string): number {
   return 2;
 }
 
-
-
-/** Of the prompt tokens, the share the prefix cache held; null without prompt tokens. */
-
 function usd(x: number | null): string {
   if (x === null) return '-';
   return x >= 1 ? x.toFixed(2) : x.toPrecision(3);
@@ -109,21 +105,21 @@ function usd(x: number | null): string {
 function table(by: LedgerGroup, rows: LedgerRow[], total: LedgerRow): string {
   const head = [by.toUpperCase(), 'REQUESTS', 'CANCELLED', 'PROMPT TOK', 'CACHED TOK', 'HIT RATE', 'COMPL TOK', 'PREFILL DEV-S', 'DECODE DEV-S', 'USD USAGE', 'USD ALLOC', '$/M USAGE', '$/M ALLOC'];
   const line = (r: LedgerRow) => {
-    const tokens = r.promptTokens + r.completionTokens;
+    const j = ledgerRowReport(r);
     return [
-      r.key,
-      String(r.requests),
-      String(r.cancelled),
-      String(r.promptTokens),
-      String(r.cachedTokens),
-      prefixHitRate(r) === null ? '-' : `${(prefixHitRate(r)! * 100).toFixed(1)}%`,
-      String(r.completionTokens),
-      r.prefillDeviceSeconds.toFixed(3),
-      r.decodeDeviceSeconds.toFixed(3),
-      usd(r.usdUsage),
-      usd(r.usdAllocation),
-      usd(perMillion(r.usdUsage, tokens)),
-      usd(perMillion(r.usdAllocation, tokens)),
+      j.key,
+      String(j.requests),
+      String(j.cancelled),
+      String(j.prompt_tokens),
+      String(j.cached_prompt_tokens),
+      j.prefix_cache_hit_rate === null ? '-' : `${(j.prefix_cache_hit_rate * 100).toFixed(1)}%`,
+      String(j.completion_tokens),
+      j.device_seconds.prefill.toFixed(3),
+      j.device_seconds.decode.toFixed(3),
+      usd(j.usd.usage),
+      usd(j.usd.allocation),
+      usd(j.usd_per_million_tokens.usage),
+      usd(j.usd_per_million_tokens.allocation),
     ];
   };
   const body = [head, ...rows.map(line), line(total)];

@@ -5,6 +5,7 @@
  */
 import { z } from 'zod';
 import { type AttentionMode, type DeviceSpec, ENGINE_DEFAULTS, EngineOptionError, type EngineOptions, type KvCacheDtype, type RunnerChoice } from '../engine/protocol.ts';
+import { TOOL_CALL_PARSERS } from '../server/tool-calls.ts';
 
 const GIB = 2 ** 30;
 
@@ -80,7 +81,7 @@ export const SERVE_OPTIONS = {
   dataDir: { flag: 'data-dir', arg: 'DIR', env: 'TALLY_DATA_DIR', schema: z.string().min(1), default: '.tally', help: 'ledger location' },
   logLevel: { flag: 'log-level', arg: 'LEVEL', schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']), default: 'info', help: 'fatal, error, warn, info, debug, trace or silent' },
   logFormat: { flag: 'log-format', arg: 'pretty|json', schema: z.enum(['pretty', 'json']), defaultText: 'pretty on a terminal, else json', help: 'log lines for people or for a log collector' },
-  toolCallParser: { flag: 'tool-call-parser', arg: 'hermes|llama3_json|mistral', schema: z.enum(['hermes', 'llama3_json', 'mistral']), defaultText: "the chat template's format (hermes when it names none)", help: 'how tool calls are read from the output and forced: <tool_call>{...}</tool_call>, a Llama 3 JSON call, or [TOOL_CALLS][...]' },
+  toolCallParser: { flag: 'tool-call-parser', arg: TOOL_CALL_PARSERS.join('|'), schema: z.enum(TOOL_CALL_PARSERS), defaultText: "the chat template's format (hermes when it names none)", help: 'how tool calls are read from the output and forced: <tool_call>{...}</tool_call>, a Llama 3 JSON call, or [TOOL_CALLS][...]' },
   noMeter: { flag: 'no-meter', schema: z.boolean(), default: false, help: "no cost meter, ledger or cost metrics (to measure the meter's overhead)" },
 } satisfies Record<string, Option>;
 

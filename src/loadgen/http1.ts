@@ -239,14 +239,17 @@ export class ConnectionPool {
     if (this.reusedOk === 0 && this.closedByServer >= 2) this.keepAlive = false;
   }
 
-  constructor(readonly origin: string) {}
+  private readonly url: URL;
+
+  constructor(readonly origin: string) {
+    this.url = new URL(origin);
+  }
 
   /**
    * Sends a request: on an idle connection (most recently used first) unless `fresh`, else on a new one.
    * Returns a function that aborts it (destroys its connection).
    */
   request(path: string, method: string, headers: Record<string, string | number>, body: string | undefined, exchange: Exchange, fresh = false): () => void {
-    const url = new URL(this.origin);
     let conn: Connection | undefined;
     if (!this.keepAlive) fresh = true;
     while (!fresh && !conn && this.idle.length > 0) {
@@ -255,12 +258,12 @@ export class ConnectionPool {
       else c.destroy();
     }
     if (!conn) {
-      conn = new Connection(url, this);
+      conn = new Connection(this.url, this);
       this.all.add(conn);
       this.opened++;
     } else this.reused++;
     const payload = body === undefined ? undefined : Buffer.from(body);
-    let head = `${method} ${path} HTTP/1.1\r\nHost: ${url.host}\r\nConnection: keep-alive\r\n`;
+    let head = `${method} ${path} HTTP/1.1\r\nHost: ${this.url.host}\r\nConnection: keep-alive\r\n`;
     for (const [k, v] of Object.entries(headers)) head += `${k}: ${v}\r\n`;
     if (payload && !('content-length' in headers)) head += `content-length: ${payload.length}\r\n`;
     head += '\r\n';

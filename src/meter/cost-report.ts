@@ -1,4 +1,4 @@
-import { HOURS_PER_MONTH } from './cost-math.ts';
+import { HOURS_PER_MONTH, prefixHitRate } from './cost-math.ts';
 import { type CostMeter, type WindowTotals, unitCosts } from './meter.ts';
 import { type ApiQuote, DEFAULT_API_MODELS, quoteApi } from './prices.ts';
 import type { Pricing } from './types.ts';
@@ -78,7 +78,7 @@ export function buildCostReport(t: WindowTotals, pricing: Pricing, options: Cost
     cancelled: t.cancelled,
     tokens: { prompt: t.promptTokens, cached_prompt: cached, completion: t.completionTokens, total: tokens },
     /** Of the prompt tokens, the share whose keys and values came from the prefix cache (no prefill). */
-    prefix_cache: { hit_rate: t.promptTokens > 0 ? cached / t.promptTokens : null },
+    prefix_cache: { hit_rate: prefixHitRate({ promptTokens: t.promptTokens, cachedTokens: cached }) },
     device_seconds: {
       prefill: t.prefillDeviceSeconds,
       decode: t.decodeDeviceSeconds,

@@ -189,12 +189,12 @@ export class CostMeter implements RequestMeter {
     this.metrics?.setLiveSource(() => this.live());
   }
 
-  /** USD per device-hour now: the device price plus measured power at the power price. */
   /** The prices now (power, where measured, moves the hourly rate). */
   pricing(): Pricing {
     return { devices: this.devices, devicePriceUsdPerHour: this.devicePriceUsdPerHour, usdPerDeviceHour: this.usdPerDeviceHour() };
   }
 
+  /** USD per device-hour now: the device price plus measured power at the power price. */
   usdPerDeviceHour(): number {
     const power = this.powerPriceUsdPerKwh !== undefined && this.watts !== undefined ? ((this.watts / 1000) * this.powerPriceUsdPerKwh) / this.devices : 0;
     return this.devicePriceUsdPerHour + power;

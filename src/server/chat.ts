@@ -56,11 +56,14 @@ export function chatHandler(state: ServerState) {
         if (readCalls) {
           let p = streamParsers.get(c.index);
           if (!p) streamParsers.set(c.index, (p = new ToolCallParser(parser)));
-          const a = p.push(e.text);
-          const b = e.finish ? p.finish() : { content: '', deltas: [] };
-          text = a.content + b.content;
-          const deltas = [...a.deltas, ...b.deltas];
-          if (deltas.length > 0) calls = deltas;
+          const out = p.push(e.text);
+          if (e.finish) {
+            const rest = p.finish();
+            out.content += rest.content;
+            out.deltas.push(...rest.deltas);
+          }
+          text = out.content;
+          if (out.deltas.length > 0) calls = out.deltas;
           sawCalls = p.sawCalls;
         }
         if (!e.finish && text === '' && !calls && !withLogprobs) return undefined;

@@ -9,8 +9,8 @@ import { badRequest } from './errors.ts';
 import type { Tool } from './schemas.ts';
 import { GrammarBuilder } from './structured-output.ts';
 
-export type ToolCallParserName = 'hermes' | 'llama3_json' | 'mistral';
-export const TOOL_CALL_PARSERS: readonly ToolCallParserName[] = ['hermes', 'llama3_json', 'mistral'];
+export const TOOL_CALL_PARSERS = ['hermes', 'llama3_json', 'mistral'] as const;
+export type ToolCallParserName = (typeof TOOL_CALL_PARSERS)[number];
 
 /** The parser a chat template's own tool-call format needs; Hermes when the template says nothing. */
 export function parserForTemplate(template: string | undefined): ToolCallParserName {
@@ -137,9 +137,9 @@ export class ToolCallParser {
     let content = '';
     this.buf += text;
     for (let guard = 0; guard < 1_000_000; guard++) {
-      const before = this.buf.length + this.mode;
+      const [length, mode] = [this.buf.length, this.mode];
       content += this.advance(deltas, false);
-      if (this.buf.length + this.mode === before) break;
+      if (this.buf.length === length && this.mode === mode) break;
     }
     return { content, deltas };
   }

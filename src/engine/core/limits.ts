@@ -7,6 +7,11 @@ export function kvBytesPerToken(config: LlamaConfig, elementBytes = 4): number {
   return config.num_hidden_layers * 2 * config.num_key_value_heads * headDim(config) * elementBytes;
 }
 
+/** KV capacity in tokens: `kvCacheTokens` when given, else what fits in `kvCacheBytes`. */
+export function kvCapacityTokens(config: LlamaConfig, size: { kvCacheTokens?: number; kvCacheBytes: number }, elementBytes: number): number {
+  return size.kvCacheTokens ?? Math.floor(size.kvCacheBytes / kvBytesPerToken(config, elementBytes));
+}
+
 /** The scheduler's limits for this model, or an error that says which limit is out of range. */
 export function resolveLimits(folder: ModelFolder, options: EngineOptions, kvElementBytes = 4): SchedulerLimits {
   const modelMax = folder.config.max_position_embeddings;
@@ -15,7 +20,7 @@ export function resolveLimits(folder: ModelFolder, options: EngineOptions, kvEle
   if (options.maxNumBatchedTokens < options.maxNumSeqs) {
     throw new EngineOptionError('maxNumBatchedTokens', `${options.maxNumBatchedTokens} must be at least the sequences decoded together (${options.maxNumSeqs})`);
   }
-  const kvCapacityTokens = options.kvCacheTokens ?? Math.floor(options.kvCacheBytes / kvBytesPerToken(folder.config, kvElementBytes));
-  if (kvCapacityTokens < 2) throw new EngineOptionError(options.kvCacheTokens === undefined ? 'kvCacheBytes' : 'kvCacheTokens', 'leaves room for fewer than 2 tokens in the KV cache');
-  return { maxNumSeqs: options.maxNumSeqs, maxNumBatchedTokens: options.maxNumBatchedTokens, maxModelLen, kvCapacityTokens };
+  const capacity = kvCapacityTokens(folder.config, options, kvElementBytes);
+  if (capacity < 2) throw new EngineOptionError(options.kvCacheTokens === undefined ? 'kvCacheBytes' : 'kvCacheTokens', 'leaves room for fewer than 2 tokens in the KV cache');
+  return { maxNumSeqs: options.maxNumSeqs, maxNumBatchedTokens: options.maxNumBatchedTokens, maxModelLen, kvCapacityTokens: capacity };
 }

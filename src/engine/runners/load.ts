@@ -7,7 +7,7 @@ import { encodeModel, readInitializers, readModelMetadata } from '../../model/on
 import { buildLlamaParts } from '../../model/llama-parts.ts';
 import type { LlamaConfig } from '../../model/types.ts';
 import { linearFlopsPerToken, modelShape } from '../../meter/attribution.ts';
-import { kvBytesPerToken } from '../core/limits.ts';
+import { kvBytesPerToken, kvCapacityTokens } from '../core/limits.ts';
 import { type AttentionMode, ENGINE_DEFAULTS, EngineOptionError, type KvCacheDtype, type RunnerChoice } from '../protocol.ts';
 import { isPlainGraph, isTallyGraph } from './graph-io.ts';
 import { loadAttentionAddon } from './native-attention.ts';
@@ -46,11 +46,14 @@ export interface RunnerOptions extends SessionOptions {
   ortLibrary?: string;
 }
 
+/** The options with the intra-op thread count decided (loadRunner). */
+type ResolvedRunnerOptions = RunnerOptions & { threads: number };
+
 /**
  * A Tally graph on the CPU cut at its attention, each pass run whole in native code (native/ort); undefined (with
  * why) where that path does not apply.
  */
-async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: NativeRunner; reason?: string; note?: string; broken?: boolean }> {
+async function createNativeRunner(folder: ModelFolder, options: ResolvedRunnerOptions): Promise<{ runner?: NativeRunner; reason?: string; note?: string; broken?: boolean }> {
   if (options.runner === 'js') return {};
   const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
   const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
@@ -65,8 +68,8 @@ async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): 
   if ('reason' in opened) return { reason: opened.reason, broken: true };
   const { binding } = opened;
   const kvDtype = options.kvCacheDtype ?? 'float16';
-  const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
-  const threads = options.threads && options.threads > 0 ? options.threads : os.availableParallelism();
+  const kvTokens = kvCapacityTokens(folder.config, { kvCacheTokens: options.kvCacheTokens, kvCacheBytes: options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes }, kvDtype === 'float16' ? 2 : 4);
+  const threads = options.threads;
   const parts: NativeSession[] = [];
   try {
     for (const spec of buildLlamaParts(folder.config, readInitializers(bytes))) {
@@ -86,7 +89,7 @@ async function createNativeRunner(folder: ModelFolder, options: RunnerOptions): 
  * the library has it, else on the CPU; its KV cache, a slot of maxModelLen positions per sequence, allocated whole
  * from the session's allocator.
  */
-function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner: GqaRunner; device: string; note?: string } {
+function createGqaRunner(folder: ModelFolder, options: ResolvedRunnerOptions): { runner: GqaRunner; device: string; note?: string } {
   const fail = (why: string) => new EngineOptionError('runner', `gqa: ${why}`);
   const bytes = fs.readFileSync(folder.onnxPath);
   const meta = readModelMetadata(bytes);
@@ -142,7 +145,7 @@ function createGqaRunner(folder: ModelFolder, options: RunnerOptions): { runner:
  * A Tally graph on the CPU cut at its attention, which runs in native/attention over a paged cache; undefined
  * (with why, when the caller asked for it) where that path does not apply.
  */
-async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): Promise<{ runner?: PagedRunner; reason?: string; note?: string }> {
+async function createPagedRunner(folder: ModelFolder, options: ResolvedRunnerOptions): Promise<{ runner?: PagedRunner; reason?: string; note?: string }> {
   const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
   const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
   if (options.attention === 'onnx' || !onCpu) return {};
@@ -153,7 +156,7 @@ async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): P
   const addon = loadAttentionAddon();
   if ('reason' in addon) return { reason: addon.reason };
   const kvDtype = options.kvCacheDtype ?? 'float16';
-  const kvTokens = options.kvCacheTokens ?? Math.floor((options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes) / kvBytesPerToken(folder.config, kvDtype === 'float16' ? 2 : 4));
+  const kvTokens = kvCapacityTokens(folder.config, { kvCacheTokens: options.kvCacheTokens, kvCacheBytes: options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes }, kvDtype === 'float16' ? 2 : 4);
   const sessionOptions = baseSessionOptions(options);
   sessionOptions.extra = { session: { ...(sessionOptions.extra as { session: object }).session, model_external_initializers_file_folder_path: path.dirname(folder.onnxPath) } };
   sessionOptions.executionProviders = ['cpu'];
@@ -166,7 +169,7 @@ async function createPagedRunner(folder: ModelFolder, options: RunnerOptions): P
     for (const p of parts) await p.release();
     throw err;
   }
-  addon.binding.threads(options.threads && options.threads > 0 ? options.threads : os.availableParallelism());
+  addon.binding.threads(options.threads);
   const runner = new PagedRunner(parts, folder.config, addon.binding, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype, prefixCache: options.prefixCache ?? true });
   return { runner, note: cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined };
 }
