@@ -67,7 +67,7 @@ export function readCheckpoint(input: string, options: ConvertOptions = {}): Che
 function tieIfIdentical(ckpt: Checkpoint): void {
   const head = ckpt.weights.get('lm_head.weight');
   const embed = ckpt.weights.get('model.embed_tokens.weight');
-  if (!head || !embed || head.data.length !== embed.data.length) return;
+  if (!head || !embed || head.shape.join() !== embed.shape.join()) return;
   for (let i = 0; i < head.data.length; i++) if (head.data[i] !== embed.data[i]) return;
   ckpt.weights.delete('lm_head.weight');
   ckpt.config.tie_word_embeddings = true;

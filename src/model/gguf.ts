@@ -453,15 +453,22 @@ export function ggufToCheckpoint(path: string): Checkpoint {
     const shape = expected.get(name);
     if (!shape) throw new Error(`${path}: unexpected tensor ${t.name}`);
     if (shape.join() !== t.shape.join()) throw new Error(`${path}: ${t.name} is [${t.shape}], expected [${shape}]`);
-    let data = g.tensorData(t.name);
     let nbits = shape.length === 2 && (t.type === GgmlType.Q4_0 || t.type === GgmlType.Q8_0) ? nbitsFromGgml(t.type, g.tensorBytes(t), shape[0], shape[1]) : undefined;
     // GGUF qwen2 keeps HF's rotate-half order (llama.cpp runs it with NEOX RoPE); llama is interleaved.
     const qk = arch === 'llama' && /\.(q|k)_proj\./.exec(name)?.[1];
-    if (qk) {
-      data = unpermuteQk(data, qk === 'q' ? heads : kvHeads, headDim, shape.length === 2 ? shape[1] : 1);
-      if (nbits) nbits = permuteRows(nbits, qkRowOrder(qk === 'q' ? heads : kvHeads, headDim));
+    const decode = (): Float32Array => {
+      const data = g.tensorData(t.name);
+      return qk ? unpermuteQk(data, qk === 'q' ? heads : kvHeads, headDim, shape.length === 2 ? shape[1] : 1) : data;
+    };
+    if (qk && nbits) nbits = permuteRows(nbits, qkRowOrder(qk === 'q' ? heads : kvHeads, headDim));
+    const ggml = t.type !== GgmlType.F32 ? { ggml: { type: t.type, ...(nbits && { nbits }) } } : {};
+    if (nbits) {
+      // Blocks kept as they are need no floats: decoded only if something asks (re-quantising to other bits).
+      let floats: Float32Array | undefined;
+      weights.set(name, { shape, get data() { return (floats ??= decode()); }, ...ggml });
+    } else {
+      weights.set(name, { shape, data: decode(), ...ggml });
     }
-    weights.set(name, { shape, data, ...(t.type !== GgmlType.F32 && { ggml: { type: t.type, ...(nbits && { nbits }) } }) });
   }
   for (const name of expected.keys()) if (!weights.has(name)) throw new Error(`${path}: missing tensor for ${name}`);
   return { config, weights, vocab, ...(tokenizer && { tokenizer }) };

@@ -23,8 +23,9 @@ export function quantOptions(choice: QuantChoice | undefined, blockSize = DEFAUL
   if (quantised.length === 0) return undefined;
   let four = 0, all = 0;
   for (const [, t] of quantised) {
-    all += t.data.length;
-    if (targetBits(t, { bits: 8, blockSize, keep: true }) === 4) four += t.data.length;
+    const elements = t.shape.reduce((a, b) => a * b, 1);
+    all += elements;
+    if (targetBits(t, { bits: 8, blockSize, keep: true }) === 4) four += elements;
   }
   return { bits: four * 2 > all ? 4 : 8, blockSize, keep: true };
 }
