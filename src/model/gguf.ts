@@ -1,5 +1,5 @@
 import { readFileSync, writeFileSync } from 'node:fs';
-import { f32ToF16, halfTable } from './half.ts';
+import { bfloat16ToFloat32, f32ToBf16, f32ToF16, float16ToFloat32 } from './half.ts';
 import { GGML_BLOCK as BLOCK, GgmlType, dequantize, ggmlTypeName } from './ggml-quants.ts';
 
 export { GgmlType } from './ggml-quants.ts';
@@ -159,16 +159,10 @@ export function parseGguf(buf: Buffer, label = 'GGUF'): GgufFile {
       switch (t.type) {
         case GgmlType.F32:
           return view(buf, t.offset, n, Float32Array);
-        case GgmlType.F16: {
-          const h = view(buf, t.offset, n, Uint16Array), table = halfTable(), out = new Float32Array(n);
-          for (let i = 0; i < n; i++) out[i] = table[h[i]];
-          return out;
-        }
-        case GgmlType.BF16: {
-          const h = view(buf, t.offset, n, Uint16Array), out = new Uint32Array(n);
-          for (let i = 0; i < n; i++) out[i] = h[i] << 16;
-          return new Float32Array(out.buffer);
-        }
+        case GgmlType.F16:
+          return float16ToFloat32(view(buf, t.offset, n, Uint16Array));
+        case GgmlType.BF16:
+          return bfloat16ToFloat32(view(buf, t.offset, n, Uint16Array));
         default:
           if (t.nbytes === undefined) return fail(`tensor ${name} has ggml ${ggmlTypeName(t.type)}, which this reader can't decode (F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)`);
           return dequantize(t.type, tensorBytes(t), n);
@@ -189,16 +183,6 @@ function view<T extends Float32Array | Uint16Array>(
   return out;
 }
 
-
-const F32 = new Float32Array(1), U32 = new Uint32Array(F32.buffer);
-
-/** float -> IEEE half bits, round to nearest even. */
-function f32ToBf16(x: number): number {
-  F32[0] = x;
-  const b = U32[0];
-  if (Number.isNaN(x)) return (b >>> 16) | 0x40;
-  return (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
-}
 
 /** The shortest decimal that is the same float32, so 1e-5 stored as f32 reads back as 1e-5. */
 function shortestF32(x: number): number {

@@ -17,10 +17,16 @@ export function f16ToF32(h: number): number {
   return halfTable()[h & 0xffff];
 }
 
-export function float16ToFloat32(bits: Uint16Array): Float32Array {
+export function float16ToFloat32(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
   const t = halfTable();
-  const out = new Float32Array(bits.length);
   for (let i = 0; i < bits.length; i++) out[i] = t[bits[i]];
+  return out;
+}
+
+/** bfloat16 bits widened to float32 (exact: the high half of the float's bits). */
+export function bfloat16ToFloat32(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
+  const u = new Uint32Array(out.buffer, out.byteOffset, out.length);
+  for (let i = 0; i < bits.length; i++) u[i] = bits[i] << 16;
   return out;
 }
 
@@ -53,4 +59,12 @@ export function float32ToFloat16(data: Float32Array): Uint16Array {
   const out = new Uint16Array(data.length);
   for (let i = 0; i < data.length; i++) out[i] = f32ToF16(data[i]);
   return out;
+}
+
+/** float32 -> bfloat16 bits, round to nearest even (as torch does); NaN stays NaN. */
+export function f32ToBf16(x: number): number {
+  F32[0] = x;
+  const b = U32[0];
+  if (Number.isNaN(x)) return (b >>> 16) | 0x40;
+  return (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
 }

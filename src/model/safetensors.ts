@@ -1,5 +1,5 @@
 import fs from 'node:fs';
-import { f32ToF16, halfTable } from './half.ts';
+import { bfloat16ToFloat32, f32ToBf16, f32ToF16, float16ToFloat32 } from './half.ts';
 
 /**
  * The safetensors format: an 8-byte little-endian header length, a JSON header mapping each tensor name to
@@ -80,13 +80,8 @@ export function readTensorF32(file: SafetensorsFile, name: string): Float32Array
     } else {
       const bits = new Uint16Array(n);
       readFully(fd, new Uint8Array(bits.buffer), t.begin);
-      if (t.dtype === 'F16') {
-        const table = halfTable();
-        for (let i = 0; i < n; i++) out[i] = table[bits[i]];
-      } else {
-        const u = new Uint32Array(out.buffer);
-        for (let i = 0; i < n; i++) u[i] = bits[i] << 16;
-      }
+      if (t.dtype === 'F16') float16ToFloat32(bits, out);
+      else bfloat16ToFloat32(bits, out);
     }
   } finally {
     fs.closeSync(fd);
@@ -138,15 +133,6 @@ export function writeSafetensors(path: string, tensors: SafetensorsTensorSpec[],
   }
 }
 
-const F32 = new Float32Array(1), U32 = new Uint32Array(F32.buffer);
-
-/** float32 -> bfloat16 bits, round to nearest even (as torch does). */
-export function f32ToBf16(x: number): number {
-  F32[0] = x;
-  const b = U32[0];
-  if (Number.isNaN(x)) return (b >>> 16) | 0x40;
-  return (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
-}
 
 function encode(dtype: SafetensorsDtype, data: Float32Array): Uint8Array {
   if (dtype === 'F32') return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
