@@ -296,10 +296,7 @@ function encode(type: GgmlType, x: Float32Array): Buffer {
   }
 }
 
-/**
- * Reorders q/k projection rows (or biases, cols = 1) per head from the interleaved-pairs RoPE layout
- * (llama2.c, Meta, GGUF llama) to HF's rotate-half layout.
- */
+/** Per head, row i of HF's rotate-half q/k layout is row order[i] of the interleaved-pairs layout. */
 export function qkRowOrder(nHeads: number, headDim: number): number[] {
   const order: number[] = [], half = headDim / 2;
   for (let h = 0; h < nHeads; h++) {
@@ -308,16 +305,14 @@ export function qkRowOrder(nHeads: number, headDim: number): number[] {
   return order;
 }
 
+/**
+ * Reorders q/k projection rows (or biases, cols = 1) per head from the interleaved-pairs RoPE layout
+ * (llama2.c, Meta, GGUF llama) to HF's rotate-half layout.
+ */
 export function unpermuteQk(data: Float32Array, nHeads: number, headDim: number, cols: number): Float32Array {
   if (data.length !== nHeads * headDim * cols) throw new Error(`unpermuteQk: ${data.length} values is not ${nHeads}x${headDim}x${cols}`);
-  const out = new Float32Array(data.length), half = headDim / 2;
-  for (let h = 0; h < nHeads; h++) {
-    for (let j = 0; j < half; j++) {
-      const base = h * headDim;
-      out.set(data.subarray((base + 2 * j) * cols, (base + 2 * j + 1) * cols), (base + j) * cols);
-      out.set(data.subarray((base + 2 * j + 1) * cols, (base + 2 * j + 2) * cols), (base + half + j) * cols);
-    }
-  }
+  const out = new Float32Array(data.length);
+  qkRowOrder(nHeads, headDim).forEach((from, row) => out.set(data.subarray(from * cols, (from + 1) * cols), row * cols));
   return out;
 }
 

@@ -182,11 +182,12 @@ export function nbitsFromGgml(type: GgmlType, bytes: Uint8Array, n: number, k: n
     for (let b = 0; b < n * blocks; b++) {
       const o = b * 18;
       scales[b] = half[bytes[o] | (bytes[o + 1] << 8)];
-      for (let j = 0; j < 16; j++) {
-        // Output byte i holds elements 2i (low) and 2i+1 (high); GGUF byte j holds j (low) and j+16 (high).
-        const e0 = 2 * j, e1 = 2 * j + 1;
-        const code = (e: number) => (e < 16 ? bytes[o + 2 + e] & 0xf : bytes[o + 2 + e - 16] >> 4);
-        packed[b * 16 + j] = code(e0) | (code(e1) << 4);
+      // Output byte i holds elements 2i (low) and 2i+1 (high); GGUF byte j holds j (low) and j+16 (high): bytes
+      // 0-7 take low nibbles, bytes 8-15 the high nibbles, of GGUF bytes 2i and 2i+1.
+      const s = o + 2, p = b * 16;
+      for (let j = 0; j < 8; j++) {
+        packed[p + j] = (bytes[s + 2 * j] & 0xf) | ((bytes[s + 2 * j + 1] & 0xf) << 4);
+        packed[p + 8 + j] = (bytes[s + 2 * j] >> 4) | (bytes[s + 2 * j + 1] & 0xf0);
       }
     }
     return { bits: 4, blockSize: 32, n, k, packed, scales };
