@@ -1,5 +1,4 @@
-import { float32ToFloat16 } from './half.ts';
-import { DataType, type ModelSpec, type TensorSpec, rawBytes } from './onnx-proto.ts';
+import { DataType, type ModelSpec, type TensorSpec } from './onnx-proto.ts';
 import { GraphBuilder, TALLY_GRAPH_VERSION, headNorm, quantLinearOf, ropeTables } from './llama-graph.ts';
 import { type LlamaConfig, headDim } from './types.ts';
 
@@ -33,6 +32,21 @@ function llamaPieces(g: GraphBuilder, config: LlamaConfig, tensors: Map<string, 
   };
   const rmsNorm = (x: string, weight: string): string =>
     g.op1('SimplifiedLayerNormalization', [x, g.tensor(get(weight))], { axis: -1, epsilon: { float: config.rms_norm_eps }, stash_type: 1 });
+  const hasHeadNorms = (l: number) => tensors.has(`model.layers.${l}.self_attn.q_norm.weight`);
+  // The fused projection (and bias) of layer l.
+  const project = (hidden: string, l: number): string => {
+    const p = `model.layers.${l}`;
+    const qkv = linear(rmsNorm(hidden, `${p}.input_layernorm.weight`), `${p}.self_attn.qkv`, H);
+    const bias = tensors.get(`${p}.self_attn.qkv.bias`);
+    return bias ? g.op1('Add', [qkv, g.tensor(bias)]) : qkv;
+  };
+  // Qwen3 normalises q and k per head: the parts are made apart, and joined only where one value is wanted.
+  const qkvParts = (hidden: string, l: number): string[] => {
+    const [q, k, v] = g.op('Split', [project(hidden, l), g.ints([nh * hd, kvh * hd, kvh * hd])], { axis: -1 }, 3);
+    if (!hasHeadNorms(l)) return [q, k, v];
+    const p = `model.layers.${l}.self_attn`;
+    return [headNorm(g, q, g.tensor(get(`${p}.q_norm.weight`)), nh * hd, hd, config.rms_norm_eps), headNorm(g, k, g.tensor(get(`${p}.k_norm.weight`)), kvh * hd, hd, config.rms_norm_eps), v];
+  };
   return {
     /** input_ids [batch, new] → their embeddings [batch × new, H]. */
     embed(): string {
@@ -43,17 +57,11 @@ function llamaPieces(g: GraphBuilder, config: LlamaConfig, tensors: Map<string, 
     },
     /** Layer l's q, k and v of each token [rows, (heads + 2 × kv_heads) × head_dim], as projected (no RoPE). */
     qkv(hidden: string, l: number): string {
-      const p = `model.layers.${l}`;
-      let qkv = linear(rmsNorm(hidden, `${p}.input_layernorm.weight`), `${p}.self_attn.qkv`, H);
-      const bias = tensors.get(`${p}.self_attn.qkv.bias`);
-      if (bias) qkv = g.op1('Add', [qkv, g.tensor(bias)]);
-      const qNorm = tensors.get(`${p}.self_attn.q_norm.weight`);
-      if (qNorm) {
-        const [q, k, v] = g.op('Split', [qkv, g.ints([nh * hd, kvh * hd, kvh * hd])], { axis: -1 }, 3);
-        const kNorm = get(`${p}.self_attn.k_norm.weight`);
-        qkv = g.op1('Concat', [headNorm(g, q, g.tensor(qNorm), nh * hd, hd, config.rms_norm_eps), headNorm(g, k, g.tensor(kNorm), kvh * hd, hd, config.rms_norm_eps), v], { axis: -1 });
-      }
-      return qkv;
+      return hasHeadNorms(l) ? g.op1('Concat', qkvParts(hidden, l), { axis: -1 }) : project(hidden, l);
+    },
+    /** The same as three values, q [rows, heads × head_dim], k and v [rows, kv_heads × head_dim]. */
+    qkvParts(hidden: string, l: number): string[] {
+      return qkvParts(hidden, l);
     },
     /** Layer l from its attention output [rows, heads × head_dim]: the output projection, residuals and MLP. */
     finish(hiddenIn: string, attn: string, l: number): string {
@@ -149,10 +157,8 @@ export function buildLlamaGqaGraph(config: LlamaConfig, tensors: Map<string, Ten
   const rope = ropeTables(config);
   const half = hd / 2;
   const positions = Math.min(maxPositions, rope.cos.length / half);
-  const table = (name: string, values: Float32Array): string =>
-    g.tensor({ name, type: dt, dims: [positions, half], raw: dt === DataType.FLOAT ? rawBytes(values.subarray(0, positions * half)) : rawBytes(float32ToFloat16(values.subarray(0, positions * half))) });
-  const cos = table('rope_cos', rope.cos);
-  const sin = table('rope_sin', rope.sin);
+  const cos = g.weight('rope_cos', rope.cos.subarray(0, positions * half), [positions, half]);
+  const sin = g.weight('rope_sin', rope.sin.subarray(0, positions * half), [positions, half]);
   let hidden = pieces.embed();
   g.inputs.push({ name: 'seqlens_k', type: DataType.INT32, dims: ['batch'] });
   g.inputs.push({ name: 'total_sequence_length', type: DataType.INT32, dims: [] });
@@ -160,7 +166,7 @@ export function buildLlamaGqaGraph(config: LlamaConfig, tensors: Map<string, Ten
   const idsShape = g.op1('Shape', ['input_ids']);
   const batched = (x: string, width: number) => g.op1('Reshape', [x, g.op1('Concat', [idsShape, g.ints([width])], { axis: 0 })]);
   for (let l = 0; l < L; l++) {
-    const [q, k, v] = g.op('Split', [pieces.qkv(hidden, l), g.ints([nh * hd, kvh * hd, kvh * hd])], { axis: -1 }, 3);
+    const [q, k, v] = pieces.qkvParts(hidden, l);
     const cache = (kind: string) => {
       g.inputs.push({ name: `past_${kind}.${l}`, type: dt, dims: ['slots', kvh, 'max_positions', hd] });
       g.outputs.push({ name: `present_${kind}.${l}`, type: dt, dims: ['slots', kvh, 'max_positions', hd] });
