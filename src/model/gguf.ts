@@ -333,6 +333,11 @@ export function hfWeightShapes(config: LlamaConfig): Map<string, number[]> {
       m.set(p + 'self_attn.k_proj.bias', [kv]);
       m.set(p + 'self_attn.v_proj.bias', [kv]);
     }
+    if (config.model_type === 'qwen3') {
+      // Qwen3 normalises q and k per head.
+      m.set(p + 'self_attn.q_norm.weight', [hd]);
+      m.set(p + 'self_attn.k_norm.weight', [hd]);
+    }
     m.set(p + 'self_attn.o_proj.weight', [d, q]);
     m.set(p + 'post_attention_layernorm.weight', [d]);
     m.set(p + 'mlp.gate_proj.weight', [f, d]);

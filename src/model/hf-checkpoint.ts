@@ -107,13 +107,6 @@ export function readHfCheckpoint(dir: string): HfCheckpoint {
   }
   if (!located.has('lm_head.weight')) config.tie_word_embeddings = true;
   const shapes = hfWeightShapes(config);
-  if (config.model_type === 'qwen3') {
-    const hd = config.head_dim ?? config.hidden_size / config.num_attention_heads;
-    for (let l = 0; l < config.num_hidden_layers; l++) {
-      shapes.set(`model.layers.${l}.self_attn.q_norm.weight`, [hd]);
-      shapes.set(`model.layers.${l}.self_attn.k_norm.weight`, [hd]);
-    }
-  }
   for (const [name, shape] of shapes) {
     const st = located.get(name);
     if (!st) throw new Error(`${dir}: the checkpoint has no tensor ${name}, which ${config.architectures?.[0] ?? config.model_type} needs`);
