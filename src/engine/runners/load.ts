@@ -46,6 +46,17 @@ export interface RunnerOptions extends SessionOptions {
   ortLibrary?: string;
 }
 
+/**
+ * A graph Tally converted (version 6 on: the layout the cut and GroupQueryAttention graphs are built from), its
+ * bytes and element type; undefined for any other graph.
+ */
+function readTallyGraph(folder: ModelFolder): { bytes: Buffer; graphDtype: KvCacheDtype } | undefined {
+  const bytes = fs.readFileSync(folder.onnxPath);
+  const meta = readModelMetadata(bytes);
+  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return undefined;
+  return { bytes, graphDtype: (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32' };
+}
+
 /** The options with the intra-op thread count decided (loadRunner). */
 type ResolvedRunnerOptions = RunnerOptions & { threads: number };
 
@@ -59,10 +70,9 @@ async function createNativeRunner(folder: ModelFolder, options: ResolvedRunnerOp
   const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
   if (!onCpu) return { reason: 'the native runner runs on the CPU only (its CUDA path is not finished)' };
   if (options.attention === 'onnx') return { reason: 'the native runner attends in native code (--attention native)' };
-  const bytes = fs.readFileSync(folder.onnxPath);
-  const meta = readModelMetadata(bytes);
-  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return { reason: 'the native runner needs a graph converted by Tally' };
-  const graphDtype = (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32';
+  const graph = readTallyGraph(folder);
+  if (!graph) return { reason: 'the native runner needs a graph converted by Tally' };
+  const { bytes, graphDtype } = graph;
   const opened = openOrt(options.ortLibrary);
   // The addon or the library is missing or broken: worth a warning when the JavaScript runner takes over.
   if ('reason' in opened) return { reason: opened.reason, broken: true };
@@ -91,9 +101,9 @@ async function createNativeRunner(folder: ModelFolder, options: ResolvedRunnerOp
  */
 function createGqaRunner(folder: ModelFolder, options: ResolvedRunnerOptions): { runner: GqaRunner; device: string; note?: string } {
   const fail = (why: string) => new EngineOptionError('runner', `gqa: ${why}`);
-  const bytes = fs.readFileSync(folder.onnxPath);
-  const meta = readModelMetadata(bytes);
-  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) throw fail('the GroupQueryAttention graph is built from a graph converted by Tally');
+  const graph = readTallyGraph(folder);
+  if (!graph) throw fail('the GroupQueryAttention graph is built from a graph converted by Tally');
+  const { bytes, graphDtype } = graph;
   const hd = headDim(folder.config);
   if (hd % 16 !== 0) throw fail(`ONNX Runtime's GroupQueryAttention takes head_dim in multiples of 16; this model's is ${hd}`);
   const opened = openOrt(options.ortLibrary);
@@ -105,7 +115,6 @@ function createGqaRunner(folder: ModelFolder, options: ResolvedRunnerOptions): {
   if (options.device.kind === 'cuda' && cudaProblem) throw fail(cudaProblem);
   const onCuda = options.device.kind === 'cuda' || (options.device.kind === 'auto' && !cudaProblem);
   const deviceId = options.device.kind === 'cuda' ? options.device.index : 0;
-  const graphDtype = (meta['tally.dtype'] ?? 'float32') === 'float16' ? 'float16' : 'float32';
   // The operator's CUDA kernel takes float16 (and bfloat16) only.
   if (onCuda && graphDtype !== 'float16') throw fail(`on CUDA GroupQueryAttention takes a float16 graph; this one is ${graphDtype} (convert with --dtype fp16)`);
   if (options.kvCacheDtype && options.kvCacheDtype !== graphDtype) throw new EngineOptionError('kvCacheDtype', `${options.kvCacheDtype}: the gqa runner's cache has the graph's type, ${graphDtype}`);
@@ -149,10 +158,10 @@ async function createPagedRunner(folder: ModelFolder, options: ResolvedRunnerOpt
   const cudaProblem = options.device.kind === 'auto' ? cudaProviderProblem() : undefined;
   const onCpu = options.device.kind === 'cpu' || cudaProblem !== undefined;
   if (options.attention === 'onnx' || !onCpu) return {};
-  const bytes = fs.readFileSync(folder.onnxPath);
-  const meta = readModelMetadata(bytes);
-  if (meta['tally.graph'] !== 'tally' || Number(meta['tally.graph_version']) < 6) return { reason: 'native attention needs a graph converted by Tally' };
-  if ((meta['tally.dtype'] ?? 'float32') !== 'float32') return { reason: 'native attention runs float32 graphs' };
+  const graph = readTallyGraph(folder);
+  if (!graph) return { reason: 'native attention needs a graph converted by Tally' };
+  if (graph.graphDtype !== 'float32') return { reason: 'native attention runs float32 graphs' };
+  const { bytes } = graph;
   const addon = loadAttentionAddon();
   if ('reason' in addon) return { reason: addon.reason };
   const kvDtype = options.kvCacheDtype ?? 'float16';
