@@ -116,17 +116,13 @@ export class GrammarBuilder {
         const required = (o.required ?? []) as unknown[];
         if (!Array.isArray(required) || required.some((r) => typeof r !== 'string')) this.fail(`required at ${path} must be an array of property names.`);
         const missing = required.filter((r) => !Object.hasOwn(props, r as string));
-        if (missing.length > 0 && Object.keys(props).length > 0) this.fail(`required at ${path} names ${missing.join(', ')}, which ${missing.length > 1 ? 'are' : 'is'} not in properties.`);
-        const at = this.add({ kind: 'object', properties: [], additional: null });
+        if (missing.length > 0) this.fail(`required at ${path} names ${missing.join(', ')}, which ${missing.length > 1 ? 'are' : 'is'} not in properties.`);
         const names = Object.keys(props);
+        // No property may appear: only {}.
+        if (names.length === 0 && o.additionalProperties === false) return this.literal('{}');
+        const at = this.add({ kind: 'object', properties: [], additional: null });
         if (names.length === 0) {
-          if (missing.length > 0) this.fail(`required at ${path} names ${missing.join(', ')}, which ${missing.length > 1 ? 'are' : 'is'} not in properties.`);
           const extra = o.additionalProperties;
-          if (extra === false) {
-            this.nodes[at] = { kind: 'object', properties: [], additional: null };
-            // No property may appear: only {}.
-            return this.literal('{}');
-          }
           const additional = this.compile(extra === undefined ? true : extra, `${path}/additionalProperties`);
           this.nodes[at] = { kind: 'object', properties: [], additional };
           return at;
