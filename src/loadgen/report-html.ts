@@ -7,7 +7,7 @@
  * <rect class="bar">, its lines <path class="line">, and break-even crossings <circle class="cross">.
  */
 import { percentileKey } from './stats.ts';
-import { cheapestPoint, fmtCount, fmtNum, fmtUsd, ratioText } from './report-text.ts';
+import { cheapestPoint, compareApiRows, fmtCount, fmtNum, fmtUsd, prefixCacheRows, ratioText } from './report-text.ts';
 import type { BenchResult, PointResult } from './run.ts';
 import { selfHostedMonthly } from './cost.ts';
 import type { CompareResult } from './compare.ts';
@@ -301,10 +301,7 @@ export function renderHtml(result: BenchResult): string {
   const shared = result.config.shared_prefix;
   const prefix = !shared && !result.points.some((p) => p.stats.tokens.prefix_cache_hit_rate !== null) ? '' :
     `<h2>Prefix cache</h2><p>${shared ? `${shared.count} shared prefixes of ${shared.length} tokens. ` : ''}Cached prompt tokens over prompt tokens, from the server's usage.prompt_tokens_details.cached_tokens.</p>` +
-    htmlTable(['load', 'cached tokens', 'prompt tokens', 'hit rate'], result.points.map((p) => {
-      const t = p.stats.tokens;
-      return [p.label, String(t.cached_input), String(t.input), t.prefix_cache_hit_rate === null ? 'not reported' : `${(t.prefix_cache_hit_rate * 100).toFixed(1)}%`];
-    }));
+    htmlTable(['load', 'cached tokens', 'prompt tokens', 'hit rate'], prefixCacheRows(result));
   const ref = cheapestPoint(result);
   const api = !ref ? '<p>No load point completed a request, so there is nothing to compare.</p>' :
     `<p>At ${esc(ref.label)}'s token mix (${fmtNum(ref.stats.tokens.input / Math.max(1, ref.stats.requests.completed), 0)} in / ${fmtNum(ref.stats.tokens.output / Math.max(1, ref.stats.requests.completed), 0)} out per request) and cost, the cheapest point. A month is ${pr.hours_per_month} h: ${fmtUsd(ref.cost.monthly.fixed_usd)} for ${pr.devices} device(s), serving up to ${fmtCount(ref.cost.monthly.capacity_tokens)} tokens.</p>` +
@@ -372,7 +369,6 @@ export function comparePlots(cmp: CompareResult): { name: string; svg: string }[
 }
 
 export function renderCompareHtml(cmp: CompareResult): string {
-  const ratio = ratioText;
   const base = cmp.runs[0].target.name;
   const servers = htmlTable(['server', 'model', 'URL', 'device price', 'prompts', 'output tokens from', 'client CPU s / 1k tokens'], cmp.runs.map((r) => [
     r.target.name, r.target.model, r.target.url, `${r.pricing.devices} × ${fmtUsd(r.pricing.usd_per_device_hour)}/h (${r.pricing.device})`,
@@ -383,17 +379,12 @@ export function renderCompareHtml(cmp: CompareResult): string {
   for (const row of cmp.rows) {
     row.servers.forEach((s, i) => {
       if (!s) return;
-      rows.push([row.label, cmp.runs[i].target.name, String(s.completed), String(s.failed), fmtNum(s.output_tokens_per_s), ratio(s.ratio?.output_tokens_per_s), fmtNum(s.ttft_p50_ms), ratio(s.ratio?.ttft_p50), fmtNum(s.tpot_p50_ms, 2), fmtNum(s.itl_p50_ms, 2), fmtNum(s.e2e_p50_ms), fmtUsd(s.usd_per_million.input), fmtUsd(s.usd_per_million.output), fmtUsd(s.usd_per_million.blended), ratio(s.ratio?.usd_per_million_blended)]);
+      rows.push([row.label, cmp.runs[i].target.name, String(s.completed), String(s.failed), fmtNum(s.output_tokens_per_s), ratioText(s.ratio?.output_tokens_per_s), fmtNum(s.ttft_p50_ms), ratioText(s.ratio?.ttft_p50), fmtNum(s.tpot_p50_ms, 2), fmtNum(s.itl_p50_ms, 2), fmtNum(s.e2e_p50_ms), fmtUsd(s.usd_per_million.input), fmtUsd(s.usd_per_million.output), fmtUsd(s.usd_per_million.blended), ratioText(s.ratio?.usd_per_million_blended)]);
     });
   }
   const table = htmlTable(['load', 'server', 'ok', 'failed', 'out tok/s', `× ${base}`, 'TTFT p50 ms', `× ${base}`, 'TPOT p50 ms', 'ITL p50 ms', 'E2E p50 ms', '$/M in', '$/M out', '$/M blended', `× ${base}`], rows);
-  const refs = cmp.runs.map((r) => cheapestPoint(r));
-  const apiIds = [...new Set(refs.flatMap((p) => p?.cost.api.map((a) => a.id) ?? []))];
-  const api = apiIds.length === 0 ? '<p>No API prices.</p>' : htmlTable(['API model', '$/M blended', ...cmp.runs.map((r, i) => `API ÷ ${r.target.name} (${refs[i]?.label ?? '-'})`)], apiIds.map((id) => {
-    const quotes = refs.map((p) => p?.cost.api.find((a) => a.id === id));
-    const any = quotes.find((q) => q);
-    return [any?.name ? `${id} (${any.name})` : id, fmtUsd(any?.blended_usd_per_million), ...quotes.map((q) => ratio(q?.cost_ratio))];
-  }));
+  const { refs, rows: apiRows } = compareApiRows(cmp);
+  const api = apiRows.length === 0 ? '<p>No API prices.</p>' : htmlTable(['API model', '$/M blended', ...cmp.runs.map((r, i) => `API ÷ ${r.target.name} (${refs[i]?.label ?? '-'})`)], apiRows);
   const errors = cmp.runs.flatMap((r) => r.points.flatMap((p) => p.stats.error_samples.map((s) => [r.target.name, p.label, s.kind, String(s.count), s.message])));
   const notes = [...cmp.notes, ...cmp.runs.flatMap((r) => r.notes.map((n) => `${r.target.name}: ${n}`))].map((n) => `<li class="note">${esc(n)}</li>`).join('');
   const title = `tally bench — ${cmp.runs.map((r) => r.target.name).join(' vs ')}`;

@@ -36,6 +36,26 @@ export function table(header: string[], rows: string[][], leftAligned = 1): stri
 
 const pct = (s: Summary, p: number) => s.percentiles[percentileKey(p)];
 
+/** The prefix-cache table: per load point, cached and prompt tokens as the server's usage reported them, and the hit rate. */
+export function prefixCacheRows(result: BenchResult): string[][] {
+  return result.points.map((p) => {
+    const t = p.stats.tokens;
+    return [p.label, String(t.cached_input), String(t.input), t.prefix_cache_hit_rate === null ? 'not reported' : `${(t.prefix_cache_hit_rate * 100).toFixed(1)}%`];
+  });
+}
+
+/** Each compared server's cheapest point, and per API model any of them was quoted against: name, blended $/M, API ÷ each server. */
+export function compareApiRows(cmp: CompareResult): { refs: (PointResult | undefined)[]; rows: string[][] } {
+  const refs = cmp.runs.map((r) => cheapestPoint(r));
+  const apiIds = [...new Set(refs.flatMap((p) => p?.cost.api.map((a) => a.id) ?? []))];
+  const rows = apiIds.map((id) => {
+    const quotes = refs.map((p) => p?.cost.api.find((a) => a.id === id));
+    const any = quotes.find((q) => q);
+    return [any?.name ? `${id} (${any.name})` : id, fmtUsd(any?.blended_usd_per_million), ...quotes.map((q) => ratioText(q?.cost_ratio))];
+  });
+  return { refs, rows };
+}
+
 /** The cheapest load point (lowest blended $/M, wall basis), the reference for API comparisons. */
 export function cheapestPoint(result: BenchResult): PointResult | undefined {
   let best: PointResult | undefined;
@@ -87,10 +107,7 @@ export function renderTable(result: BenchResult): string {
   if (cached.length > 0 || shared) {
     out.push('');
     out.push(`prefix cache${shared ? ` (${shared.count} shared prefixes of ${shared.length} tokens)` : ''}: cached prompt tokens over prompt tokens, from the server's usage`);
-    out.push(table(['load', 'cached tok', 'prompt tok', 'hit rate'], result.points.map((p) => {
-      const t = p.stats.tokens;
-      return [p.label, String(t.cached_input), String(t.input), t.prefix_cache_hit_rate === null ? 'not reported' : `${(t.prefix_cache_hit_rate * 100).toFixed(1)}%`];
-    })));
+    out.push(table(['load', 'cached tok', 'prompt tok', 'hit rate'], prefixCacheRows(result)));
   }
 
   const failed = result.points.filter((p) => p.stats.requests.failed > 0);
@@ -160,19 +177,11 @@ export function renderCompareTable(cmp: CompareResult): string {
   }
   out.push(table(header, rows, 2));
 
-  const refs = cmp.runs.map((r) => cheapestPoint(r));
-  const apiIds = [...new Set(refs.flatMap((p) => p?.cost.api.map((a) => a.id) ?? []))];
-  if (apiIds.length > 0) {
+  const { refs, rows: apiRows } = compareApiRows(cmp);
+  if (apiRows.length > 0) {
     out.push('');
     out.push(`against API prices, each server at its cheapest load point (${cmp.runs.map((r, i) => `${r.target.name}: ${refs[i]?.label ?? '-'} at ${fmtUsd(refs[i]?.cost.usd_per_million.blended)}/M`).join('; ')}):`);
-    out.push(table(
-      ['API model', '$/M blend', ...cmp.runs.map((r) => `API ÷ ${r.target.name}`)],
-      apiIds.map((id) => {
-        const quotes = refs.map((p) => p?.cost.api.find((a) => a.id === id));
-        const any = quotes.find((q) => q);
-        return [any?.name ? `${id} (${any.name})` : id, fmtUsd(any?.blended_usd_per_million), ...quotes.map((q) => ratioText(q?.cost_ratio))];
-      }),
-    ));
+    out.push(table(['API model', '$/M blend', ...cmp.runs.map((r) => `API ÷ ${r.target.name}`)], apiRows));
   }
 
   const failed = cmp.runs.flatMap((r) => r.points.filter((p) => p.stats.requests.failed > 0).map((p) => ({ r, p })));
