@@ -34,8 +34,8 @@ export class NativeRunner implements ModelRunner {
   readonly prefixCache?: PrefixCache;
   private readonly stepper: NativeStepper;
   private ids = new Int32Array(256);
-  private rows = new Int32Array(3 * 16);
-  private table = new Int32Array(256);
+  private rows: Int32Array = new Int32Array(3 * 16);
+  private table: Int32Array = new Int32Array(256);
   private logits = new Float32Array(0);
   private topValues: Float32Array;
   private topIds: Int32Array;
@@ -118,34 +118,17 @@ export class NativeRunner implements ModelRunner {
   private async run(rows: ForwardRow[], full: boolean, k: number): Promise<number> {
     if (this.released) throw new Error('the runner has been released');
     const B = rows.length;
-    let N = 0;
-    let tablePages = 0;
-    for (const r of rows) {
-      const end = this.pages.length(r.seq) + r.tokens.length;
-      if (end > this.maxModelLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.maxModelLen}`);
-      if (r.tokens.length === 0) throw new Error(`sequence ${r.seq}: a row needs at least one new token`);
-      N += r.tokens.length;
-      tablePages += Math.ceil(end / this.pagePositions);
-    }
+    for (const r of rows) if (r.tokens.length === 0) throw new Error(`sequence ${r.seq}: a row needs at least one new token`);
+    // Rows packed one after another.
+    const laid = this.pages.layout(rows, this.maxModelLen, { info: this.rows, table: this.table });
+    [this.rows, this.table] = [laid.info, laid.table];
+    const N = laid.tokens;
     if (this.ids.length < N) this.ids = new Int32Array(Math.max(N, 2 * this.ids.length));
-    if (this.rows.length < 3 * B) this.rows = new Int32Array(Math.max(3 * B, 2 * this.rows.length));
-    if (this.table.length < tablePages) this.table = new Int32Array(Math.max(tablePages, 2 * this.table.length));
     if (full && this.logits.length < B * this.vocabSize) this.logits = new Float32Array(B * this.vocabSize);
     const { ids, table } = this;
     const info = this.rows;
-    let at = 0;
     let token = 0;
-    for (let b = 0; b < B; b++) {
-      const r = rows[b];
-      const n = r.tokens.length;
-      const length = this.pages.length(r.seq);
-      const pages = this.pages.reserve(r.seq, length + n);
-      info[3 * b] = n;
-      info[3 * b + 1] = length;
-      info[3 * b + 2] = at;
-      for (let i = 0; i < pages.length; i++) table[at++] = pages[i];
-      for (let t = 0; t < n; t++) ids[token++] = r.tokens[t];
-    }
+    for (const r of rows) for (let t = 0; t < r.tokens.length; t++) ids[token++] = r.tokens[t];
     if (this.topValues.length < B * k) {
       this.topValues = new Float32Array(B * k);
       this.topIds = new Int32Array(B * k);

@@ -110,6 +110,38 @@ export class PageTable implements PrefixCache {
    * Records that `seq` now caches `n` more positions (after a forward pass wrote them). `tokens`, the tokens
    * written, let pages past the prompt be cached too.
    */
+  /**
+   * Reserves each row's pages for its new tokens and describes the rows as native/attention takes them: `info`
+   * [new, cached, first page in table] per row, the rows' page lists one after another in `table` (both grown
+   * when short, so the caller may keep them for the next pass). Throws before reserving anything when a row
+   * would pass maxLen.
+   */
+  layout(rows: readonly { seq: number; tokens: readonly number[] }[], maxLen: number, buffers: { info: Int32Array; table: Int32Array }): { info: Int32Array; table: Int32Array; tokens: number; widest: number } {
+    let tokens = 0;
+    let widest = 0;
+    let tablePages = 0;
+    for (const r of rows) {
+      const end = this.length(r.seq) + r.tokens.length;
+      if (end > maxLen) throw new Error(`sequence ${r.seq} would exceed the model length ${maxLen}`);
+      tokens += r.tokens.length;
+      widest = Math.max(widest, r.tokens.length);
+      tablePages += Math.ceil(end / this.pagePositions);
+    }
+    let { info, table } = buffers;
+    if (info.length < 3 * rows.length) info = new Int32Array(Math.max(3 * rows.length, 2 * info.length));
+    if (table.length < tablePages) table = new Int32Array(Math.max(tablePages, 2 * table.length));
+    let at = 0;
+    rows.forEach((r, b) => {
+      const length = this.length(r.seq);
+      const pages = this.reserve(r.seq, length + r.tokens.length);
+      info[3 * b] = r.tokens.length;
+      info[3 * b + 1] = length;
+      info[3 * b + 2] = at;
+      for (let i = 0; i < pages.length; i++) table[at++] = pages[i];
+    });
+    return { info, table, tokens, widest };
+  }
+
   advance(seq: number, n: number, tokens?: readonly number[]): void {
     const s = this.get(seq);
     const start = s.length;

@@ -105,29 +105,13 @@ export class PagedRunner implements ModelRunner {
     if (rows.length === 0) return { logits: [], top: [], runSeconds: 0 };
     const topK = topKTensor(k, this.topLogits);
     const B = rows.length;
-    let T = 0;
-    let tablePages = 0;
-    for (const r of rows) {
-      const end = this.pages.length(r.seq) + r.tokens.length;
-      if (end > this.options.maxModelLen) throw new Error(`sequence ${r.seq} would exceed the model length ${this.options.maxModelLen}`);
-      T = Math.max(T, r.tokens.length);
-      tablePages += Math.ceil(end / this.pagePositions);
-    }
-    const info = new Int32Array(3 * B);
-    const table = new Int32Array(tablePages);
+    // Rows padded to the widest: attend() takes them at b × T.
+    const { info, table, widest: T } = this.pages.layout(rows, this.options.maxModelLen, { info: new Int32Array(3 * B), table: new Int32Array(0) });
     const ids = new BigInt64Array(B * T);
     const logitsIndex = new BigInt64Array(B);
-    let at = 0;
     rows.forEach((r, b) => {
-      const n = r.tokens.length;
-      const length = this.pages.length(r.seq);
-      const pages = this.pages.reserve(r.seq, length + n);
-      info[3 * b] = n;
-      info[3 * b + 1] = length;
-      info[3 * b + 2] = at;
-      for (let i = 0; i < pages.length; i++) table[at++] = pages[i];
-      for (let t = 0; t < n; t++) ids[b * T + t] = BigInt(r.tokens[t]);
-      logitsIndex[b] = BigInt(b * T + n - 1);
+      for (let t = 0; t < r.tokens.length; t++) ids[b * T + t] = BigInt(r.tokens[t]);
+      logitsIndex[b] = BigInt(b * T + r.tokens.length - 1);
     });
     this.dims[0] = T;
     const attnSize = B * T * this.nh * this.hd;
