@@ -6,8 +6,11 @@
 // grows at its end).
 //
 // Exports:
-//   load(path[, apiVersion]) -> { version, apiVersion, providers }: opens the library once per process.
-//   createSession(bytes, options) -> session: options { threads, spin, externalDir, device: 'cpu' | 'cuda', deviceId }.
+//   load(path[, apiVersion[, pool]]) -> { version, apiVersion, providers, pool }: opens the library once per
+//     process; pool { threads, spin }: the env gets one intra-op thread pool of that size (the first load decides).
+//   claimPool() -> boolean: true once per process, where the env has a pool: the caller's sessions may share it.
+//   createSession(bytes, options) -> session: options { threads, spin, shared, externalDir, device: 'cpu' | 'cuda',
+//     deviceId }; shared: run on the env's pool (threads and spin are then the pool's).
 //   sessionNames(session) -> { inputs, outputs }.
 //   sessionRun(session, inputs, outputs) -> seconds: [name, typed array, dims][] each, or [name, buffer, dims,
 //     byteOffset, type] for memory from allocate(); outputs are written where given (bound once per call through
@@ -54,6 +57,7 @@ typedef struct OrtIoBinding OrtIoBinding;
 typedef struct OrtRunOptions OrtRunOptions;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 typedef struct OrtCUDAProviderOptionsV2 OrtCUDAProviderOptionsV2;
+typedef struct OrtThreadingOptions OrtThreadingOptions;
 
 enum { ELEM_FLOAT = 1, ELEM_UINT16 = 4, ELEM_INT32 = 6, ELEM_INT64 = 7, ELEM_FLOAT16 = 10 };
 enum { LOG_ERROR = 3 };
@@ -118,7 +122,12 @@ typedef struct OrtApi {
   SLOTS(97, 98);
   void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);                                             // 99
   void (*ReleaseSessionOptions)(OrtSessionOptions *options);                                                          // 100
-  SLOTS(101, 124);
+  SLOTS(101, 118);
+  OrtStatus *(*CreateEnvWithGlobalThreadPools)(int level, const char *logid, const OrtThreadingOptions *threading, OrtEnv **out); // 119
+  OrtStatus *(*DisablePerSessionThreads)(OrtSessionOptions *options);                                                 // 120
+  OrtStatus *(*CreateThreadingOptions)(OrtThreadingOptions **out);                                                    // 121
+  void (*ReleaseThreadingOptions)(OrtThreadingOptions *threading);                                                    // 122
+  SLOTS(123, 124);
   OrtStatus *(*GetAvailableProviders)(char ***out, int *length);                                                      // 125
   OrtStatus *(*ReleaseAvailableProviders)(char **ptr, int length);                                                    // 126
   SLOTS(127, 129);
@@ -135,7 +144,11 @@ typedef struct OrtApi {
   OrtStatus *(*GetBoundOutputValues)(const OrtIoBinding *binding, OrtAllocator *allocator, OrtValue ***out, size_t *count); // 140
   void (*ClearBoundInputs)(OrtIoBinding *binding);                                                                    // 141
   void (*ClearBoundOutputs)(OrtIoBinding *binding);                                                                   // 142
-  SLOTS(143, 201);
+  SLOTS(143, 146);
+  OrtStatus *(*SetGlobalIntraOpNumThreads)(OrtThreadingOptions *threading, int n);                                    // 147
+  OrtStatus *(*SetGlobalInterOpNumThreads)(OrtThreadingOptions *threading, int n);                                    // 148
+  OrtStatus *(*SetGlobalSpinControl)(OrtThreadingOptions *threading, int spin);                                       // 149
+  SLOTS(150, 201);
   OrtStatus *(*SynchronizeBoundInputs)(OrtIoBinding *binding);                                                        // 202
   OrtStatus *(*SynchronizeBoundOutputs)(OrtIoBinding *binding);                                                       // 203
   OrtStatus *(*SessionOptionsAppendExecutionProvider_CUDA_V2)(OrtSessionOptions *options, const OrtCUDAProviderOptionsV2 *cuda); // 204
@@ -166,12 +179,16 @@ AT(ReleaseEnv, 92);
 AT(ReleaseValue, 96);
 AT(ReleaseTensorTypeAndShapeInfo, 99);
 AT(ReleaseSessionOptions, 100);
+AT(CreateEnvWithGlobalThreadPools, 119);
+AT(ReleaseThreadingOptions, 122);
 AT(GetAvailableProviders, 125);
 AT(AddSessionConfigEntry, 130);
 AT(RunWithBinding, 133);
 AT(BindInput, 136);
 AT(GetBoundOutputValues, 140);
 AT(ClearBoundOutputs, 142);
+AT(SetGlobalIntraOpNumThreads, 147);
+AT(SetGlobalSpinControl, 149);
 AT(SynchronizeBoundInputs, 202);
 AT(SessionOptionsAppendExecutionProvider_CUDA_V2, 204);
 AT(ReleaseCUDAProviderOptions, 208);
@@ -185,6 +202,9 @@ typedef struct OrtApiBase {
 
 static const OrtApi *ort;
 static OrtEnv *ortEnv;
+// The env's one intra-op pool (load's `pool`), or poolThreads 0 where the env has none and sessions keep their own.
+// One runner claims it: a forward pass cut into a session per layer then wakes one pool, not one per layer.
+static int poolThreads, poolSpin, poolClaimed;
 static OrtMemoryInfo *cpuInfo;
 static char ortPath[4096];
 static char ortVersion[64];
@@ -235,27 +255,65 @@ static napi_value loaded_info(napi_env env) {
     failed(ort->ReleaseAvailableProviders(names, n), errorText, sizeof errorText);
   }
   napi_set_named_property(env, o, "providers", providers);
+  napi_value pool;
+  if (poolThreads > 0) {
+    napi_value v;
+    napi_create_object(env, &pool);
+    napi_create_int32(env, poolThreads, &v);
+    napi_set_named_property(env, pool, "threads", v);
+    napi_get_boolean(env, poolSpin, &v);
+    napi_set_named_property(env, pool, "spin", v);
+  } else {
+    napi_get_null(env, &pool);
+  }
+  napi_set_named_property(env, o, "pool", pool);
   return o;
 }
 
-static napi_value load_locked(napi_env env, const char *path, uint32_t want);
+static napi_value load_locked(napi_env env, const char *path, uint32_t want, int threads, int spin);
+static int get_prop_int(napi_env env, napi_value o, const char *name, int fallback);
 
 static napi_value js_load(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
+  size_t argc = 3;
+  napi_value argv[3];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   char path[4096];
   size_t len;
   if (argc < 1 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok) return throw_error(env, "load(path) takes the library's path");
   uint32_t want = TALLY_ORT_API_VERSION;
-  if (argc > 1) napi_get_value_uint32(env, argv[1], &want);
+  napi_valuetype type = napi_undefined;
+  if (argc > 1) napi_typeof(env, argv[1], &type);
+  if (type == napi_number) napi_get_value_uint32(env, argv[1], &want);
+  int threads = 0, spin = 0;
+  if (argc > 2) napi_typeof(env, argv[2], &type);
+  if (argc > 2 && type == napi_object) {
+    threads = get_prop_int(env, argv[2], "threads", 0);
+    spin = get_prop_int(env, argv[2], "spin", 0);
+    if (threads < 1) return throw_error(env, "load(path, apiVersion, pool): pool.threads must be 1 or more");
+  }
   pthread_mutex_lock(&loadLock);
-  napi_value result = load_locked(env, path, want);
+  napi_value result = load_locked(env, path, want, threads, spin);
   pthread_mutex_unlock(&loadLock);
   return result;
 }
 
-static napi_value load_locked(napi_env env, const char *path, uint32_t want) {
+static OrtStatus *create_env(int threads, int spin) {
+  if (threads < 1) return ort->CreateEnv(LOG_ERROR, "tally", &ortEnv);
+  OrtThreadingOptions *threading = NULL;
+  OrtStatus *status = ort->CreateThreadingOptions(&threading);
+  if (!status) status = ort->SetGlobalIntraOpNumThreads(threading, threads);
+  if (!status) status = ort->SetGlobalInterOpNumThreads(threading, 1);
+  if (!status) status = ort->SetGlobalSpinControl(threading, spin);
+  if (!status) status = ort->CreateEnvWithGlobalThreadPools(LOG_ERROR, "tally", threading, &ortEnv);
+  if (threading) ort->ReleaseThreadingOptions(threading);
+  if (!status) {
+    poolThreads = threads;
+    poolSpin = spin;
+  }
+  return status;
+}
+
+static napi_value load_locked(napi_env env, const char *path, uint32_t want, int threads, int spin) {
   if (ort && strcmp(path, ortPath) != 0) {
     snprintf(errorText, sizeof errorText, "ONNX Runtime is already loaded from %s in this process; %s cannot be loaded beside it", ortPath, path);
     return throw_error(env, errorText);
@@ -286,7 +344,7 @@ static napi_value load_locked(napi_env env, const char *path, uint32_t want) {
     return loaded_info(env);
   }
   ort = api;
-  OrtStatus *status = ort->CreateEnv(LOG_ERROR, "tally", &ortEnv);
+  OrtStatus *status = create_env(threads, spin);
   if (!status) status = ort->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpuInfo);
   if (failed(status, errorText, sizeof errorText)) {
     ort = NULL;
@@ -380,6 +438,8 @@ static napi_value js_create_session(napi_env env, napi_callback_info info) {
   if (argc < 2 || !typed(env, argv[0], napi_uint8_array, &bytes, &length)) return throw_error(env, "createSession(bytes: Uint8Array, options)");
   const int threads = get_prop_int(env, argv[1], "threads", 0);
   const int spin = get_prop_int(env, argv[1], "spin", 0);
+  const int shared = get_prop_int(env, argv[1], "shared", 0);
+  if (shared && poolThreads < 1) return throw_error(env, "createSession: shared asks for the env's thread pool, and load() made none");
   const int deviceId = get_prop_int(env, argv[1], "deviceId", 0);
   char externalDir[4096] = "", device[16] = "cpu";
   get_prop_string(env, argv[1], "externalDir", externalDir, sizeof externalDir);
@@ -392,7 +452,8 @@ static napi_value js_create_session(napi_env env, napi_callback_info info) {
   CHECK_THROW(env, ort->CreateSessionOptions(&options));
   CHECK_THROW(env, ort->SetSessionGraphOptimizationLevel(options, ORT_ENABLE_ALL));
   CHECK_THROW(env, ort->SetSessionExecutionMode(options, ORT_SEQUENTIAL));
-  CHECK_THROW(env, ort->SetIntraOpNumThreads(options, threads));
+  if (shared) CHECK_THROW(env, ort->DisablePerSessionThreads(options));
+  else CHECK_THROW(env, ort->SetIntraOpNumThreads(options, threads));
   CHECK_THROW(env, ort->SetInterOpNumThreads(options, 1));
   CHECK_THROW(env, ort->SetSessionLogSeverityLevel(options, LOG_ERROR));
   CHECK_THROW(env, ort->AddSessionConfigEntry(options, "session.intra_op.allow_spinning", spin ? "1" : "0"));
@@ -411,7 +472,15 @@ static napi_value js_create_session(napi_env env, napi_callback_info info) {
     napi_throw_error(env, NULL, "device must be cpu or cuda");
     goto fail;
   }
-  CHECK_THROW(env, ort->CreateSessionFromArray(ortEnv, bytes, length, options, &s->session));
+  if (failed(ort->CreateSessionFromArray(ortEnv, bytes, length, options, &s->session), errorText, sizeof errorText)) {
+    // ONNX Runtime keeps one env per process: one made before load() (onnxruntime-node's) is the one load() got.
+    if (shared && strstr(errorText, "EnvCreatedWithGlobalThreadPools")) {
+      poolThreads = 0;
+      snprintf(errorText, sizeof errorText, "createSession: the process's ONNX Runtime env was made before load() asked for a thread pool (by onnxruntime-node), so it has none to share");
+    }
+    napi_throw_error(env, NULL, errorText);
+    goto fail;
+  }
   CHECK_THROW(env, ort->CreateIoBinding(s->session, &s->binding));
   ort->ReleaseSessionOptions(options);
   if (cuda) ort->ReleaseCUDAProviderOptions(cuda);
@@ -1163,6 +1232,17 @@ static napi_value js_stepper_copy_page(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value js_claim_pool(napi_env env, napi_callback_info info) {
+  (void)info;
+  pthread_mutex_lock(&loadLock);
+  const int claimed = poolThreads > 0 && !poolClaimed;
+  if (claimed) poolClaimed = 1;
+  pthread_mutex_unlock(&loadLock);
+  napi_value result;
+  napi_get_boolean(env, claimed, &result);
+  return result;
+}
+
 static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
   napi_value fn;
   napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn);
@@ -1172,6 +1252,7 @@ static void export_fn(napi_env env, napi_value exports, const char *name, napi_c
 NAPI_MODULE_INIT() {
   choose_kernels();
   export_fn(env, exports, "load", js_load);
+  export_fn(env, exports, "claimPool", js_claim_pool);
   export_fn(env, exports, "createSession", js_create_session);
   export_fn(env, exports, "sessionNames", js_session_names);
   export_fn(env, exports, "sessionRun", js_session_run);

@@ -73,20 +73,35 @@ async function createNativeRunner(folder: ModelFolder, options: ResolvedRunnerOp
   const graph = readTallyGraph(folder);
   if (!graph) return { reason: 'the native runner needs a graph converted by Tally' };
   const { bytes, graphDtype } = graph;
-  const opened = openOrt(options.ortLibrary);
+  const threads = options.threads;
+  // A pass is a session per layer: on a pool of its own each would wake its own threads, layer after layer, and
+  // spinning ones would take every core. Sharing one pool, its threads can spin through a pass.
+  const pool = { threads, spin: options.spinWait ?? true };
+  const opened = openOrt(options.ortLibrary, pool);
   // The addon or the library is missing or broken: worth a warning when the JavaScript runner takes over.
   if ('reason' in opened) return { reason: opened.reason, broken: true };
-  const { binding } = opened;
+  const { binding, ort: lib } = opened;
+  let shared = lib.pool?.threads === pool.threads && lib.pool.spin === pool.spin && binding.claimPool();
+  const ownPool = { threads, spin: options.spinWait ?? false, externalDir: path.dirname(folder.onnxPath) };
   const kvDtype = options.kvCacheDtype ?? 'float16';
   const kvTokens = kvCapacityTokens(folder.config, { kvCacheTokens: options.kvCacheTokens, kvCacheBytes: options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes }, kvDtype === 'float16' ? 2 : 4);
-  const threads = options.threads;
   const parts: NativeSession[] = [];
   try {
     for (const spec of buildLlamaParts(folder.config, readInitializers(bytes))) {
-      parts.push(createNativeSession(binding, encodeModel(spec).model, { threads, spin: options.spinWait, externalDir: path.dirname(folder.onnxPath) }));
+      const model = encodeModel(spec).model;
+      try {
+        parts.push(createNativeSession(binding, model, shared ? { shared, externalDir: ownPool.externalDir } : ownPool));
+      } catch (err) {
+        if (!shared || !/has none to share/.test((err as Error).message)) throw err;
+        shared = false;
+        parts.push(createNativeSession(binding, model, ownPool));
+      }
     }
     const topLogits = Math.min(TOP_LOGITS, folder.config.vocab_size);
-    const runner = new NativeRunner(binding, parts, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype, graphDtype, topLogits, threads, prefixCache: options.prefixCache ?? true });
+    // Attention runs between the parts while the pool's threads spin for the next one: threads of its own would
+    // take turns with them on the same cores.
+    const attentionThreads = shared && pool.spin ? 1 : threads;
+    const runner = new NativeRunner(binding, parts, folder.config, { maxSlots: options.maxSlots, maxModelLen: options.maxModelLen, kvTokens, kvDtype, graphDtype, topLogits, threads: attentionThreads, prefixCache: options.prefixCache ?? true });
     return { runner, note: cudaProblem ? `--device auto: ${cudaProblem}; using the CPU` : undefined };
   } catch (err) {
     for (const p of parts) binding.release(p);

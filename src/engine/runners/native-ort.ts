@@ -29,11 +29,21 @@ export interface LoadedOrt {
   apiVersion: number;
   /** Execution providers built into the library (CPUExecutionProvider, CUDAExecutionProvider, ...). */
   providers: string[];
+  /** The env's one intra-op thread pool, as the process's first load() asked for it; null: sessions keep their own. */
+  pool: ThreadPool | null;
+}
+
+export interface ThreadPool {
+  threads: number;
+  /** Its threads busy-wait for work between operators and runs instead of sleeping. */
+  spin: boolean;
 }
 
 export interface SessionCreateOptions {
   threads?: number;
   spin?: boolean;
+  /** Run on the env's pool (claimPool()); threads and spin are then the pool's. */
+  shared?: boolean;
   /** Folder of the external data files the graph's initializers name. */
   externalDir?: string;
   device?: 'cpu' | 'cuda';
@@ -42,8 +52,10 @@ export interface SessionCreateOptions {
 
 /** The addon's exports (native/ort/ort.c). */
 export interface OrtBinding {
-  load(library: string, apiVersion?: number): LoadedOrt;
-  createSession(model: Uint8Array, options: { threads?: number; spin?: number; externalDir?: string; device?: string; deviceId?: number }): NativeSession;
+  load(library: string, apiVersion?: number, pool?: { threads: number; spin: number }): LoadedOrt;
+  /** True once per process, where the env has a pool: the caller's sessions may share it. */
+  claimPool(): boolean;
+  createSession(model: Uint8Array, options: { threads?: number; spin?: number; shared?: number; externalDir?: string; device?: string; deviceId?: number }): NativeSession;
   sessionNames(session: NativeSession): { inputs: string[]; outputs: string[] };
   /**
    * Runs once with inputs and outputs bound to the arrays and buffer views given; outputs are written in place.
@@ -92,19 +104,20 @@ export function loadOrtAddon(): { binding: OrtBinding } | { reason: string } {
 
 /**
  * The addon with ONNX Runtime opened: `library`, else TALLY_ORT_LIBRARY, else onnxruntime-node's own. One library
- * per process: asking for another once one is open is an error.
+ * per process: asking for another once one is open is an error. `pool`: the env's thread pool, where this is the
+ * process's first load.
  */
-export function openOrt(library?: string): { binding: OrtBinding; ort: LoadedOrt } | { reason: string } {
+export function openOrt(library?: string, pool?: ThreadPool): { binding: OrtBinding; ort: LoadedOrt } | { reason: string } {
   const loaded = loadOrtAddon();
   if ('reason' in loaded) return loaded;
   const file = path.resolve(library || process.env.TALLY_ORT_LIBRARY || defaultOrtLibrary());
   try {
-    return { binding: loaded.binding, ort: loaded.binding.load(file) };
+    return { binding: loaded.binding, ort: loaded.binding.load(file, undefined, pool && { threads: pool.threads, spin: pool.spin ? 1 : 0 }) };
   } catch (err) {
     return { reason: (err as Error).message };
   }
 }
 
 export function createNativeSession(binding: OrtBinding, model: Uint8Array, options: SessionCreateOptions): NativeSession {
-  return binding.createSession(model, { ...options, spin: options.spin ? 1 : 0 });
+  return binding.createSession(model, { ...options, spin: options.spin ? 1 : 0, shared: options.shared ? 1 : 0 });
 }
