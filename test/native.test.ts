@@ -166,16 +166,17 @@ describe('NativeRunner', () => {
     await expect(runner.forward([{ seq: 1, tokens: [4] }])).rejects.toThrow(/released/);
   });
 
-  it("the first native runner in a process runs every layer's session on the env's one thread pool; a second keeps pools of its own, with the same logits", () => {
+  it("a native runner runs every layer's session on the env's one thread pool; a second beside it keeps pools of its own, with the same logits; the pool is free again once released", () => {
     const model = randomLike('SmolLM2-135M-Instruct', { num_hidden_layers: 6, hidden_size: 96, intermediate_size: 128, num_attention_heads: 6, num_key_value_heads: 2, head_dim: 16 });
     const r = spawnSync(process.execPath, ['--import', 'tsx', 'test/helpers/native-pool-child.ts', model], { encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
-    const got = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { pool: unknown; sharedThreads: number; ownThreads: number; sessions: number; diff: number };
+    const got = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { pool: unknown; sharedThreads: number; ownThreads: number; thirdThreads: number; sessions: number; diff: number };
     // --spin-wait auto: the shared pool spins.
     expect(got.pool).toEqual({ threads: 2, spin: true });
     expect(got.sessions).toBe(7);
     expect(got.sharedThreads).toBeLessThanOrEqual(2);
     expect(got.ownThreads).toBeGreaterThanOrEqual(got.sessions);
+    expect(got.thirdThreads).toBeLessThanOrEqual(2);
     expect(got.diff).toBeLessThan(1e-5);
   });
 

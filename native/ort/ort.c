@@ -8,7 +8,8 @@
 // Exports:
 //   load(path[, apiVersion[, pool]]) -> { version, apiVersion, providers, pool }: opens the library once per
 //     process; pool { threads, spin }: the env gets one intra-op thread pool of that size (the first load decides).
-//   claimPool() -> boolean: true once per process, where the env has a pool: the caller's sessions may share it.
+//   claimPool() -> boolean: true where the env has a pool that no live session runs on and no other caller claimed:
+//     the caller's sessions may share it (released with the last of them).
 //   createSession(bytes, options) -> session: options { threads, spin, shared, externalDir, device: 'cpu' | 'cuda',
 //     deviceId }; shared: run on the env's pool (threads and spin are then the pool's).
 //   sessionNames(session) -> { inputs, outputs }.
@@ -203,8 +204,9 @@ typedef struct OrtApiBase {
 static const OrtApi *ort;
 static OrtEnv *ortEnv;
 // The env's one intra-op pool (load's `pool`), or poolThreads 0 where the env has none and sessions keep their own.
-// One runner claims it: a forward pass cut into a session per layer then wakes one pool, not one per layer.
-static int poolThreads, poolSpin, poolClaimed;
+// One runner at a time claims it (until its sessions are released): a forward pass cut into a session per layer
+// then wakes one pool, not one per layer.
+static int poolThreads, poolSpin, poolClaimed, poolSessions;
 static OrtMemoryInfo *cpuInfo;
 static char ortPath[4096];
 static char ortVersion[64];
@@ -370,6 +372,7 @@ typedef struct {
   int buffers; // live buffers from its allocator: they must go before it does
   int busy;    // a run of its binding is in flight
   int released;
+  int shared; // runs on the env's pool
 } Session;
 
 // Memory from a session's own allocator, where the session runs (device memory on CUDA): a KV cache that stays on
@@ -391,6 +394,11 @@ static void session_free(Session *s) {
   if (s->binding) ort->ReleaseIoBinding(s->binding);
   if (s->session) ort->ReleaseSession(s->session);
   if (s->deviceInfo) ort->ReleaseMemoryInfo(s->deviceInfo);
+  if (s->shared) {
+    pthread_mutex_lock(&loadLock);
+    if (--poolSessions == 0) poolClaimed = 0;
+    pthread_mutex_unlock(&loadLock);
+  }
 }
 
 // Steps running on pool threads now. A worker thread that is torn down mid-step finalizes its objects while the
@@ -482,6 +490,12 @@ static napi_value js_create_session(napi_env env, napi_callback_info info) {
     goto fail;
   }
   CHECK_THROW(env, ort->CreateIoBinding(s->session, &s->binding));
+  if (shared) {
+    pthread_mutex_lock(&loadLock);
+    s->shared = 1;
+    poolSessions++;
+    pthread_mutex_unlock(&loadLock);
+  }
   ort->ReleaseSessionOptions(options);
   if (cuda) ort->ReleaseCUDAProviderOptions(cuda);
   napi_value result;
@@ -1235,7 +1249,7 @@ static napi_value js_stepper_copy_page(napi_env env, napi_callback_info info) {
 static napi_value js_claim_pool(napi_env env, napi_callback_info info) {
   (void)info;
   pthread_mutex_lock(&loadLock);
-  const int claimed = poolThreads > 0 && !poolClaimed;
+  const int claimed = poolThreads > 0 && !poolClaimed && poolSessions == 0;
   if (claimed) poolClaimed = 1;
   pthread_mutex_unlock(&loadLock);
   napi_value result;

@@ -1,7 +1,7 @@
 /**
  * Run in a process of its own (the first native runner in a process takes the ONNX Runtime env's thread pool):
- * a native runner on the shared pool and a second one on pools of its own, the threads each added, and their logits
- * over the same rows. Prints one JSON line.
+ * a native runner on the shared pool and a second one on pools of its own, the threads each added, their logits
+ * over the same rows, and the threads a third adds once both are released. Prints one JSON line.
  */
 import fs from 'node:fs';
 import { loadRunner } from '../../src/engine/runners/load.ts';
@@ -29,4 +29,8 @@ for (const rows of steps) {
 }
 await shared.release();
 await own.release();
-console.log(JSON.stringify({ pool: opened.ort.pool, sharedThreads: afterShared - before, ownThreads: afterOwn - afterShared, sessions: folder.config.num_hidden_layers + 1, diff }));
+const released = threadsNow();
+const third = (await loadRunner(folder, options)).runner;
+const thirdThreads = threadsNow() - released;
+await third.release();
+console.log(JSON.stringify({ pool: opened.ort.pool, sharedThreads: afterShared - before, ownThreads: afterOwn - afterShared, thirdThreads, sessions: folder.config.num_hidden_layers + 1, diff }));
