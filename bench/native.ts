@@ -17,7 +17,9 @@
  * Bursts: 32 requests sent together to an idle server, their TTFT p50 against the floor, one batched prefill of the 32
  * prompts, as the prefill device-seconds the server measured for them (its /metrics), and against the decode time.
  */
+import { spawnSync } from 'node:child_process';
 import http from 'node:http';
+import { fileURLToPath } from 'node:url';
 import { resolveModel } from '../src/model/resolve.ts';
 import { engineLoop, randomShapeModel } from './lib.ts';
 import { peakRssMb, startServerProcess } from './server-process.ts';
@@ -154,14 +156,25 @@ async function measureBurst(server: Server, n: number): Promise<Burst> {
   return { ttftMs: median(results.map((r) => r.times[0] - r.start)), prefillMs };
 }
 
+/**
+ * The engine loop and pass tables of one model in a process of their own: ONNX Runtime's env, and with it the native
+ * runner's shared thread pool, is made once per process at the first runner's thread count.
+ */
+function engineTableApart(model: string): void {
+  const args = ['--import', 'tsx', fileURLToPath(import.meta.url), '--no-http', '--models', model, '--rounds', String(rounds), '--tokens', String(maxTokens), ...(threads ? ['--threads', threads] : [])];
+  const r = spawnSync(process.execPath, args, { stdio: 'inherit' });
+  if (r.status !== 0) throw new Error(`the engine tables of ${model} failed (exit ${r.status})`);
+}
+
 const RUNNERS = ['native', 'js'] as const;
 const overHttp = !process.argv.includes('--no-http');
 for (const model of models) {
-  const dir = modelDir(model);
   if (!overHttp) {
-    await engineTable(model, dir);
+    if (models.length > 1) engineTableApart(model);
+    else await engineTable(model, modelDir(model));
     continue;
   }
+  const dir = modelDir(model);
   const results: Record<string, Record<number, Measure[]>> = { native: { 1: [], 32: [] }, js: { 1: [], 32: [] } };
   const bursts: Record<string, Burst[]> = { native: [], js: [] };
   for (let round = 0; round < rounds; round++) {
@@ -197,7 +210,7 @@ for (const model of models) {
   row('prefill device-s ms', burst('native', 'prefillMs'), burst('js', 'prefillMs'));
   row('TTFT p50 / prefill', burst('native', 'ttftMs') / burst('native', 'prefillMs'), burst('js', 'ttftMs') / burst('js', 'prefillMs'), false);
   row('TTFT p50 / decode p50', burst('native', 'ttftMs') / pick('native', 32, 'decodeMs'), burst('js', 'ttftMs') / pick('js', 32, 'decodeMs'), false);
-  await engineTable(model, dir);
+  engineTableApart(model);
 }
 
 async function passTable(model: string, dir: string): Promise<void> {
