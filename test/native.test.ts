@@ -171,8 +171,7 @@ describe('NativeRunner', () => {
     const r = spawnSync(process.execPath, ['--import', 'tsx', 'test/helpers/native-pool-child.ts', model], { encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
     const got = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { pool: unknown; sharedThreads: number; ownThreads: number; thirdThreads: number; sessions: number; diff: number };
-    // --spin-wait auto: the shared pool spins.
-    expect(got.pool).toEqual({ threads: 2, spin: true });
+    expect(got.pool).toEqual({ threads: 2, spin: false });
     expect(got.sessions).toBe(7);
     expect(got.sharedThreads).toBeLessThanOrEqual(2);
     expect(got.ownThreads).toBeGreaterThanOrEqual(got.sessions);

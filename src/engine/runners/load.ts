@@ -75,14 +75,14 @@ async function createNativeRunner(folder: ModelFolder, options: ResolvedRunnerOp
   const { bytes, graphDtype } = graph;
   const threads = options.threads;
   // A pass is a session per layer: on a pool of its own each would wake its own threads, layer after layer, and
-  // spinning ones would take every core. Sharing one pool, its threads can spin through a pass.
-  const pool = { threads, spin: options.spinWait ?? true };
+  // spinning ones would take every core. Sharing one pool, its threads can spin through a pass (--spin-wait).
+  const pool = { threads, spin: options.spinWait ?? false };
   const opened = openOrt(options.ortLibrary, pool);
   // The addon or the library is missing or broken: worth a warning when the JavaScript runner takes over.
   if ('reason' in opened) return { reason: opened.reason, broken: true };
   const { binding, ort: lib } = opened;
   let shared = lib.pool?.threads === pool.threads && lib.pool.spin === pool.spin && binding.claimPool();
-  const ownPool = { threads, spin: options.spinWait ?? false, externalDir: path.dirname(folder.onnxPath) };
+  const ownPool = { threads, spin: false, externalDir: path.dirname(folder.onnxPath) };
   const kvDtype = options.kvCacheDtype ?? 'float16';
   const kvTokens = kvCapacityTokens(folder.config, { kvCacheTokens: options.kvCacheTokens, kvCacheBytes: options.kvCacheBytes ?? ENGINE_DEFAULTS.kvCacheBytes }, kvDtype === 'float16' ? 2 : 4);
   const parts: NativeSession[] = [];
