@@ -12,6 +12,7 @@
  * of the two runners interleaved in blocks of 10 (batch 1 and 32, after a 64-token prompt per row): the wall time of
  * a pass as the scheduler sees it, p50, the steadiest of the three comparisons on a shared machine.
  *   node --import tsx bench/native.ts [--rounds N] [--models stories260K,smollm2] [--tokens N] [--threads N] [--no-http]
+ *     [--native-flags FLAG,...]   (more serve flags for the native runner's server, e.g. --spin-wait)
  * smollm2 is SmolLM2-135M's shape with random weights, smollm2-int8 / smollm2-int4 the same quantised (converted once
  * into models/.cache).
  * Bursts: 32 requests sent together to an idle server, their TTFT p50 against the floor, one batched prefill of the 32
@@ -35,6 +36,8 @@ const rounds = Number(arg('rounds', '1'));
 const models = arg('models', 'stories260K,smollm2').split(',');
 const maxTokens = Number(arg('tokens', '48'));
 const threads = arg('threads', '');
+/** More `tally serve` flags for the native runner's server only, comma-separated (e.g. --native-flags --spin-wait). */
+const nativeFlags = arg('native-flags', '').split(',').filter(Boolean);
 
 /** stories260K, or a random-weight model of SmolLM2-135M's shape: smollm2 (fp32), smollm2-int8, smollm2-int4. */
 function modelDir(name: string): string {
@@ -53,7 +56,7 @@ interface Server {
 /** A server with --trace-gc, its pauses summed ("... Scavenge 5.1 (6.0) -> 4.2 (7.0) MB, pooled: 0 MB, 0.52 / 0.00 ms ..."). */
 async function startServer(model: string, runner: string): Promise<Server> {
   let gc = 0;
-  const extra = ['--runner', runner, '--max-num-seqs', '32', ...(threads ? ['--threads', threads] : [])];
+  const extra = ['--runner', runner, '--max-num-seqs', '32', ...(threads ? ['--threads', threads] : []), ...(runner === 'native' ? nativeFlags : [])];
   const server = await startServerProcess(model, extra, {
     nodeArgs: ['--trace-gc'],
     onStdoutLine: (line) => {
@@ -191,7 +194,7 @@ for (const model of models) {
     }
   }
   const pick = (runner: string, c: number, key: keyof Measure) => median(results[runner][c].map((m) => m[key]));
-  console.log(`\n${model} (${rounds} round${rounds > 1 ? 's' : ''}, ${maxTokens} tokens per request, medians)`);
+  console.log(`\n${model} (${rounds} round${rounds > 1 ? 's' : ''}, ${maxTokens} tokens per request, medians${nativeFlags.length ? `; native: ${nativeFlags.join(' ')}` : ''})`);
   console.log('c   metric                 native        js   native/js');
   for (const c of [1, 32]) {
     for (const [key, label] of [['tokensPerSecond', 'tokens/s'], ['ttftMs', 'TTFT p50 ms'], ['decodeMs', 'decode/token p50 ms'], ['rssMb', 'peak RSS MB'], ['gcMsPer1k', 'GC ms / 1k tokens']] as const) {
