@@ -61,7 +61,7 @@ export const SERVE_OPTIONS = {
     flag: 'spin-wait',
     schema: z.boolean(),
     default: false,
-    help: "let those threads busy-wait for work between operators instead of sleeping: on the native runner's one shared pool, ~25% off a batch-1 decode pass at short contexts, but at long ones attention then runs on one thread (batch 32 at 1,000 tokens each: ~35% slower); other runners' pools are one per session, so every layer's would spin",
+    help: "let those threads busy-wait for work between operators instead of sleeping: on the native runner's one shared pool, ~15-20% off a batch-1 decode pass, but attention then runs on one thread and batches slow down (batch 32 at 1,000 tokens each: ~20% slower; bench/spin.ts); other runners' pools are one per session, so every layer's would spin",
   },
   maxNumSeqs: { flag: 'max-num-seqs', arg: 'N', schema: int(1), default: ENGINE_DEFAULTS.maxNumSeqs, help: 'sequences decoded together' },
   maxNumBatchedTokens: { flag: 'max-num-batched-tokens', arg: 'N', schema: int(1), default: ENGINE_DEFAULTS.maxNumBatchedTokens, help: 'tokens per engine step, decode + prefill chunks' },

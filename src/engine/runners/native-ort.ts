@@ -53,7 +53,10 @@ export interface SessionCreateOptions {
 /** The addon's exports (native/ort/ort.c). */
 export interface OrtBinding {
   load(library: string, apiVersion?: number, pool?: { threads: number; spin: number }): LoadedOrt;
-  /** True once per process, where the env has a pool: the caller's sessions may share it. */
+  /**
+   * True where the env has a pool that no other caller holds: the caller's sessions may share it (shared: 1). It is
+   * free again once the last of them is released.
+   */
   claimPool(): boolean;
   createSession(model: Uint8Array, options: { threads?: number; spin?: number; shared?: number; externalDir?: string; device?: string; deviceId?: number }): NativeSession;
   sessionNames(session: NativeSession): { inputs: string[]; outputs: string[] };

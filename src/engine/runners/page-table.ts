@@ -107,10 +107,6 @@ export class PageTable implements PrefixCache {
   }
 
   /**
-   * Records that `seq` now caches `n` more positions (after a forward pass wrote them). `tokens`, the tokens
-   * written, let pages past the prompt be cached too.
-   */
-  /**
    * Reserves each row's pages for its new tokens and describes the rows as native/attention takes them: `info`
    * [new, cached, first page in table] per row, the rows' page lists one after another in `table` (both grown
    * when short, so the caller may keep them for the next pass). Throws before reserving anything when a row
@@ -142,6 +138,10 @@ export class PageTable implements PrefixCache {
     return { info, table, tokens, widest };
   }
 
+  /**
+   * Records that `seq` now caches `n` more positions (after a forward pass wrote them). `tokens`, the tokens
+   * written, let pages past the prompt be cached too.
+   */
   advance(seq: number, n: number, tokens?: readonly number[]): void {
     const s = this.get(seq);
     const start = s.length;
